@@ -1,0 +1,28 @@
+"""fairseq-qasr: honest low-bit quantization of transformer speech recognizers (a Fairseq ``--user-dir`` plugin).
+
+``register()`` registers the task ``librispeech_asr``, the ``qtransformer_conv`` architectures (and the
+plugin's criteria and scorers) with fairseq and allowlists the classes of fairseq checkpoints for safe
+(``weights_only``) loading. It runs on import when fairseq is already loaded — the case for ``--user-dir``
+and for ``import fairseq; import fairseq_qasr`` — so that ``fairseq_qasr.quant`` and ``fairseq_qasr.data``
+stay importable as plain torch without pulling in fairseq.
+"""
+import importlib
+import sys
+
+__version__ = "0.1.0"
+
+# Registration modules, imported in order; optional ones are listed in OPTIONAL_REGISTRATIONS.
+REGISTRATIONS = ["fairseq_qasr.models", "fairseq_qasr.tasks"]
+
+
+def register() -> None:
+    """Register everything with fairseq (idempotent)."""
+    from .checkpoint_safety import allow_fairseq_checkpoint_classes
+
+    allow_fairseq_checkpoint_classes()
+    for name in REGISTRATIONS:
+        importlib.import_module(name)
+
+
+if "fairseq" in sys.modules:
+    register()

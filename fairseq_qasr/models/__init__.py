@@ -1,0 +1,1 @@
+from . import qtransformer_conv  # noqa: F401

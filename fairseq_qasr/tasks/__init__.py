@@ -1,0 +1,1 @@
+from . import librispeech_asr  # noqa: F401

@@ -1,0 +1,144 @@
+"""Task ``librispeech_asr``: LibriSpeech manifests (see ``scripts/prepare_librispeech.py``) -> speech recognition.
+
+The data directory holds ``<split>.tsv`` manifests, ``config.yaml`` (features, SpecAugment, BPE), the
+dictionary and the BPE model. Several manifests can be joined with commas (``train-clean-100,train-clean-360``).
+Splits whose name starts with ``train`` are training splits: shuffled, SpecAugment applied.
+"""
+
+import logging
+import os
+from argparse import Namespace
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Tuple
+
+import yaml
+from fairseq.data import Dictionary, encoders
+from fairseq.dataclass import ChoiceEnum, FairseqDataclass
+from fairseq.tasks import FairseqTask, register_task
+from omegaconf import MISSING
+from tqdm import tqdm
+
+from fairseq_qasr.data.audio import audio_info, check_sample_rate
+from fairseq_qasr.data.errors import DataError
+from fairseq_qasr.data.features import build_feature_extractor, build_specaugment
+from fairseq_qasr.data.manifest import ManifestRow, read_manifest
+
+from .speech_dataset import SpeechToTextDataset, encode_targets
+
+logger = logging.getLogger(__name__)
+
+WHISPER_WINDOW_FRAMES = 3000  # Whisper always sees a 30-s window
+
+
+@dataclass
+class LibriSpeechASRConfig(FairseqDataclass):
+    data: str = field(default=MISSING, metadata={"help": "prepared data directory (manifests, config.yaml, dictionary)"})
+    config_yaml: str = field(default="config.yaml", metadata={"help": "data config file inside the data directory"})
+    max_source_positions: int = field(default=6000, metadata={"help": "longest input in 10-ms frames"})
+    max_target_positions: int = field(default=1024, metadata={"help": "longest target in tokens"})
+    resample_audio: bool = field(default=False, metadata={"help": "resample audio that is not at the config's sample rate instead of rejecting it"})
+    unlabeled: ChoiceEnum(["skip", "keep"]) = field(
+        default="skip", metadata={"help": "audio-only utterances (empty transcript): skip them, or keep them (target = EOS, labeled=False) for distillation"})
+    skip_audio_check: bool = field(default=False, metadata={"help": "do not read every audio header when a split is loaded"})
+
+
+def load_data_config(data_dir: str, name: str) -> Dict[str, Any]:
+    path = os.path.join(data_dir, name)
+    if not os.path.isdir(data_dir):
+        raise DataError(f"data directory {data_dir} does not exist (run scripts/prepare_librispeech.py first)")
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: data config not found (written by scripts/prepare_librispeech.py)")
+    with open(path, encoding="utf-8") as f:
+        config = yaml.safe_load(f) or {}
+    if not isinstance(config, dict):
+        raise DataError(f"{path}: expected a mapping at the top level")
+    return config
+
+
+@register_task("librispeech_asr", dataclass=LibriSpeechASRConfig)
+class LibriSpeechASRTask(FairseqTask):
+    def __init__(self, cfg: LibriSpeechASRConfig, tgt_dict: Dictionary, data_config: Dict[str, Any]):
+        super().__init__(cfg)
+        self.tgt_dict, self.data_config = tgt_dict, data_config
+        self.sample_rate = int(data_config.get("sample_rate", 16000))
+        self.features = dict(data_config.get("features") or {"type": "fbank"})
+        self.feature_fn = build_feature_extractor(self.features, self.sample_rate)
+        self.specaugment = build_specaugment(data_config.get("specaugment"))
+        self.bpe = self.build_bpe(None)
+
+    @classmethod
+    def setup_task(cls, cfg: LibriSpeechASRConfig, **kwargs) -> "LibriSpeechASRTask":
+        data_config = load_data_config(cfg.data, cfg.config_yaml)
+        dict_path = os.path.join(cfg.data, data_config.get("vocab_filename", "dict.txt"))
+        if not os.path.isfile(dict_path):
+            raise DataError(f"{dict_path}: dictionary not found (named by vocab_filename in {cfg.config_yaml})")
+        tgt_dict = Dictionary.load(dict_path)
+        logger.info(f"dictionary {dict_path}: {len(tgt_dict)} types")
+        return cls(cfg, tgt_dict, data_config)
+
+    def _resolve(self, path: str) -> str:
+        return path if os.path.isabs(path) else os.path.join(self.cfg.data, path)
+
+    def build_bpe(self, args):
+        spec = dict(self.data_config.get("bpe_tokenizer") or {})
+        if not spec:
+            return None
+        for key in ("sentencepiece_model", "vocab_path"):
+            if key in spec:
+                spec[key] = self._resolve(spec[key])
+        return encoders.build_bpe(Namespace(**spec))
+
+    def _tokenize(self, text: str) -> str:
+        return self.bpe.encode(text) if self.bpe is not None else text
+
+    def _read_rows(self, split: str) -> Tuple[List[ManifestRow], List[str]]:
+        rows, sources = [], []
+        for name in split.split(","):
+            path = os.path.join(self.cfg.data, f"{name}.tsv")
+            if not os.path.isfile(path):
+                have = sorted(f[:-4] for f in os.listdir(self.cfg.data) if f.endswith(".tsv"))
+                raise DataError(f"{path}: no manifest for split {name!r}; prepared splits: {', '.join(have) or 'none'}")
+            split_rows = read_manifest(path)
+            rows += split_rows
+            sources += [path] * len(split_rows)
+        return rows, sources
+
+    def _check_audio(self, rows: List[ManifestRow], sources: List[str]) -> None:
+        """Read every audio header now, so a missing/corrupt/wrong-rate file fails at start-up, naming the
+        manifest line, instead of inside a data-loader worker mid-epoch."""
+        for row, src in tqdm(list(zip(rows, sources)), desc="checking audio", unit="file", leave=False,
+                             disable=len(rows) < 2000):
+            where = f"{src}:{row.line}"
+            rate, _ = audio_info(row.audio, where=where)
+            check_sample_rate(row.audio, rate, self.sample_rate, self.cfg.resample_audio, where=where)
+
+    def load_dataset(self, split: str, epoch: int = 1, combine: bool = False, **kwargs) -> None:
+        rows, sources = self._read_rows(split)
+        unlabeled = sum(not r.labeled for r in rows)
+        if unlabeled and self.cfg.unlabeled == "skip":
+            keep = [i for i, r in enumerate(rows) if r.labeled]
+            rows, sources = [rows[i] for i in keep], [sources[i] for i in keep]
+            logger.info(f"{split}: skipped {unlabeled} unlabeled (audio-only) utterances; --unlabeled keep feeds them to distillation")
+        if not rows:
+            raise DataError(f"split {split!r} has no usable utterances ({unlabeled} unlabeled ones skipped; see --unlabeled)")
+        if not self.cfg.skip_audio_check:
+            self._check_audio(rows, sources)
+        is_train = all(name.startswith("train") for name in split.split(","))
+        targets = encode_targets(rows, sources, self.tgt_dict, self._tokenize)
+        fixed = WHISPER_WINDOW_FRAMES if self.features.get("type") == "whisper" else None
+        self.datasets[split] = SpeechToTextDataset(
+            rows, sources, targets, self.tgt_dict, self.feature_fn,
+            specaugment=self.specaugment if is_train else None, sample_rate=self.sample_rate,
+            resample=self.cfg.resample_audio, shuffle=is_train, fixed_frames=fixed)
+        logger.info(f"{split}: {len(rows)} utterances ({sum(r.labeled for r in rows)} labeled)")
+
+    @property
+    def source_dictionary(self):
+        return None
+
+    @property
+    def target_dictionary(self) -> Dictionary:
+        return self.tgt_dict
+
+    def max_positions(self):
+        return self.cfg.max_source_positions, self.cfg.max_target_positions
