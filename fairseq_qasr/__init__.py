@@ -11,8 +11,8 @@ import sys
 
 __version__ = "0.1.0"
 
-# Registration modules, imported in order; optional ones are listed in OPTIONAL_REGISTRATIONS.
-REGISTRATIONS = ["fairseq_qasr.models", "fairseq_qasr.tasks"]
+# Registration modules, imported in order.
+REGISTRATIONS = ["fairseq_qasr.models", "fairseq_qasr.tasks", "fairseq_qasr.criterions"]
 
 
 def register() -> None:

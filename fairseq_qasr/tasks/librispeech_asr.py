@@ -132,6 +132,11 @@ class LibriSpeechASRTask(FairseqTask):
             resample=self.cfg.resample_audio, shuffle=is_train, fixed_frames=fixed)
         logger.info(f"{split}: {len(rows)} utterances ({sum(r.labeled for r in rows)} labeled)")
 
+    def build_model(self, cfg, from_checkpoint: bool = False):
+        model = super().build_model(cfg, from_checkpoint)
+        self.student_model_cfg = cfg  # read by criteria that check a teacher against the student
+        return model
+
     @property
     def source_dictionary(self):
         return None

@@ -1,0 +1,1 @@
+from . import qat_distillation  # noqa: F401
