@@ -17,9 +17,11 @@ REGISTRATIONS = ["fairseq_qasr.models", "fairseq_qasr.tasks", "fairseq_qasr.crit
 
 def register() -> None:
     """Register everything with fairseq (idempotent)."""
+    from . import distributed_guard
     from .checkpoint_safety import allow_fairseq_checkpoint_classes
 
     allow_fairseq_checkpoint_classes()
+    distributed_guard.install()
     for name in REGISTRATIONS:
         importlib.import_module(name)
 
