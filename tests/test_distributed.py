@@ -42,7 +42,7 @@ def test_two_cpu_processes_train_one_model(prepared_sample: Path, tmp_path: Path
     logs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], logs[0][-2000:] + logs[1][-2000:]
     assert "distributed init (rank 1)" in logs[0] + logs[1]
-    # rank 0 logs the run: 3 updates, each on both ranks. batches (legacy_ddp all-reduces the gradients)
+    # rank 0 logs the run: 3 updates, each over both ranks' batches (legacy_ddp all-reduces the gradients)
     updates = [int(u) for u in re.findall(r"num_updates=(\d+)", logs[0])]
     assert updates[-1] == 3
     assert (tmp_path / "checkpoint_last.pt").is_file()
