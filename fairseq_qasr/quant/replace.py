@@ -1,0 +1,213 @@
+"""``quantize_model``: swap modules for quantized twins and route functional ops through wrappers."""
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Type, Union
+
+import torch
+from torch import nn
+
+from .modules import (OP_CLASSES, QConv1d, QConv2d, QEmbedding, QGELU, QGLU, QLayerNorm, QLinear,
+                      QLogSoftmax, QMaxPool, QModule, QMultiheadAttention, QReLU, QSiLU, QSoftmax)
+from .quantizer import Quantizer
+from .recipe import Recipe, RecipeError, load_recipe
+from .routing import RoutingState, UnsupportedOpError
+
+# float module type -> quantized twin (subclasses, e.g. whisper's Linear(nn.Linear), match too)
+MODULE_MAP: Tuple[Tuple[Type[nn.Module], Type[QModule]], ...] = (
+    (nn.Linear, QLinear), (nn.Conv1d, QConv1d), (nn.Conv2d, QConv2d), (nn.Embedding, QEmbedding),
+    (nn.LayerNorm, QLayerNorm), (nn.Softmax, QSoftmax), (nn.LogSoftmax, QLogSoftmax), (nn.GELU, QGELU),
+    (nn.ReLU, QReLU), (nn.SiLU, QSiLU), (nn.GLU, QGLU), (nn.MaxPool1d, QMaxPool), (nn.MaxPool2d, QMaxPool),
+    (nn.MultiheadAttention, QMultiheadAttention))
+
+
+def _twin(m: nn.Module) -> Optional[Type[QModule]]:
+    for float_cls, q_cls in MODULE_MAP:
+        if isinstance(m, float_cls):
+            return q_cls
+    return None
+
+
+def quantize_model(model: nn.Module, recipe: Union[str, Mapping, Recipe],
+                   example_inputs: Optional[Union[tuple, dict, Callable[[nn.Module], Any]]] = None,
+                   strict: bool = True) -> nn.Module:
+    """Quantize ``model`` in place and return it.
+
+    Swaps every module with a quantized twin, hooks every other module so functional ops inside its
+    forward are routed through quantized wrapper submodules, and, with ``example_inputs`` (args tuple,
+    kwargs dict, or a callable ``f(model)`` that runs it), runs one forward (quantization disabled)
+    to create all wrappers and check recipe patterns. Strict mode raises UnsupportedOpError for
+    anything it cannot quantize; permissive mode records it in ``model.qasr_problems``.
+    Afterwards run :func:`calibrate` before using the model.
+    """
+    recipe = load_recipe(recipe)
+    problems: List[Tuple[str, str]] = []
+
+    def fail(op: str, path: str, why: str) -> None:
+        msg = f"cannot quantize {op} at '{path or '<root>'}': {why}"
+        if strict:
+            raise UnsupportedOpError(msg)
+        problems.append((op, path))
+        print(f"[quant] permissive: {msg}")
+
+    for path, m in list(model.named_modules()):
+        for name, child in list(m.named_children()):
+            cpath = f"{path}.{name}" if path else name
+            if isinstance(child, (QModule, QMultiheadAttention)):
+                continue
+            cls = _twin(child)
+            if cls is None:
+                continue
+            try:
+                if cls is QMultiheadAttention:  # composite: one config per inner op
+                    q = cls.from_float(child, lambda sub, op, p=cpath: recipe.config_for(f"{p}.{sub}", op))
+                else:
+                    q = cls.from_float(child, recipe.config_for(cpath, cls.op_type))
+            except NotImplementedError as e:
+                fail(type(child).__name__, cpath, str(e))
+                continue
+            q.train(child.training)
+            setattr(m, name, q)
+
+    # Modules without a twin (containers, third-party blocks, raw nn.Parameter users such as whisper's
+    # positional_embedding) keep their forward: every torch op it calls is routed or refused below.
+    def factory(path: str, op_type: str) -> QModule:
+        w = OP_CLASSES[op_type](recipe.config_for(path, op_type))
+        _sync_state(w, state)
+        return w
+
+    state = RoutingState(model, factory, strict=strict)
+    state.problems.extend(problems)
+    state.quant_enabled, state.observing = True, False
+    _install(model, state)
+    model.qasr_routing = state
+    model.qasr_recipe = recipe
+    model.qasr_problems = state.problems
+
+    if example_inputs is not None:
+        with torch.no_grad():
+            set_quantization(model, False)
+            try:
+                run_model(model, example_inputs)
+            finally:
+                set_quantization(model, True)
+        unmatched = recipe.unmatched([p for p, m in model.named_modules() if isinstance(m, QModule)])
+        if unmatched:
+            raise RecipeError(f"{recipe.source}: overrides pattern(s) {unmatched} match no quantized module")
+    return model
+
+
+def _install(model: nn.Module, state: RoutingState) -> None:
+    for path, m in model.named_modules():
+        state.paths[id(m)] = path
+        if getattr(m, "_qasr_hooked", False):
+            continue
+        if isinstance(m, QModule):
+            m.register_forward_pre_hook(state.opaque_pre)
+            m.register_forward_hook(state.opaque_post, always_call=True)
+        elif isinstance(m, Quantizer):
+            continue
+        else:
+            m.register_forward_pre_hook(state.pre_hook)
+            m.register_forward_hook(state.post_hook, always_call=True)
+        m._qasr_hooked = True
+
+
+def run_model(model: nn.Module, inputs: Any) -> Any:
+    if callable(inputs):
+        return inputs(model)
+    if isinstance(inputs, dict):
+        return model(**inputs)
+    if isinstance(inputs, (tuple, list)):
+        return model(*inputs)
+    return model(inputs)
+
+
+def _sync_state(m: nn.Module, state: RoutingState) -> None:
+    for q in m.modules():
+        if isinstance(q, Quantizer):
+            q.enabled, q.observing = state.quant_enabled, state.observing
+
+
+def quantizers(model: nn.Module) -> List[Tuple[str, Quantizer]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, Quantizer)]
+
+
+def set_quantization(model: nn.Module, enabled: bool) -> None:
+    """Enable (True) or bypass (False: the exact float model) every quantizer."""
+    st = getattr(model, "qasr_routing", None)
+    if st is not None:
+        st.quant_enabled = enabled
+    for _, q in quantizers(model):
+        q.enabled = enabled
+
+
+def set_observing(model: nn.Module, observing: bool) -> None:
+    st = getattr(model, "qasr_routing", None)
+    if st is not None:
+        st.observing = observing
+    for _, q in quantizers(model):
+        q.observing = observing
+
+
+def calibrate(model: nn.Module, batches, reset: bool = False) -> nn.Module:
+    """Run observers on ``batches`` (each an args tuple, kwargs dict or callable) with quantization on."""
+    if reset:
+        for _, q in quantizers(model):
+            q.initialized.fill_(False)
+    was_training = model.training
+    model.eval()
+    set_quantization(model, True)
+    set_observing(model, True)
+    try:
+        with torch.no_grad():
+            for b in batches:
+                run_model(model, b)
+    finally:
+        set_observing(model, False)
+        model.train(was_training)
+    return model
+
+
+def uncalibrated(model: nn.Module) -> List[str]:
+    """Paths of quantized ops none of whose quantizers has a range yet: call sites the calibration
+    data never reached (they raise NotCalibratedError when run)."""
+    return [n for n, m in model.named_modules() if isinstance(m, QModule)
+            and m.quantizers() and not any(bool(q.initialized) for q in m.quantizers())]
+
+
+def freeze_wrappers(model: nn.Module, frozen: bool = True) -> None:
+    """After discovery: refuse to create new wrappers (a call site not seen before raises)."""
+    model.qasr_routing.allow_create = not frozen
+
+
+def materialize_wrappers(model: nn.Module, state_dict: Mapping[str, Any]) -> List[str]:
+    """Create the routed wrappers named in a saved ``state_dict`` (so that it loads without a
+    discovery forward). Returns the created paths."""
+    st: RoutingState = model.qasr_routing
+    made = []
+    for key in state_dict:
+        parts = key.split(".")
+        for i, part in enumerate(parts):
+            op, _, k = part.rpartition("_")
+            if op in OP_CLASSES and k.isdigit():
+                owner_path = ".".join(parts[:i])
+                owner = model.get_submodule(owner_path) if owner_path else model
+                if part not in owner._modules and not isinstance(owner, QModule):
+                    path = f"{owner_path}.{part}" if owner_path else part
+                    w = st.factory(path, op)
+                    ref = next(owner.parameters(), None)
+                    if ref is not None:
+                        w.to(ref.device)
+                    owner.add_module(part, w)
+                    made.append(path)
+                break
+    if made:
+        _install(model, st)
+    return made
+
+
+def quant_checkpoint_state(model: nn.Module) -> Dict[str, Any]:
+    """What a checkpoint needs besides ``model.state_dict()`` to rebuild the quantized model:
+    ``{"recipe": <recipe dict>}`` (store it under ``state["qasr_quant"]``; wrappers are recreated from
+    the state_dict keys by :func:`materialize_wrappers`)."""
+    return {"recipe": model.qasr_recipe.to_dict(), "version": model.qasr_recipe.version}

@@ -1,0 +1,80 @@
+"""End-to-end: ``python -m fairseq_qasr.audit`` on a tiny qtransformer_conv checkpoint and real audio files."""
+import os
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+READY = os.path.join(os.path.dirname(__file__), "..", "..", "fairseq_qasr", "models", "READY")
+pytestmark = pytest.mark.skipif(not os.path.exists(READY), reason="qtransformer_conv not ready")
+
+
+def make_data(tmp_path):
+    import soundfile as sf
+
+    words = ["a", "b", "c", "d"]
+    (tmp_path / "dict.txt").write_text("".join(f"{w} 1\n" for w in words))
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(
+        {"sample_rate": 16000, "features": {"type": "fbank", "num_mel_bins": 80, "cmvn": "utterance"},
+         "vocab_filename": "dict.txt"}))
+    g = np.random.default_rng(0)
+    lines = ["id\taudio\tn_frames\ttgt_text\tspeaker"]
+    for i in range(3):
+        wav = (0.1 * g.standard_normal(8000)).astype("float32")
+        sf.write(tmp_path / f"u{i}.wav", wav, 16000)
+        lines.append(f"u{i}\tu{i}.wav\t50\ta b c\tspk")
+    (tmp_path / "test.tsv").write_text("\n".join(lines) + "\n")
+
+
+def make_checkpoint(tmp_path, quantized: bool):
+    from fairseq import tasks
+    from omegaconf import OmegaConf
+
+    import fairseq_qasr
+    from fairseq_qasr.audit import QUANT_KEY, decoding_steps, prepare_model, utterance_batches
+    from fairseq_qasr.data.manifest import read_manifest
+    from fairseq_qasr.quant import quant_checkpoint_state
+
+    fairseq_qasr.register()
+    cfg = OmegaConf.create({"task": {"_name": "librispeech_asr", "data": str(tmp_path)},
+                            "model": {"_name": "qtransformer_conv_xs"}})
+    task = tasks.setup_task(cfg.task)
+    torch.manual_seed(0)
+    model = task.build_model(cfg.model)
+    state = {"cfg": cfg, "model": model.state_dict()}
+    if quantized:
+        calib = decoding_steps(utterance_batches(task, read_manifest(tmp_path / "test.tsv"), 2))
+        prepare_model(model, state, "w8a8", calib)
+        state = {"cfg": cfg, "model": model.state_dict(), QUANT_KEY: quant_checkpoint_state(model)}
+    path = tmp_path / "ckpt.pt"
+    history = [{"criterion_name": "cross_entropy", "optimizer_name": "adam", "lr_scheduler_state": {},
+                "num_updates": 0}]
+    torch.save({"cfg": OmegaConf.to_container(cfg), "optimizer_history": history, "extra_state": {},
+                **{k: v for k, v in state.items() if k != "cfg"}}, path)
+    return path
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_audit_cli_passes(tmp_path, capsys, quantized):
+    from fairseq_qasr.audit import main
+
+    make_data(tmp_path)
+    ckpt = make_checkpoint(tmp_path, quantized)
+    rc = main(["--path", str(ckpt), "--data", str(tmp_path / "test.tsv"), "--calib", "2", "--max-utts", "2"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "VERDICT: PASS" in out and "linear" in out
+
+
+def test_audit_cli_exit_status_on_violation(tmp_path, capsys, monkeypatch):
+    import fairseq_qasr.audit as cli
+    from fairseq_qasr.quant.audit import AuditReport, Violation
+
+    make_data(tmp_path)
+    ckpt = make_checkpoint(tmp_path, quantized=True)
+    bad = AuditReport({}, [Violation("aten._softmax.default", "decoder.layers.0.self_attn", "float compute")], {})
+    monkeypatch.setattr(cli, "audit", lambda model, batches: bad)
+    rc = cli.main(["--path", str(ckpt), "--data", str(tmp_path / "test.tsv")])
+    out = capsys.readouterr().out
+    assert rc == 1 and "VERDICT: FAIL" in out and "decoder.layers.0.self_attn" in out
