@@ -17,11 +17,11 @@ import torch
 from fairseq import checkpoint_utils, metrics
 from fairseq.criterions import FairseqCriterion, register_criterion
 from fairseq.criterions.label_smoothed_cross_entropy import label_smoothed_nll_loss
-from fairseq.data import data_utils
 from fairseq.dataclass import FairseqDataclass
 from torch import Tensor
 
-from .distill_losses import greedy_transcripts, hidden_mse, kl_teacher_student
+from .distill_losses import hidden_mse, kl_teacher_student
+from .teacher_targets import with_model_transcripts
 
 logger = logging.getLogger(__name__)
 
@@ -102,24 +102,6 @@ class QATDistillationCriterion(FairseqCriterion):
         return teacher
 
     # -- loss -------------------------------------------------------------------------------------
-    def _teacher_targets(self, sample: Dict[str, Any]) -> Tuple[Tensor, Tensor]:
-        """Targets / decoder inputs where audio-only rows take the teacher's greedy transcript."""
-        target, prev = sample["target"], sample["net_input"]["prev_output_tokens"]
-        labeled = sample.get("labeled")
-        if labeled is None or bool(labeled.all()):
-            return target, prev
-        d = self.task.target_dictionary
-        rows = (~labeled).nonzero().squeeze(1)
-        net = sample["net_input"]
-        hyps = greedy_transcripts(self.teacher, net["src_tokens"][rows], net["src_lengths"][rows],
-                                  bos=d.eos(), eos=d.eos(), pad=d.pad(), max_len=self.teacher_max_len)
-        seqs = [utils_strip(target[i], d.pad()) for i in range(target.size(0))]
-        for k, i in enumerate(rows.tolist()):
-            seqs[i] = utils_strip(hyps[k], d.pad())
-        new_target = data_utils.collate_tokens(seqs, d.pad(), d.eos(), left_pad=False)
-        new_prev = data_utils.collate_tokens(seqs, d.pad(), d.eos(), left_pad=False, move_eos_to_beginning=True)
-        return new_target, new_prev
-
     def _hidden(self, encoder_out: Dict[str, List[Tensor]], extra: Dict[str, Any]) -> List[Tensor]:
         states = []
         for side, idx in self.layers:
@@ -130,7 +112,7 @@ class QATDistillationCriterion(FairseqCriterion):
         if next(self.teacher.parameters()).device != sample["target"].device:
             self.teacher.to(sample["target"].device)
         net = sample["net_input"]
-        target, prev = self._teacher_targets(sample)
+        target, prev = with_model_transcripts(self.teacher, sample, self.task.target_dictionary, self.teacher_max_len)
         pad = self.padding_idx
         mask = target.ne(pad).float()
         want_hidden = self.gamma > 0
@@ -178,7 +160,3 @@ class QATDistillationCriterion(FairseqCriterion):
     @staticmethod
     def logging_outputs_can_be_summed() -> bool:
         return True
-
-
-def utils_strip(tokens: Tensor, pad: int) -> Tensor:
-    return tokens[tokens.ne(pad)]

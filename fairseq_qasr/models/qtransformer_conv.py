@@ -10,6 +10,7 @@ Presets: ``qtransformer_conv`` (paper size), ``qtransformer_conv_s`` (single-GPU
 """
 
 import contextlib
+import logging
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
@@ -28,6 +29,7 @@ from fairseq.models import (
     register_model_architecture,
 )
 
+from .quantized import _is_quant_key, is_quantized, quantize_fairseq_model, split_float_state
 from .layers import (
     CausalConvContext,
     Conv1dGeluFrontEnd,
@@ -36,6 +38,8 @@ from .layers import (
     VGGFrontEnd,
     sinusoids,
 )
+
+logger = logging.getLogger(__name__)
 
 CACHE = "qtransformer_conv"  # key of this model's entry in fairseq's incremental_state
 SUPPRESSED_LOGIT = -1e4  # decoder_suppress_*: exp() underflows to exactly 0 in fp32/fp16, unlike -inf no NaN in 0 * log 0
@@ -77,6 +81,11 @@ class QTransformerConvConfig(FairseqDataclass):
         default=None,
         metadata={"help": "comma-separated dictionary indices that replace the leading BOS/EOS of the decoder input"},
     )
+    quant_config: Optional[str] = field(
+        default=None, metadata={"help": "quantization recipe (name in configs/quant, e.g. w8a8, or a YAML path): "
+                                        "the model is quantized when built"})
+    quant_recipe: Optional[str] = field(
+        default=None, metadata={"help": "the resolved recipe as JSON; written into checkpoints, not set by hand"})
     decoder_suppress_ids: Optional[str] = field(
         default=None,
         metadata={"help": "comma-separated dictionary indices whose output logits are set to -1e4 at every step "
@@ -224,6 +233,8 @@ class QTransformerConvDecoder(FairseqIncrementalDecoder):
         )
         self.final_norm = nn.LayerNorm(dim, eps=cfg.layernorm_eps) if cfg.decoder_final_norm else None
         self.output_projection = nn.Linear(dim, vocab, bias=False)
+        # a module, not F.log_softmax: beam search's normalization is swapped for a quantized one too
+        self.output_log_softmax = nn.LogSoftmax(dim=-1)
         if cfg.share_decoder_input_output_embed:
             self.output_projection.weight = self.embed_tokens.weight
         else:
@@ -299,6 +310,14 @@ class QTransformerConvDecoder(FairseqIncrementalDecoder):
             x, attn = x[:, -n_out:], attn[:, -n_out:] if attn is not None else None
         return x, {"attn": [attn], "inner_states": inner_states, "first_is_begin": past == 0}
 
+    def get_normalized_probs(self, net_output, log_probs: bool, sample=None) -> Tensor:
+        logits = net_output[0]
+        if log_probs:
+            return self.output_log_softmax(logits)
+        if not isinstance(self.output_log_softmax, nn.LogSoftmax):
+            raise NotImplementedError("a quantized decoder gives log-probabilities only (log_probs=True)")
+        return F.softmax(logits, dim=-1)
+
     def output_layer(self, features: Tensor) -> Tensor:
         return self.output_projection(features)
 
@@ -325,7 +344,22 @@ class QTransformerConvModel(FairseqEncoderDecoderModel):
         apply_preset(cfg, PRESETS["qtransformer_conv"])
         if task.target_dictionary is None:
             raise ValueError("qtransformer_conv needs a task with a target dictionary")
-        return cls(QTransformerConvEncoder(cfg), QTransformerConvDecoder(cfg, task.target_dictionary))
+        model = cls(QTransformerConvEncoder(cfg), QTransformerConvDecoder(cfg, task.target_dictionary))
+        model.encoder_input_dim = cfg.input_feat_per_channel
+        return quantize_fairseq_model(model, cfg)
+
+    def load_state_dict(self, state_dict, strict: bool = True, model_cfg=None, args=None):
+        """A float checkpoint may initialize a quantized model (quantizers then get their ranges from
+        calibration or the recipe's observer schedule); anything else loads strictly."""
+        if is_quantized(self) and split_float_state(self, state_dict):
+            missing, unexpected = nn.Module.load_state_dict(self, state_dict, strict=False)
+            missing = [k for k in missing if not _is_quant_key(self, k)]
+            if strict and (missing or unexpected):
+                raise RuntimeError(f"float checkpoint does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+            logger.warning("loaded a float checkpoint into a quantized model: quantizer ranges come from calibration "
+                           "(scripts/calibrate.py) or the recipe's observer schedule")
+            return None
+        return super().load_state_dict(state_dict, strict=strict, model_cfg=model_cfg, args=args)
 
     def max_positions(self):
         return (self.encoder.max_positions(), self.decoder.max_positions())
