@@ -28,9 +28,13 @@ class _RunsCode:
 
 
 def _legacy_checkpoint(path: Path) -> None:
+    """What fairseq pickles: legacy ``args``, an OmegaConf ``cfg``, and (when broadcasting a checkpoint to other
+    ranks) placeholders for its tensors."""
+    from fairseq.distributed.utils import _TensorPlaceholder
+
     torch.save({"args": argparse.Namespace(arch="qtransformer_conv_xs", lr=[0.1]),
                 "cfg": OmegaConf.create({"model": {"_name": "qtransformer_conv_xs", "dims": [1, 2]}, "task": None}),
-                "model": {"w": torch.ones(2)}}, path)
+                "model": {"w": torch.ones(2)}, "broadcast": [_TensorPlaceholder(index=0)]}, path)
 
 
 def test_legacy_checkpoint_with_namespace_and_omegaconf_loads_weights_only(tmp_path: Path):

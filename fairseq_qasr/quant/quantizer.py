@@ -36,6 +36,7 @@ class Quantizer(nn.Module):
         if spec.learning != "none" and not known:
             raise ValueError("learnable per-channel/group quantizers need the tensor shape")
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+        self.register_buffer("bits", torch.tensor(spec.bits, dtype=torch.int16))  # schedules may lower it
         self.register_buffer("lo", torch.zeros(sshape))
         self.register_buffer("hi", torch.zeros(sshape))
         if spec.learning in ("lsq", "lsq_plus"):
@@ -65,6 +66,11 @@ class Quantizer(nn.Module):
         else:
             nlo, nhi = combine(self.lo, self.hi, lo, hi, self.spec)
             self.lo.copy_(nlo), self.hi.copy_(nhi)
+        self.apply_range()
+
+    @torch.no_grad()
+    def apply_range(self) -> None:
+        """Scale and zero point (and PACT's clip) from the current range ``lo``/``hi``."""
         s, z = qparams_from_range(self.lo, self.hi, self.spec.qmin, self.spec.qmax,
                                   self.spec.symmetric, self.spec.pow2)
         self.scale.data = s.to(self.scale.dtype).clone()
@@ -80,7 +86,16 @@ class Quantizer(nn.Module):
             if t.shape != shape:
                 t.data = torch.zeros(shape, dtype=t.dtype, device=t.device)
 
+    def set_bits(self, bits: int) -> None:
+        """Change the bit width (progressive bit lowering); the range is kept, scale/zero point follow."""
+        self.spec = self.spec.with_(bits=int(bits))
+        self.bits.fill_(int(bits))
+        if bool(self.initialized):
+            self.apply_range()
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # per-channel shapes are lazy
+        if prefix + "bits" in state_dict and int(state_dict[prefix + "bits"]) != self.spec.bits:
+            self.spec = self.spec.with_(bits=int(state_dict[prefix + "bits"]))  # a schedule changed it
         for name in ("lo", "hi", "scale", "zero_point"):
             key = prefix + name
             if key in state_dict and getattr(self, name).shape != state_dict[key].shape:

@@ -18,16 +18,17 @@ import fnmatch
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import yaml
 
 from .modules import OP_CLASSES, QConfig
 from .qtype import QSpec, SpecError
+from .schedule import Schedule, ScheduleError
 
 RECIPE_VERSION = 1
 RECIPE_DIR = Path(__file__).resolve().parents[2] / "configs" / "quant"
-_TOP_KEYS = {"version", "name", "description", "defaults", "ops", "overrides"}
+_TOP_KEYS = {"version", "name", "description", "defaults", "ops", "overrides", "schedule"}
 _ROLES = ("input", "weight", "output")
 _SPEC_KEYS = {f.name for f in fields(QSpec)}
 
@@ -44,6 +45,7 @@ class Recipe:
     overrides: List[Tuple[str, Mapping[str, Any]]] = field(default_factory=list)
     source: str = "<dict>"
     version: int = RECIPE_VERSION
+    schedule: Optional[Schedule] = None
 
     def config_for(self, path: str, op_type: str) -> QConfig:
         """QConfig of the op of type ``op_type`` at module ``path``."""
@@ -65,7 +67,8 @@ class Recipe:
                 "defaults": {"input": d.input.to_dict(), "weight": d.weight.to_dict(),
                              "output": d.output.to_dict() if d.output else None},
                 "ops": {k: dict(v) for k, v in self.ops.items()},
-                "overrides": {p: dict(v) for p, v in self.overrides}}
+                "overrides": {p: dict(v) for p, v in self.overrides},
+                **({"schedule": self.schedule.to_dict()} if self.schedule is not None else {})}
 
 
 def path_matches(pattern: str, path: str) -> bool:
@@ -130,8 +133,12 @@ def recipe_from_dict(d: Mapping[str, Any], source: str = "<dict>") -> Recipe:
             except re.error as e:
                 raise RecipeError(f"{source}: overrides[{pattern!r}]: bad regex: {e}") from None
         _apply(defaults, v, f"{source}: overrides[{pattern!r}]")
+    try:
+        schedule = Schedule.from_dict(d["schedule"], source) if d.get("schedule") is not None else None
+    except ScheduleError as e:
+        raise RecipeError(str(e)) from None
     return Recipe(name=str(d.get("name", Path(source).stem)), defaults=defaults, ops=ops,
-                  overrides=overrides, source=source)
+                  overrides=overrides, source=source, schedule=schedule)
 
 
 def load_recipe(recipe: Union[str, Path, Mapping[str, Any], Recipe]) -> Recipe:

@@ -11,6 +11,7 @@ from argparse import Namespace
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Tuple
 
+import torch
 import yaml
 from fairseq.data import Dictionary, encoders
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
@@ -22,6 +23,9 @@ from fairseq_qasr.data.audio import audio_info, check_sample_rate
 from fairseq_qasr.data.errors import DataError
 from fairseq_qasr.data.features import build_feature_extractor, build_specaugment
 from fairseq_qasr.data.manifest import ManifestRow, read_manifest
+
+from fairseq_qasr.quant.distributed import check_ranks_agree, sync_observer_ranges
+from fairseq_qasr.quant.schedule import set_observing_all
 
 from .speech_dataset import SpeechToTextDataset, encode_targets
 
@@ -40,6 +44,10 @@ class LibriSpeechASRConfig(FairseqDataclass):
     unlabeled: ChoiceEnum(["skip", "keep"]) = field(
         default="skip", metadata={"help": "audio-only utterances (empty transcript): skip them, or keep them (target = EOS, labeled=False) for distillation"})
     skip_audio_check: bool = field(default=False, metadata={"help": "do not read every audio header when a split is loaded"})
+    no_quant_sync: bool = field(default=False, metadata={
+        "help": "distributed QAT: do not all-reduce observer ranges across ranks (they then drift apart)"})
+    quant_check_interval: int = field(default=50, metadata={
+        "help": "distributed QAT: every N updates verify that all ranks hold the same quantizer state (0: never)"})
 
 
 def load_data_config(data_dir: str, name: str) -> Dict[str, Any]:
@@ -131,6 +139,32 @@ class LibriSpeechASRTask(FairseqTask):
             specaugment=self.specaugment if is_train else None, sample_rate=self.sample_rate,
             resample=self.cfg.resample_audio, shuffle=is_train, fixed_frames=fixed)
         logger.info(f"{split}: {len(rows)} utterances ({sum(r.labeled for r in rows)} labeled)")
+
+    def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
+        """Around fairseq's update: the recipe's QAT schedule, and quantizer state kept equal across ranks."""
+        inner = model
+        while isinstance(getattr(inner, "module", None), torch.nn.Module):  # DDP / proxy wrappers
+            inner = inner.module
+        recipe = getattr(inner, "qasr_recipe", None)
+        schedule = recipe.schedule if recipe is not None else None
+        if schedule is not None:
+            for event in schedule.before_update(inner, update_num):
+                logger.info(f"update {update_num}: {event}")
+        try:
+            out = super().train_step(sample, model, criterion, optimizer, update_num, ignore_grad)
+        finally:
+            if recipe is not None:
+                if schedule is not None:
+                    schedule.after_backward(inner, update_num)
+                if not self.cfg.no_quant_sync:
+                    sync_observer_ranges(inner)
+                set_observing_all(inner, False)  # validation and decoding never move the ranges
+        interval = self.cfg.quant_check_interval
+        if recipe is not None and interval and torch.distributed.is_initialized() and update_num % interval == 0:
+            checksum = check_ranks_agree(inner)
+            logger.info(f"update {update_num}: quantizer state identical on all {torch.distributed.get_world_size()} "
+                        f"ranks (checksum {checksum[0].item():.6f})")
+        return out
 
     def build_model(self, cfg, from_checkpoint: bool = False):
         model = super().build_model(cfg, from_checkpoint)
