@@ -8,7 +8,7 @@ autograd. ``scale``/``zero_point`` must already broadcast against ``x`` (see :fu
 from __future__ import annotations
 
 import math
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -22,6 +22,16 @@ def round_ste(x: Tensor) -> Tensor:
 def fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int) -> Tensor:
     q = torch.clamp(round_ste(x / scale) + zero_point, qmin, qmax)
     return (q - zero_point) * scale
+
+
+def fake_quantize_fused(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int,
+                        axis: Optional[int] = None) -> Tensor:
+    """The same primitive through PyTorch's fused kernels (per tensor: 0-dim ``scale``; per channel: 1-dim along
+    ``axis``): identical values and gradients for a fixed (non-learned) scale, in one pass instead of eight."""
+    zp = zero_point.round().to(torch.int32)
+    if axis is None:
+        return torch.fake_quantize_per_tensor_affine(x, scale.float(), zp, qmin, qmax)
+    return torch.fake_quantize_per_channel_affine(x, scale.float(), zp, axis, qmin, qmax)
 
 
 def quantize_codes(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int) -> Tensor:

@@ -6,7 +6,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from .affine import expand_qparam, fake_quantize, qparams_from_range, round_ste, stat_shape
+from .affine import expand_qparam, fake_quantize, fake_quantize_fused, qparams_from_range, round_ste, stat_shape
 from .audit_state import Grid, register_grid, region
 from .observers import batch_range, combine
 from .qtype import QSpec
@@ -136,21 +136,32 @@ class Quantizer(nn.Module):
             if not bool(self.initialized):
                 raise NotCalibratedError(
                     f"quantizer ({self.extra_repr()}) has no range: run calibrate() or load a state_dict")
-            scale, zp = self.qparams(x.dim())
             s = self.spec
-            if s.learning in ("lsq", "lsq_plus") and self.training:
-                g = 1.0 / (max(x.numel() // max(scale.numel(), 1), 1) * s.qmax) ** 0.5
-                scale = (scale - scale * g).detach() + scale * g
+            scale, zp = self.qparams(x.dim())
             masked = torch.isneginf(x) if self.keep_neg_inf else None
             xin = torch.where(masked, torch.zeros_like(x), x) if masked is not None else x
-            if s.learning == "pact":
-                lo = -self.alpha if s.signed else torch.zeros_like(self.alpha)
-                xin = torch.minimum(torch.maximum(xin, lo), self.alpha)
-            out = fake_quantize(xin, scale.to(x.dtype), zp.to(x.dtype), s.qmin, s.qmax)
+            if self._fusable(x):  # same values and gradients, one kernel
+                raw_scale, raw_zp = self.raw_qparams()
+                axis = None if s.granularity == "tensor" else s.axis % x.dim()
+                out = fake_quantize_fused(xin, raw_scale, raw_zp, s.qmin, s.qmax, axis)
+            else:
+                if s.learning in ("lsq", "lsq_plus") and self.training:
+                    g = 1.0 / (max(x.numel() // max(scale.numel(), 1), 1) * s.qmax) ** 0.5
+                    scale = (scale - scale * g).detach() + scale * g
+                if s.learning == "pact":
+                    lo = -self.alpha if s.signed else torch.zeros_like(self.alpha)
+                    xin = torch.minimum(torch.maximum(xin, lo), self.alpha)
+                out = fake_quantize(xin, scale.to(x.dtype), zp.to(x.dtype), s.qmin, s.qmax)
             if masked is not None:
                 out = torch.where(masked, x, out)
         register_grid(out, Grid(scale.detach(), zp.detach(), s.qmin, s.qmax, s.bits, self.keep_neg_inf))
         return out
+
+    def _fusable(self, x: Tensor) -> bool:
+        """Fixed (observer-set) scales on float32 per-tensor/per-channel grids take PyTorch's fused kernel."""
+        s = self.spec
+        return (s.learning == "none" and x.dtype == torch.float32 and s.granularity in ("tensor", "channel")
+                and (s.granularity == "tensor" or self.scale.dim() == 1) and s.qmax - s.qmin < 2 ** 31)
 
     def current_scale(self) -> Tensor:
         """The (per-tensor or per-channel) scale currently in use, without broadcasting dims."""
