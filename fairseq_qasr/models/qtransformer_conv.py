@@ -81,6 +81,10 @@ class QTransformerConvConfig(FairseqDataclass):
         default=None,
         metadata={"help": "comma-separated dictionary indices that replace the leading BOS/EOS of the decoder input"},
     )
+    init_from: Optional[str] = field(
+        default=None, metadata={"help": "take the architecture (and quantization recipe) of this checkpoint and start from "
+                                        "its weights, e.g. an imported Whisper or a PTQ checkpoint; --quant-config still "
+                                        "overrides the recipe"})
     quant_config: Optional[str] = field(
         default=None, metadata={"help": "quantization recipe (name in configs/quant, e.g. w8a8, or a YAML path): "
                                         "the model is quantized when built"})
@@ -291,8 +295,8 @@ class QTransformerConvDecoder(FairseqIncrementalDecoder):
             x = self.conv_context(x, cache)
         else:
             positions = torch.arange(past, past + tokens.size(1), device=tokens.device)
-            if positions[-1] >= self.embed_positions.num_embeddings:
-                raise ValueError(f"decoder reached {positions[-1] + 1} positions; the model has {self.embed_positions.num_embeddings}")
+            if positions[-1] >= self.max_target_positions:
+                raise ValueError(f"decoder reached {positions[-1] + 1} positions; the model has {self.max_target_positions}")
             x = x + self.embed_positions(positions)
         if cache is not None:
             cache["steps"] = torch.tensor(past + tokens.size(1))
@@ -332,7 +336,7 @@ class QTransformerConvDecoder(FairseqIncrementalDecoder):
     def max_positions(self) -> int:
         if self.embed_positions is None:
             return self.max_target_positions
-        return self.embed_positions.num_embeddings - max(0, self.prompt.numel() - 1)
+        return self.max_target_positions - max(0, self.prompt.numel() - 1)
 
 
 @register_model("qtransformer_conv", dataclass=QTransformerConvConfig)
@@ -341,12 +345,17 @@ class QTransformerConvModel(FairseqEncoderDecoderModel):
 
     @classmethod
     def build_model(cls, cfg: Any, task) -> "QTransformerConvModel":
+        init_state = _adopt_init_checkpoint(cfg)
         apply_preset(cfg, PRESETS["qtransformer_conv"])
         if task.target_dictionary is None:
             raise ValueError("qtransformer_conv needs a task with a target dictionary")
         model = cls(QTransformerConvEncoder(cfg), QTransformerConvDecoder(cfg, task.target_dictionary))
         model.encoder_input_dim = cfg.input_feat_per_channel
-        return quantize_fairseq_model(model, cfg)
+        model = quantize_fairseq_model(model, cfg)
+        if init_state is not None:
+            model.load_state_dict(init_state)
+        model.effective_cfg = cfg  # fairseq may have passed a copy; the task writes this back into its config
+        return model
 
     def load_state_dict(self, state_dict, strict: bool = True, model_cfg=None, args=None):
         """A float checkpoint may initialize a quantized model (quantizers then get their ranges from
@@ -363,6 +372,30 @@ class QTransformerConvModel(FairseqEncoderDecoderModel):
 
     def max_positions(self):
         return (self.encoder.max_positions(), self.decoder.max_positions())
+
+
+def _adopt_init_checkpoint(cfg: Any) -> Optional[Dict[str, Tensor]]:
+    """``--init-from``: copy the checkpoint's model options into ``cfg`` (a given --quant-config wins over its
+    recipe) and return its weights; the option is cleared so checkpoints saved later stand alone."""
+    path = getattr(cfg, "init_from", None)
+    if not path:
+        return None
+    from fairseq import checkpoint_utils
+
+    state = checkpoint_utils.load_checkpoint_to_cpu(path)
+    source = state["cfg"]["model"]
+    new_recipe = getattr(cfg, "quant_config", None)
+    with open_dict(cfg) if OmegaConf.is_config(cfg) else contextlib.nullcontext():
+        for f in dataclasses.fields(QTransformerConvConfig):
+            if f.name.startswith("_") or f.name in ("init_from", "quant_config"):
+                continue
+            value = source.get(f.name) if hasattr(source, "get") else getattr(source, f.name, None)
+            if f.name == "quant_recipe" and new_recipe:
+                value = None
+            setattr(cfg, f.name, value)
+        cfg.init_from = None
+    logger.info(f"--init-from {path}: architecture and weights taken from the checkpoint")
+    return state["model"]
 
 
 def apply_preset(cfg: Any, preset: Dict[str, Any]) -> None:

@@ -94,6 +94,8 @@ class Quantizer(nn.Module):
             self.apply_range()
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # per-channel shapes are lazy
+        if prefix + "bits" not in state_dict and prefix + "scale" in state_dict:  # written before bits was stored
+            state_dict[prefix + "bits"] = torch.tensor(self.spec.bits, dtype=torch.int16)
         if prefix + "bits" in state_dict and int(state_dict[prefix + "bits"]) != self.spec.bits:
             self.spec = self.spec.with_(bits=int(state_dict[prefix + "bits"]))  # a schedule changed it
         for name in ("lo", "hi", "scale", "zero_point"):

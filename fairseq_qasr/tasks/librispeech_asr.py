@@ -5,6 +5,8 @@ dictionary and the BPE model. Several manifests can be joined with commas (``tra
 Splits whose name starts with ``train`` are training splits: shuffled, SpecAugment applied.
 """
 
+import contextlib
+import dataclasses
 import logging
 import os
 from argparse import Namespace
@@ -16,7 +18,7 @@ import yaml
 from fairseq.data import Dictionary, encoders
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.tasks import FairseqTask, register_task
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf, open_dict
 from tqdm import tqdm
 
 from fairseq_qasr.data.audio import audio_info, check_sample_rate
@@ -61,6 +63,17 @@ def load_data_config(data_dir: str, name: str) -> Dict[str, Any]:
     if not isinstance(config, dict):
         raise DataError(f"{path}: expected a mapping at the top level")
     return config
+
+
+def _option_names(cfg: Any) -> List[str]:
+    """Option names of a model config, whatever its container (DictConfig, dataclass, Namespace)."""
+    if OmegaConf.is_config(cfg):
+        names = list(cfg.keys())
+    elif dataclasses.is_dataclass(cfg):
+        names = [f.name for f in dataclasses.fields(cfg)]
+    else:
+        names = list(vars(cfg))
+    return [n for n in names if not str(n).startswith("_")]
 
 
 @register_task("librispeech_asr", dataclass=LibriSpeechASRConfig)
@@ -168,6 +181,13 @@ class LibriSpeechASRTask(FairseqTask):
 
     def build_model(self, cfg, from_checkpoint: bool = False):
         model = super().build_model(cfg, from_checkpoint)
+        effective = getattr(model, "effective_cfg", None)
+        if effective is not None and effective is not cfg:
+            # fairseq builds dataclass models from a copy of cfg: write back what the model resolved (presets,
+            # --init-from, the stored quantization recipe) so that saved checkpoints rebuild this exact model
+            with open_dict(cfg) if OmegaConf.is_config(cfg) else contextlib.nullcontext():
+                for key in _option_names(effective):
+                    setattr(cfg, key, getattr(effective, key))
         self.student_model_cfg = cfg  # read by criteria that check a teacher against the student
         return model
 
