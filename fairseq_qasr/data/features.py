@@ -75,9 +75,9 @@ def build_feature_extractor(config: Mapping[str, Any], sample_rate: int = 16000)
 
         return fbank
     if kind == "whisper":
-        from fairseq_qasr.whisper.features import whisper_log_mel  # optional: needs the Whisper extras
+        from fairseq_qasr.whisper.features import build_whisper_features  # 30-s windows, Whisper's log-mel
 
-        return whisper_log_mel
+        return build_whisper_features(dict(config))
     raise ValueError(f"features.type must be 'fbank' or 'whisper', got {kind!r}")
 
 
