@@ -115,15 +115,30 @@ class Study:
             verdict = re.search(r"VERDICT: (\w+)", proc.stdout)
             result["audit"] = verdict.group(1) if verdict and proc.returncode == 0 else f"FAIL (exit {proc.returncode})"
             result["audit_command"] = " ".join(map(str, audit))
-            bits = sorted(set(re.findall(r"int(\d+)", proc.stdout)), key=int)
-            result["audit_input_bits"] = bits
+            result["audit_table"] = "\n".join(line for line in proc.stdout.splitlines()
+                                               if AUDIT_ROW.match(line))
         self.record(key, result)
         print(f"= {key}: WER {result['wer']} % ({result['errors']}/{result['words']}), audit {result.get('audit', '-')}")
 
 
-def report(results: Dict[str, dict]) -> str:
+AUDIT_ROW = re.compile(r"^\S+\s+\S+\s+\d+\s+[\d.]+\s+\[")
+
+
+def audit_table(results: Dict[str, dict], model: str, logs: Path):
+    """The audit's per-op rows of ``model``: stored with the result, else read back from the audit log."""
+    for key, r in results.items():
+        if key.startswith(model + ":") and r.get("audit_table"):
+            return r["audit_table"]
+    for log in sorted(logs.glob(f"{model}_*_audit.log")):
+        rows = [line for line in log.read_text().splitlines() if AUDIT_ROW.match(line)]
+        if rows:
+            return "\n".join(rows)
+    return None
+
+
+def report(results: Dict[str, dict], logs: Path) -> str:
     splits = ["test-clean", "test-other", "dev-clean"]
-    models = sorted({k.split(":")[0] for k in results if not k.startswith("build:")},
+    models = sorted({k.split(":")[0] for k in results if not k.startswith(("build:", "failed:"))},
                     key=lambda m: (m != "fp", m))
     lines = ["| model | " + " | ".join(splits) + " | audit |", "|---" * (len(splits) + 2) + "|"]
     for m in models:
@@ -138,6 +153,11 @@ def report(results: Dict[str, dict]) -> str:
                 cells.append("not run")
         audits = {results[f'{m}:{s}'].get('audit', '-') for s in splits if f'{m}:{s}' in results}
         lines.append(f"| {m} | " + " | ".join(cells) + f" | {', '.join(sorted(audits))} |")
+    tables = {m: audit_table(results, m, logs) for m in models if m != "fp"}
+    for m, table in tables.items():
+        if table:
+            lines += ["", f"Audited op types of `{m}` (op, aten op, count, share of MACs %, bits of each input):", "```",
+                      table, "```"]
     return "\n".join(lines)
 
 
@@ -163,7 +183,7 @@ def main() -> None:
             print(f"! {cell}: {e}", flush=True)
             study.record(f"failed:{cell}", {"error": str(e)[-1500:]})
     if args.report:
-        print(report(study.results))
+        print(report(study.results, study.out / "logs"))
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ class _Task:
 
 def build(preset: str = "qtransformer_conv_xs", **options) -> QTransformerConvModel:
     cfg = argparse.Namespace(**options)
+    cfg.quant_config = options.get("quant_config")
     apply_preset(cfg, PRESETS[preset])
     torch.manual_seed(0)
     return QTransformerConvModel.build_model(cfg, _Task()).eval()

@@ -99,3 +99,23 @@ def test_distributed_qat_keeps_quantizer_state_identical_across_ranks(prepared_s
     (log0, rc0), (log1, rc1) = _two_ranks(prepared_sample, tmp_path / "unsynced", float_ckpt, recipe_file,
                                           ["--no-quant-sync"])
     assert rc0 != 0 and "quantizer state differs across ranks" in log0 + log1
+
+
+def test_init_from_takes_architecture_recipe_and_weights_and_saves_standalone(prepared_sample, float_ckpt, tmp_path):
+    ptq = tmp_path / "ptq.pt"
+    subprocess.run([sys.executable, "scripts/calibrate.py", "--path", str(float_ckpt), "--quant-config", "w4a8",
+                    "--data", str(prepared_sample), "--split", "train-clean-5", "--num-utts", "4", "--out", str(ptq)],
+                   cwd=REPO_ROOT, check=True, capture_output=True)
+    args = train_args(prepared_sample, tmp_path / "qat", 1, ["--lr", "1e-5"])
+    args[args.index("--arch") + 1] = "qtransformer_conv"  # paper-size defaults, overridden by the checkpoint
+    proc = run_fairseq("train", args + ["--init-from", ptq])
+    assert "architecture and weights taken from the checkpoint" in proc.stderr + proc.stdout
+    import torch
+
+    state = torch.load(tmp_path / "qat" / "checkpoint_last.pt")
+    model_cfg = state["cfg"]["model"]
+    get = model_cfg.get if hasattr(model_cfg, "get") else lambda k: getattr(model_cfg, k)
+    assert get("init_from") is None and get("encoder_embed_dim") == 64  # the _xs architecture, stand-alone
+    assert '"bits": 4' in get("quant_recipe")
+    result = audit(tmp_path / "qat" / "checkpoint_last.pt", prepared_sample)
+    assert result.returncode == 0 and "int4" in result.stdout

@@ -13,7 +13,9 @@ def kl_teacher_student(student_logits: Tensor, teacher_logits: Tensor, mask: Ten
     t = temperature
     log_p_s = F.log_softmax(student_logits.float() / t, dim=-1)
     log_p_t = F.log_softmax(teacher_logits.float() / t, dim=-1)
-    kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(dim=-1)
+    p_t = log_p_t.exp()
+    # tokens both models suppress (-inf logits) carry no teacher mass: 0 * (-inf - -inf) must count as 0
+    kl = torch.where(p_t > 0, p_t * (log_p_t - log_p_s), torch.zeros_like(p_t)).sum(dim=-1)
     return (kl * mask).sum() * (t * t)
 
 

@@ -42,7 +42,10 @@ from .layers import (
 logger = logging.getLogger(__name__)
 
 CACHE = "qtransformer_conv"  # key of this model's entry in fairseq's incremental_state
-SUPPRESSED_LOGIT = -1e4  # decoder_suppress_*: exp() underflows to exactly 0 in fp32/fp16, unlike -inf no NaN in 0 * log 0
+# decoder_suppress_*: suppressed logits are -inf, so the (quantized) log-softmax normalizes over the live tokens
+# only and its input range is not stretched by them; its outputs there become this finite value, so losses that
+# sum over all tokens (label smoothing) stay finite (exp() of it is exactly 0 in fp32/fp16)
+SUPPRESSED_LOGPROB = -1e4
 
 
 @dataclass
@@ -272,9 +275,9 @@ class QTransformerConvDecoder(FairseqIncrementalDecoder):
     def _suppress(self, logits: Tensor, first_is_begin: bool) -> Tensor:
         """decoder_suppress_ids / decoder_suppress_at_begin_ids (no-ops when unset)."""
         if self._suppress_any:
-            logits = logits.masked_fill(self.suppress_mask, SUPPRESSED_LOGIT)
+            logits = logits.masked_fill(self.suppress_mask, float("-inf"))
         if first_is_begin and self._suppress_begin_any:
-            first = logits[:, :1].masked_fill(self.suppress_begin_mask, SUPPRESSED_LOGIT)
+            first = logits[:, :1].masked_fill(self.suppress_begin_mask, float("-inf"))
             logits = torch.cat([first, logits[:, 1:]], dim=1)
         return logits
 
@@ -317,7 +320,10 @@ class QTransformerConvDecoder(FairseqIncrementalDecoder):
     def get_normalized_probs(self, net_output, log_probs: bool, sample=None) -> Tensor:
         logits = net_output[0]
         if log_probs:
-            return self.output_log_softmax(logits)
+            lprobs = self.output_log_softmax(logits)
+            if self._suppress_any or self._suppress_begin_any:
+                lprobs = lprobs.masked_fill(torch.isneginf(logits), SUPPRESSED_LOGPROB)
+            return lprobs
         if not isinstance(self.output_log_softmax, nn.LogSoftmax):
             raise NotImplementedError("a quantized decoder gives log-probabilities only (log_probs=True)")
         return F.softmax(logits, dim=-1)
