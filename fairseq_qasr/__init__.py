@@ -12,7 +12,8 @@ import sys
 __version__ = "0.1.0"
 
 # Registration modules, imported in order.
-REGISTRATIONS = ["fairseq_qasr.models", "fairseq_qasr.tasks", "fairseq_qasr.criterions", "fairseq_qasr.whisper.register"]
+REGISTRATIONS = ["fairseq_qasr.models", "fairseq_qasr.tasks", "fairseq_qasr.criterions", "fairseq_qasr.whisper.register",
+                 "fairseq_qasr.export.fairseq_model"]
 
 
 def register() -> None:

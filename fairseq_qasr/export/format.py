@@ -1,0 +1,198 @@
+"""The deployable file: safetensors tensors + one JSON header (``__metadata__["qasr"]``).
+
+See docs/export.md for the format. Writer: :func:`export_model` (fake-quantized model -> file) and
+:func:`save_engine`; reader: :func:`load_engine` (file -> :class:`fairseq_qasr.integer.IntegerEngine`) and
+:func:`read_header`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Any, Dict, Optional
+
+import torch
+from torch import Tensor
+
+from ..integer.engine import IntegerEngine
+from .packing import pack_codes, packed_nbytes, unpack_codes
+
+FORMAT = "fairseq-qasr-integer"
+VERSION = 1
+PACKED_PREFIXES = ("w:", "lng:")  # integer weights / LayerNorm gains, stored at their recipe width
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, Tensor):
+        return x.tolist()
+    if isinstance(x, (bool, int, float, str)) or x is None:
+        return x
+    return str(x)
+
+
+def model_options(cfg: Any) -> Dict[str, Any]:
+    """The ``qtransformer_conv`` options as a plain dict (from a fairseq model cfg, a Namespace or a dict)."""
+    from omegaconf import OmegaConf
+    if OmegaConf.is_config(cfg):
+        cfg = OmegaConf.to_container(cfg, resolve=True)
+    d = dict(cfg) if isinstance(cfg, dict) else dict(vars(cfg))
+    if d.get("encoder_frontend") is None:
+        raise ValueError("not qtransformer_conv options (no encoder_frontend)")
+    return {k: v for k, v in d.items() if not k.startswith("_")}
+
+
+def export_model(model: torch.nn.Module, out: str, cfg: Optional[Dict[str, Any]] = None,
+                 recipe: Any = None, example_len: int = 64) -> Dict[str, Any]:
+    """Compile a fake-quantized, calibrated ``qtransformer_conv`` into the integer engine and write ``out``.
+    Returns the header. ``recipe``: a name or Recipe (default: ``model.qasr_recipe``)."""
+    if cfg is None:
+        cfg = getattr(model, "qasr_cfg", None)
+    if cfg is None:
+        raise ValueError("export_model needs the model options (cfg=...)")
+    cfg = model_options(cfg)
+    engine = IntegerEngine.from_quantized(model.eval(), cfg, example_len=example_len)
+    recipe = recipe if recipe is not None else getattr(model, "qasr_recipe", None)
+    if recipe is not None and hasattr(recipe, "to_dict"):
+        recipe = recipe.to_dict()
+    return save_engine(engine, out, recipe)
+
+
+def save_engine(engine: IntegerEngine, out: str, recipe: Any = None) -> Dict[str, Any]:
+    tensors: Dict[str, Tensor] = {}
+    packed: Dict[str, Any] = {}
+    weight_bits: Dict[str, int] = {}
+    for key, t in engine.t.items():
+        if key == "pos:encoder" and engine.meta.get("pos:encoder") == "sinusoidal":
+            continue  # rebuilt from the formula at load, bit-identical (checked at export)
+        if "alias:" + key in engine.meta:  # stored once under the tensor it aliases
+            weight_bits[key.split(":", 1)[1]] = int(engine.meta[key]["bits"])
+            continue
+        if key.startswith(PACKED_PREFIXES):
+            info = engine.meta.get(key) or engine.meta.get("w:" + key.split(":", 1)[1])
+            if key.startswith("lng:"):
+                info = engine.meta["lng_bits:" + key[4:]]
+            bits, qmin = int(info["bits"]), int(info["qmin"])
+            tensors[key] = pack_codes(t, bits, qmin)
+            packed[key] = dict(bits=bits, qmin=qmin, qmax=int(info["qmax"]), shape=list(t.shape))
+            weight_bits[key.split(":", 1)[1] if key.startswith("w:") else key] = bits
+        else:
+            tensors[key] = t.contiguous()
+    for path, s in engine.scales.items():
+        if path.endswith(".w_q.weight") and "alias:w:" + path[: -len(".w_q.weight")] in engine.meta:
+            continue  # identical to the aliased weight's scales
+        if isinstance(s, Tensor) and s.numel() > 1:
+            tensors["scale:" + path] = s.float().contiguous()
+    act = {k[2:]: v for k, v in engine.meta.items() if k.startswith("q:")}
+    for path, v in act.items():
+        v = dict(v)
+        v["scale"] = engine.scales.get(path)
+        act[path] = v
+    requant = {}
+    for key, t in engine.t.items():
+        if key.startswith("rq:") and key.endswith(".m"):
+            base = key[3:-2]
+            m, sh = t, engine.t[key[:-2] + ".sh"]
+            requant[base] = (dict(multiplier=int(m.reshape(-1)[0]), shift=int(sh.reshape(-1)[0])) if m.numel() == 1
+                             else dict(multiplier="rq:" + base + ".m", shift="rq:" + base + ".sh", n=int(m.numel())))
+    header = {
+        "format": FORMAT, "version": VERSION,
+        "recipe": _jsonable(recipe),
+        "model": _jsonable(engine.cfg),
+        "bits": {"weights": weight_bits, "activations": {p: v["bits"] for p, v in act.items()}},
+        "layout": {
+            "packing": "codes - qmin as an LSB-first bit stream, ceil(n*bits/8) bytes, row-major over 'shape'",
+            "weights": "linear [out, in]; conv1d [out, in, k]; conv2d [out, in, kh, kw]; embedding [rows, dim]; "
+                       "symmetric, zero point 0, scale per output channel (scale:<module>.w_q.weight)",
+            "biases": "int32 on the accumulator grid s_in * s_w[c] (LayerNorm: s_gain * 2^-16)",
+            "activations": "per tensor, value = scale * (q - zp), q in [qmin, qmax]",
+            "requant": "q = clamp(((acc * multiplier + 2^(shift-1)) >> shift) + zp, qmin, qmax)",
+            "stored_codes": "activations with qmin >= 0 and 8 bits are held in int8 as q - 128 at run time",
+        },
+        "activations": act,
+        "requant": requant,
+        "packed": packed,
+        "meta": _jsonable({k: v for k, v in engine.meta.items() if not k.startswith("q:")}),  # q: in activations
+        "scales": {p: s for p, s in engine.scales.items() if not isinstance(s, Tensor) or s.numel() == 1},
+    }
+    header["scales"] = {p: float(s) for p, s in header["scales"].items() if p not in act}
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    from safetensors.torch import save_file
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(out)), prefix=".tmp-", suffix=".safetensors")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={"qasr": json.dumps(header, separators=(",", ":"))})
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return header
+
+
+def read_header(path: str) -> Dict[str, Any]:
+    from safetensors import safe_open
+    with safe_open(path, framework="pt") as f:
+        meta = f.metadata() or {}
+    if "qasr" not in meta:
+        raise ValueError(f"{path}: not a {FORMAT} file (no 'qasr' header)")
+    header = json.loads(meta["qasr"])
+    if header.get("format") != FORMAT or header.get("version") != VERSION:
+        raise ValueError(f"{path}: unsupported format {header.get('format')!r} version {header.get('version')!r}")
+    return header
+
+
+def load_engine(path: str) -> IntegerEngine:
+    """The integer engine of an exported file (weights unpacked to int8 codes)."""
+    from safetensors.torch import load_file
+    header = read_header(path)
+    raw = load_file(path)
+    tensors: Dict[str, Tensor] = {}
+    for key, t in raw.items():
+        if key.startswith("scale:"):
+            continue
+        info = header["packed"].get(key)
+        if info is not None:
+            tensors[key] = unpack_codes(t, info["bits"], info["qmin"], info["shape"])
+        else:
+            tensors[key] = t
+    for path, v in header["activations"].items():
+        header["meta"]["q:" + path] = {k: v[k] for k in ("zp", "qmin", "qmax", "bits", "signed")}
+    for key, target in list(header["meta"].items()):
+        if key.startswith("alias:"):
+            tensors[key[len("alias:"):]] = tensors[target]
+    eng = IntegerEngine(header["model"], tensors, header["meta"])
+    eng.scales = dict(header.get("scales", {}))
+    eng.scales.update({p: v["scale"] for p, v in header["activations"].items()})
+    return eng
+
+
+def size_report(path: str) -> Dict[str, float]:
+    """Bytes on disk by category, and the bound ``sum(params * bits / 8) + int32 biases + scales/requant``."""
+    from safetensors import safe_open
+    header = read_header(path)
+    cats = {"weights_packed": 0, "biases_int32": 0, "scales_requant": 0, "tables": 0}
+    ideal_weights = 0.0
+    with safe_open(path, framework="pt") as f:
+        for key in f.keys():
+            t = f.get_tensor(key)
+            nbytes = t.numel() * t.element_size()
+            if key in header["packed"]:
+                info = header["packed"][key]
+                n = 1
+                for s in info["shape"]:
+                    n *= s
+                ideal_weights += n * info["bits"] / 8
+                cats["weights_packed"] += nbytes
+            elif key.startswith("b:"):
+                cats["biases_int32"] += nbytes
+            elif key.startswith(("scale:", "rq:")):
+                cats["scales_requant"] += nbytes
+            else:
+                cats["tables"] += nbytes
+    total = os.path.getsize(path)
+    header_bytes = total - sum(cats.values())
+    bound = 1.05 * (ideal_weights + cats["biases_int32"]) + cats["scales_requant"] + cats["tables"] + header_bytes
+    return dict(total=total, ideal_weights=ideal_weights, bound=bound, header=header_bytes, **cats)

@@ -1,0 +1,877 @@
+"""All-integer inference engine for an exported (or in-memory quantized) ``qtransformer_conv``.
+
+Plain torch, no fairseq. Data flow: input features are quantized once by the first op's input quantizer
+(:meth:`IntegerEngine.quantize_input`, the only float op); from there every tensor is an integer tensor:
+
+* ``QT``  — integer codes (int8 storage; unsigned grids are stored with an offset of -128, the zero point
+  is shifted with them) of a quantizer grid ``s * (c - z)``.
+* ``Acc`` — an int32/int64 accumulator on a grid known at compile time (per tensor or per output channel):
+  GEMM results (bias folded in), LayerNorm outputs (``s_gain * 2^-16``), residual sums.
+
+Every consumer's input quantizer turns the producer's ``Acc`` into its own codes by a fixed-point
+multiplier and shift (``requant`` keys, one per consumer quantizer), exactly like the fake-quantized model
+rounds the float value onto the consumer's grid.
+
+One forward code serves two modes: *compile* (``IntegerEngine.from_quantized(model)``: the fake-quantized
+model is at hand, each requantization site computes and records its integer constants — float arithmetic
+at export time only) and *run* (every constant comes from ``self.t``, the integer tensors of the exported
+file). ``strict`` run mode raises on a missing constant.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from . import kernels as K
+
+NEG_LOGIT = -(2 ** 40)  # suppressed / forbidden logits (int64 grid)
+
+
+@dataclass
+class QT:
+    c: Tensor            # integer codes (stored representation)
+    z: int               # zero point in the stored representation
+    scale: Any = None    # compile mode only
+    on: Optional[str] = None  # path of the quantizer whose grid these codes are on
+    aux: Optional[Dict[str, Tensor]] = None  # cached derived integer tensors (int32 copy, column sums)
+
+
+@dataclass
+class Acc:
+    t: Tensor            # int32 / int64 accumulator
+    scale: Any = None    # compile mode only: scalar tensor or per-last-dim tensor
+
+
+def _has(model: torch.nn.Module, path: str) -> bool:
+    try:
+        model.get_submodule(path)
+        return True
+    except AttributeError:
+        return False
+
+
+def _storage(qmin: int, qmax: int) -> Tuple[int, torch.dtype]:
+    """(offset, dtype) of the stored codes of a [qmin, qmax] grid: int8 when it fits (unsigned 8-bit
+    grids shifted by -128), else int32."""
+    if qmin >= -128 and qmax <= 127:
+        return 0, torch.int8
+    if qmax - qmin <= 255:
+        return -128 - qmin, torch.int8
+    return 0, torch.int32
+
+
+class IntegerEngine:
+    def __init__(self, cfg: Dict[str, Any], tensors: Dict[str, Tensor], meta: Dict[str, Any],
+                 src: Optional[torch.nn.Module] = None):
+        self.cfg = cfg
+        self.t = tensors            # every integer constant (weights unpacked to int8)
+        self.meta = meta            # per-key integer scalars: zero points, ranges, shifts ...
+        self.src = src              # compile mode: the fake-quantized model
+        self.scales: Dict[str, Any] = {}  # compile mode: float scales (documentation in the export header)
+        self.fused = False  # torch.compile'd integer kernels for the hot paths (same results; see fused.py)
+        self.hook = None  # tests: hook(quantizer_path, qt, masked) sees (and may replace) every code tensor
+        self._prep: Dict[str, Tensor] = {}
+
+    # ---------------------------------------------------------------- construction
+    @classmethod
+    def from_quantized(cls, model: torch.nn.Module, cfg: Dict[str, Any], example_len: int = 64) -> "IntegerEngine":
+        """Compile a fake-quantized, calibrated ``QTransformerConvModel`` (eval mode): one dummy pass of the
+        encoder and of full + incremental decoding records every integer constant."""
+        eng = cls(dict(cfg), {}, {}, src=model)
+        feats = torch.zeros(1, example_len, cfg["input_feat_per_channel"])
+        with torch.no_grad():
+            enc = eng.encode(eng.quantize_input(feats), torch.tensor([example_len]))
+            eng.decode_step(torch.tensor([[2, 4]]), enc, None)
+            state: Dict[str, Any] = {}
+            eng.decode_step(torch.tensor([[2]]), enc, state)
+            lg = eng.decode_step(torch.tensor([[2, 4]]), enc, state)
+            if _has(model, "decoder.output_log_softmax.in_q.0"):
+                eng.log_probs(lg)
+        eng.src = None
+        return eng
+
+    @property
+    def compiling(self) -> bool:
+        return self.src is not None
+
+    def _quantizer(self, path: str):
+        return self.src.get_submodule(path)
+
+    def _qinfo(self, path: str) -> Tuple[int, int, int]:
+        """(zero point, qmin, qmax) of a per-tensor quantizer; recorded in ``meta`` at compile time."""
+        key = "q:" + path
+        if self.compiling and key not in self.meta:
+            q = self._quantizer(path)
+            scale, zp = q.raw_qparams()
+            if scale.numel() != 1:
+                raise NotImplementedError(f"{path}: activation quantizers must be per tensor")
+            self.meta[key] = dict(zp=int(zp.reshape(())), qmin=q.spec.qmin, qmax=q.spec.qmax, bits=q.spec.bits,
+                                  signed=q.spec.signed)
+            self.scales[path] = float(scale.reshape(()))
+        m = self.meta[key]
+        return m["zp"], m["qmin"], m["qmax"]
+
+    def _scale(self, path: str) -> Tensor:
+        return self._quantizer(path).raw_qparams()[0].detach().double()
+
+    def _store(self, name: str, fn):
+        if name not in self.t:
+            if not self.compiling:
+                raise KeyError(f"exported model lacks integer constant {name!r}")
+            self.t[name] = fn()
+        return self.t[name]
+
+    # ---------------------------------------------------------------- requantization
+    def requant(self, x, qpath: str, masked: Optional[Tensor] = None) -> QT:
+        """Codes of ``x`` (an Acc or a QT on another grid) on the grid of quantizer ``qpath``."""
+        if isinstance(x, QT) and x.on == qpath:
+            return x
+        zp, qmin, qmax = self._qinfo(qpath)
+        off, dtype = _storage(qmin, qmax)
+        if isinstance(x, Acc):
+            acc = x
+        elif self.fused and not self.compiling:
+            acc = None  # the fused kernel subtracts the zero point itself
+        else:
+            acc = Acc((x.c.int() - x.z) if x.z else x.c, x.scale)
+        key = "rq:" + qpath
+        if self.compiling and key + ".m" not in self.t:
+            M = torch.as_tensor(acc.scale, dtype=torch.float64) / self._scale(qpath).reshape(())
+            m, sh = K.quantize_multiplier(M)
+            self.t[key + ".m"], self.t[key + ".sh"] = m, sh
+        m, sh = self._mult(key)
+        if self._identity(key, x, zp + off, qmin, qmax):  # same grid (e.g. softmax out_q -> matmul in_q)
+            c = x.c
+        elif self.fused and not self.compiling and dtype == torch.int8:
+            from . import fused
+            if isinstance(x, QT):
+                c = fused.requant(x.c, m, sh, zp + off, qmin + off, qmax + off, sub=x.z)
+            else:
+                c = fused.requant(acc.t, m, sh, zp + off, qmin + off, qmax + off)
+        else:
+            t = acc.t if acc is not None else (x.c.int() - x.z)
+            c = K.requantize(t, m, sh, zp + off, qmin + off, qmax + off, dtype)
+        out = QT(c, zp + off, self._scale(qpath).reshape(()) if self.compiling else None, qpath)
+        self._emit(qpath, out, masked)
+        return out
+
+    def _identity(self, key: str, x, zp: int, qmin: int, qmax: int) -> bool:
+        """True when ``x`` already holds the codes: multiplier exactly 1, same zero point and range."""
+        if not isinstance(x, QT) or x.on is None or x.z != zp or self.compiling:
+            return False
+        flag = self._prep.get("id:" + key)
+        if flag is None:
+            m, sh = self._mult(key)
+            src = self.meta.get("q:" + x.on)
+            flag = bool(m.numel() == 1 and int(m) == 2 ** 30 and int(sh) == 30 and src is not None
+                        and src["qmin"] == qmin and src["qmax"] == qmax)
+            self._prep["id:" + key] = flag
+        return flag
+
+    def _emit(self, path: str, out: QT, masked: Optional[Tensor]) -> None:
+        if self.hook is not None:
+            self.hook(path, out, masked)
+
+    def _mult(self, key: str) -> Tuple[Tensor, Tensor]:
+        p = self._prep.get(key)
+        if p is None:
+            m, sh = self.t[key + ".m"].long(), self.t[key + ".sh"].long()
+            if m.numel() == 1:
+                m, sh = m.reshape(()), sh.reshape(())
+            p = self._prep[key] = (m, sh)
+        return p
+
+    def quantize_input(self, feats: Tensor) -> QT:
+        """The input quantizer of the first op: the one float -> integer step (features are float)."""
+        first = self._first_op()
+        zp, qmin, qmax = self._qinfo(first + ".in_q.0")
+        off, dtype = _storage(qmin, qmax)
+        if "input.scale" not in self.meta:
+            self.meta["input.scale"] = float(self._scale(first + ".in_q.0"))
+        s = torch.tensor(self.meta["input.scale"], dtype=feats.dtype)
+        c = torch.clamp(torch.round(feats / s) + zp, qmin, qmax)
+        return QT((c + off).to(dtype), zp + off, s.double() if self.compiling else None, first + ".in_q.0")
+
+    def _first_op(self) -> str:
+        if self.cfg["encoder_frontend"] == "vgg2d":
+            return "encoder.frontend.blocks.0.0"
+        return "encoder.frontend.conv1"
+
+    # ---------------------------------------------------------------- ops
+    def linear(self, name: str, x: QT) -> Acc:
+        """Linear / conv-as-GEMM ``name`` on codes already on its input grid; int32 accumulator."""
+        w_t, bias_eff = self._linear_params(name, x.z)
+        w_t32 = None
+        if x.c.numel() // x.c.shape[-1] <= K.SMALL_M:  # decoder steps: int32 copy of the weights, cached
+            w_t32 = self._prep.get("lin32:" + name)
+            if w_t32 is None:
+                w_t32 = self._prep["lin32:" + name] = w_t.int()
+        acc = K.linear_int(x.c, w_t, bias_eff, w_t32)
+        scale = None
+        if self.compiling:
+            scale = self._scale(name + ".in_q.0").reshape(()) * self._scale(name + ".w_q.weight").reshape(-1)
+        return Acc(acc, scale)
+
+    def _linear_params(self, name: str, zx: int) -> Tuple[Tensor, Optional[Tensor]]:
+        key = "lin:" + name
+        p = self._prep.get(key)
+        if p is not None:
+            return p
+        if self.compiling:
+            self._export_weight(name)
+        w = self.t["w:" + name]
+        w2 = w.reshape(w.shape[0], -1)
+        w_t = w2.t().contiguous()
+        colsum = w2.int().sum(1)
+        bias = self.t.get("b:" + name)
+        bias_eff = (bias.int() if bias is not None else torch.zeros_like(colsum)) - zx * colsum
+        p = self._prep[key] = (w_t, bias_eff)
+        return p
+
+    def _export_weight(self, name: str) -> None:
+        from fairseq_qasr.quant.affine import quantize_codes
+        mod = self._quantizer(name)
+        weight = mod.weight
+        wq = mod.w_q["weight"]
+        if wq.spec.granularity == "group":
+            raise NotImplementedError(f"{name}: per-group weight scales are not supported by the engine/export yet")
+        if not wq.spec.symmetric:
+            raise NotImplementedError(f"{name}: the engine expects symmetric weights (zero point 0)")
+        scale, zp = wq.qparams(weight.dim())
+        codes = quantize_codes(weight.detach(), scale, zp, wq.spec.qmin, wq.spec.qmax).to(torch.int8)
+        self.t["w:" + name] = codes
+        for other, t in list(self.t.items()):  # tied weights quantized identically: store them once
+            if other.startswith("w:") and other != "w:" + name and t.shape == codes.shape and torch.equal(t, codes):
+                self.meta["alias:w:" + name] = other
+                break
+        self.meta["w:" + name] = dict(bits=wq.spec.bits, qmin=wq.spec.qmin, qmax=wq.spec.qmax,
+                                      granularity=wq.spec.granularity, axis=wq.spec.axis)
+        self.scales[name + ".w_q.weight"] = wq.raw_qparams()[0].detach().float()
+        if getattr(mod, "bias", None) is not None:
+            in_scale = mod.in_q[0].current_scale().detach()
+            bscale = (in_scale.reshape(()) * wq.current_scale().detach()).to(mod.bias.dtype)
+            bscale = bscale.expand(mod.bias.shape) if bscale.numel() == 1 else bscale.reshape(mod.bias.shape)
+            b = torch.clamp(torch.round(mod.bias.detach() / bscale), -(2 ** 31), 2 ** 31 - 1)
+            self.t["b:" + name] = b.to(torch.int32)
+
+    def mul_const(self, name: str, x: QT) -> Acc:
+        """``x * constant`` (QMul with a Python-number operand): codes times the int8 constant code."""
+        key = "const:" + name
+        if self.compiling and key not in self.meta:
+            mod = self._quantizer(name)
+            wq = mod.w_q["const"]
+            val = torch.tensor(float(mod.const_value))
+            s, z = wq.raw_qparams()
+            self.meta[key] = int(torch.clamp(torch.round(val / s) + z, wq.spec.qmin, wq.spec.qmax)) - int(z)
+            self.scales[name + ".w_q.const"] = float(s)
+        k = self.meta[key]
+        acc = (x.c.int() - x.z) * k
+        return Acc(acc, x.scale * self._scale(name + ".w_q.const").reshape(()) if self.compiling else None)
+
+    def add(self, name: str, a, b) -> Acc:
+        """Residual / positional add: both operands requantized by the add's input quantizers, then summed
+        on a fine common grid ``max(s_a, s_b) * 2^-14`` with integer factors."""
+        qa, qb = self.requant(a, name + ".in_q.0"), self.requant(b, name + ".in_q.1")
+        key = "add:" + name
+        if self.compiling and key not in self.meta:
+            sa, sb = float(qa.scale), float(qb.scale)
+            s = max(sa, sb) * 2.0 ** -14
+            self.meta[key] = dict(ka=int(round(sa / s)), kb=int(round(sb / s)))
+            self.scales[name + ".out"] = s
+        f = self.meta[key]
+        if self.fused and not self.compiling:
+            from . import fused
+            acc = fused.add(qa.c, qa.z, f["ka"], qb.c, qb.z, f["kb"])
+        else:
+            acc = (qa.c.int() - qa.z) * f["ka"] + (qb.c.int() - qb.z) * f["kb"]
+        return Acc(acc, torch.tensor(self.scales[name + ".out"], dtype=torch.float64) if self.compiling else None)
+
+    def layer_norm(self, name: str, x) -> Acc:
+        q = self.requant(x, name + ".in_q.0")
+        key = "ln:" + name
+        if self.compiling and key not in self.meta:
+            mod = self._quantizer(name)
+            n = mod.normalized_shape[-1]
+            k = K.ln_shift_bits(n)
+            s_x = self.scales[name + ".in_q.0"]
+            wq = mod.w_q["weight"]
+            gs, gz = wq.raw_qparams()
+            gcodes = torch.clamp(torch.round(mod.weight.detach() / gs) + gz, wq.spec.qmin, wq.spec.qmax) - gz
+            self.t["lng:" + name] = gcodes.to(torch.int8)
+            self.meta["lng_bits:" + name] = dict(bits=wq.spec.bits, qmin=wq.spec.qmin, qmax=wq.spec.qmax)
+            if mod.bias is not None:
+                bscale = (gs.detach() * 2.0 ** -16).to(mod.bias.dtype)
+                self.t["b:" + name] = torch.clamp(torch.round(mod.bias.detach() / bscale),
+                                                  -(2 ** 31), 2 ** 31 - 1).to(torch.int32)
+            eps_term = int(round(n * n * mod.eps * 2.0 ** (2 * k) / (s_x * s_x)))
+            self.meta[key] = dict(k=k, eps_term=eps_term)
+            self.scales[name + ".w_q.weight"] = float(gs)
+        f = self.meta[key]
+        gain = self.t["lng:" + name]
+        bias = self.t.get("b:" + name)
+        if self.fused and not self.compiling:
+            from . import fused
+            y = fused.layer_norm(q.c, gain, bias, f["eps_term"], f["k"])
+        else:
+            y = K.layer_norm_int(q.c, gain, bias, f["eps_term"], f["k"])
+        scale = None
+        if self.compiling:
+            scale = torch.tensor(self.scales[name + ".w_q.weight"] * 2.0 ** -16, dtype=torch.float64)
+        return Acc(y, scale)
+
+    def relu(self, name: str, x) -> Acc:
+        """ReLU on the op's input grid: ``max(c - z, 0)``, exact."""
+        q = self.requant(x, name + ".in_q.0")
+        return Acc((q.c.int() - q.z).clamp_(min=0), q.scale)
+
+    def lut(self, name: str, x, fn, consumer: str) -> QT:
+        """Element-wise ``fn`` (GELU ...) as a table over the 2^k input codes, straight onto the consumer's
+        grid (the only consumer of ``name``'s output)."""
+        q = self.requant(x, name + ".in_q.0")
+        zp, qmin, qmax = self._qinfo(name + ".in_q.0")
+        off, _ = _storage(qmin, qmax)
+        czp, cqmin, cqmax = self._qinfo(consumer)
+        coff, cdtype = _storage(cqmin, cqmax)
+        key = f"lut:{name}>{consumer}"
+
+        def build():
+            codes = torch.arange(qmin, qmax + 1, dtype=torch.float32)
+            s_in = torch.tensor(self.scales[name + ".in_q.0"], dtype=torch.float32)
+            s_c = torch.tensor(self.scales[consumer], dtype=torch.float32)
+            y = fn((codes - zp) * s_in)
+            return (torch.clamp(torch.round(y / s_c) + czp, cqmin, cqmax) + coff).to(cdtype)
+
+        table = self._store(key, build)
+        if self.fused and not self.compiling:
+            from . import fused
+            c = fused.lut(table, q.c, qmin + off)
+        else:
+            c = table[(q.c.long() - (qmin + off))]
+        out = QT(c, czp + coff, self._scale(consumer).reshape(()) if self.compiling else None, consumer)
+        self._emit(consumer, out, None)
+        return out
+
+    def max_pool(self, name: str, x: Acc) -> QT:
+        q = self.requant(x, name + ".in_q.0")
+        return QT(K.max_pool2d_ceil(q.c, 2), q.z, q.scale, q.on)
+
+    def matmul(self, name: str, a, b) -> Acc:
+        qa, qb = self.requant(a, name + ".in_q.0"), self.requant(b, name + ".in_q.1")
+        if qa.c.shape[-2] <= K.SMALL_M and qb.aux is not None:  # decoder step on cached keys/values
+            if "b32" not in qb.aux:
+                qb.aux["b32"] = qb.c.int()
+                qb.aux["colsum"] = qb.aux["b32"].sum(-2, keepdim=True)
+            b32 = qb.aux["b32"]
+            acc = torch.matmul(qa.c.int(), b32)
+            if qa.z:
+                acc -= qa.z * qb.aux["colsum"]
+            if qb.z:
+                acc -= qb.z * qa.c.sum(-1, dtype=torch.int32).unsqueeze(-1)
+                if qa.z:
+                    acc += qa.c.shape[-1] * qa.z * qb.z
+        else:
+            acc = K.matmul_int(qa.c, qa.z, qb.c, qb.z)
+        return Acc(acc, qa.scale * qb.scale if self.compiling else None)
+
+    def softmax(self, name: str, x: Acc, masked: Optional[Tensor]) -> QT:
+        q = self.requant(x, name + ".in_q.0", masked)
+        zp, qmin, qmax = self._qinfo(name + ".in_q.0")
+        off, _ = _storage(qmin, qmax)
+        ozp, oqmin, oqmax = self._qinfo(name + ".out_q")
+        ooff, odtype = _storage(oqmin, oqmax)
+        key = "sm:" + name
+        if self.compiling and key not in self.meta:
+            self.t[key + ".exp"] = K.exp_table(self.scales[name + ".in_q.0"], qmax - qmin + 1).to(torch.int32)
+            self.meta[key] = dict(mult=int(round(2.0 ** 16 / self.scales[name + ".out_q"])), shift=16)
+        f = self.meta[key]
+        c = K.softmax_int(q.c, qmin + off, masked, self.t[key + ".exp"], f["mult"], f["shift"], ozp + ooff,
+                          oqmin + ooff, oqmax + ooff, odtype)
+        out = QT(c, ozp + ooff, self._scale(name + ".out_q").reshape(()) if self.compiling else None, name + ".out_q")
+        self._emit(name + ".out_q", out, None)
+        return out
+
+    def embedding(self, name: str, idx: Tensor, consumer: str) -> QT:
+        """Token / position embedding: int8 row codes times a per-row fixed-point multiplier onto the
+        consumer's grid."""
+        zp, qmin, qmax = self._qinfo(consumer)
+        off, dtype = _storage(qmin, qmax)
+        key = f"rq:{consumer}"
+        if self.compiling and "w:" + name not in self.t:
+            from fairseq_qasr.quant.affine import quantize_codes
+            mod = self._quantizer(name)
+            wq = mod.w_q["weight"]
+            scale, z = wq.qparams(2)
+            self.t["w:" + name] = quantize_codes(mod.weight.detach(), scale, z, wq.spec.qmin, wq.spec.qmax).to(torch.int8)
+            self.meta["w:" + name] = dict(bits=wq.spec.bits, qmin=wq.spec.qmin, qmax=wq.spec.qmax,
+                                          granularity=wq.spec.granularity, axis=wq.spec.axis)
+            self.scales[name + ".w_q.weight"] = wq.raw_qparams()[0].detach().float()
+        if self.compiling and key + ".m" not in self.t:
+            M = self._quantizer(name).w_q["weight"].raw_qparams()[0].detach().double().reshape(-1) / \
+                self._scale(consumer).reshape(())
+            self.t[key + ".m"], self.t[key + ".sh"] = K.quantize_multiplier(M)
+        w = self.t["w:" + name]
+        m, sh = self.t[key + ".m"].long(), self.t[key + ".sh"].long()
+        rows = w[idx].int()
+        c = K.requantize(rows, m[idx].unsqueeze(-1), sh[idx].unsqueeze(-1), zp + off, qmin + off, qmax + off, dtype)
+        out = QT(c, zp + off, self._scale(consumer).reshape(()) if self.compiling else None, consumer)
+        self._emit(consumer, out, None)
+        return out
+
+    # ---------------------------------------------------------------- model
+    def attention(self, name: str, x, memory, mask: Optional[Tensor], causal: bool,
+                  cache: Optional[Dict[str, Any]], heads: int) -> Acc:
+        q = self.linear(name + ".q_proj", self.requant(x, name + ".q_proj.in_q.0"))
+        b, tq, d = q.t.shape
+        hd = d // heads
+        kk, vk = name + ".k", name + ".v"
+        if memory is None or cache is None or cache.get(kk) is None:
+            src = x if memory is None else memory
+            k = self.linear(name + ".k_proj", self.requant(src, name + ".k_proj.in_q.0"))
+            v = self.linear(name + ".v_proj", self.requant(src, name + ".v_proj.in_q.0"))
+            kc = self.requant(k, name + ".matmul_0.in_q.1")
+            vc = self.requant(v, name + ".matmul_1.in_q.1")
+            kc.c = kc.c.view(b, -1, heads, hd).permute(0, 2, 3, 1).contiguous()  # (B, H, d, Tk)
+            vc.c = vc.c.view(b, -1, heads, hd).transpose(1, 2).contiguous()     # (B, H, Tk, d)
+            if cache is not None and memory is None and cache.get(kk) is not None:
+                kc.c = torch.cat([cache[kk].c, kc.c], dim=3)
+                vc.c = torch.cat([cache[vk].c, vc.c], dim=2)
+            if cache is not None:
+                if memory is not None:  # cross-attention: fixed for the whole decode, cache derived tensors
+                    kc.aux, vc.aux = {}, {}
+                cache[kk], cache[vk] = kc, vc
+        else:
+            kc, vc = cache[kk], cache[vk]
+        qs = self.mul_const(name + ".mul_0", self.requant(q, name + ".mul_0.in_q.0"))
+        qs = self.requant(qs, name + ".matmul_0.in_q.0")
+        qs.c = qs.c.view(b, tq, heads, hd).transpose(1, 2)
+        tk = kc.c.shape[-1]
+        if self.fused and not self.compiling and self.hook is None and tq > K.SMALL_M and not causal and \
+                (mask is None or not bool(mask.any())):
+            out = self._fused_attention(name, qs, kc, vc)
+            return self.linear(name + ".out_proj", self.requant(out, name + ".out_proj.in_q.0"))
+        else:
+            probs = None
+            scores = self.matmul(name + ".matmul_0", qs, kc)
+        blocked = None
+        if causal and tq > 1:
+            blocked = torch.ones(tq, tk, dtype=torch.bool).triu(tk - tq + 1).expand(b, heads, tq, tk)
+        if mask is not None and bool(mask.any()):
+            pad = mask[:, None, None, :].expand(b, heads, tq, tk)
+            blocked = pad if blocked is None else (blocked | pad)
+        if probs is None:
+            probs = self.softmax(name + ".softmax_0", scores, blocked)
+        out = self.matmul(name + ".matmul_1", probs, vc)
+        out.t = out.t.transpose(1, 2).reshape(b, tq, d)
+        return self.linear(name + ".out_proj", self.requant(out, name + ".out_proj.in_q.0"))
+
+    def _fused_attention(self, name: str, qs: QT, kc: QT, vc: QT) -> Acc:
+        """Per (batch, head): QK^T (int8 GEMM), softmax input quantizer + integer softmax (one compiled
+        kernel), probabilities requantized onto the AV input grid, AV (int8 GEMM). No [B, H, T, T] tensor
+        is materialized beyond one head. Same integer results as the unfused path (no mask)."""
+        from . import fused
+        sm, av = name + ".softmax_0", name + ".matmul_1"
+        zp, qmin, qmax = self._qinfo(sm + ".in_q.0")
+        off, _ = _storage(qmin, qmax)
+        ozp, oqmin, oqmax = self._qinfo(sm + ".out_q")
+        ooff, _ = _storage(oqmin, oqmax)
+        m, sh = self._mult("rq:" + sm + ".in_q.0")
+        f = self.meta["sm:" + sm]
+        if f["shift"] != 16:
+            raise ValueError("fused softmax expects out_shift 16")
+        lut = self.t["sm:" + sm + ".exp"]
+        # one layout change per tensor: (B, H, Tq, d), keys as (B, H, Tk, d) (their transpose feeds the GEMM)
+        a, b, v = qs.c.contiguous(), kc.c.transpose(2, 3).contiguous(), vc.c.contiguous()
+        B, H, Tq, d = a.shape
+        za, zb, zv = qs.z, kc.z, vc.z
+        out = torch.empty(B, H, Tq, d, dtype=torch.int32)
+        rows = d * za * zb - zb * a.sum(-1, dtype=torch.int64).unsqueeze(-1)   # (B, H, Tq, 1)
+        cols = (-za * b.sum(-1, dtype=torch.int64)).unsqueeze(-2)              # (B, H, 1, Tk)
+        vsum = v.sum(-2, dtype=torch.int32).unsqueeze(-2)                     # (B, H, 1, d)
+        for bi in range(B):
+            for h in range(H):
+                raw = torch._int_mm(a[bi, h], b[bi, h].t())
+                p, psum = fused.attn_softmax(raw, rows[bi, h], cols[bi, h], m, sh, zp + off, qmin + off, qmax + off,
+                                             lut, f["mult"], ozp + ooff, oqmin + ooff, oqmax + ooff)
+                pq = self.requant(QT(p, ozp + ooff, None, sm + ".out_q"), av + ".in_q.0")
+                if pq.c is not p:
+                    psum = pq.c.sum(-1, keepdim=True, dtype=torch.int32)
+                o = out[bi, h]
+                torch.ops.aten._int_mm.out(pq.c, v[bi, h], out=o) if hasattr(torch.ops.aten._int_mm, "out") \
+                    else o.copy_(torch._int_mm(pq.c, v[bi, h]))
+                if zv:
+                    o -= zv * psum
+                if pq.z:
+                    o -= pq.z * vsum[bi, h]
+                    if zv:
+                        o += pq.c.shape[-1] * pq.z * zv
+        return Acc(out.transpose(1, 2).reshape(B, Tq, H * d))
+
+    def _activation(self, name: str, x, consumer: str):
+        if self.cfg["activation_fn"] == "relu":
+            return self.relu(name + ".relu_0", x)
+        return self.lut(name + ".gelu_0", x, torch.nn.functional.gelu, consumer)
+
+    def ffn(self, name: str, x) -> Acc:
+        h = self.linear(name + ".fc1", self.requant(x, name + ".fc1.in_q.0"))
+        a = self._activation(name, h, name + ".fc2.in_q.0")
+        if isinstance(a, Acc):
+            a = self.requant(a, name + ".fc2.in_q.0")
+        return self.linear(name + ".fc2", a)
+
+    def _block(self, layer: str, block: str, idx: int, residual, f) -> Any:
+        pre = self.cfg["normalize_before"]
+        norm = f"{layer}.{block}.norm"
+        y = f(self.layer_norm(norm, residual) if pre else residual)
+        s = self.add(f"{layer}.add_{idx}", residual, y)
+        return s if pre else self.layer_norm(norm, s)
+
+    def encode(self, x: QT, lengths: Tensor) -> Dict[str, Any]:
+        cfg = self.cfg
+        if cfg["encoder_frontend"] == "vgg2d":
+            h = x.c.unsqueeze(-1)  # (B, T, F, C=1) channel-last
+            q = QT(h, x.z, x.scale)
+            nblocks = len([c for c in str(cfg["vgg_channels"]).split(",") if c.strip()])
+            for bi in range(nblocks):
+                for ci in range(cfg["vgg_convs_per_block"]):
+                    conv = f"encoder.frontend.blocks.{bi}.{2 * ci}"
+                    if ci > 0 or bi > 0:
+                        q = self.requant(acc, conv + ".in_q.0")
+                    acc = self.conv2d(conv, q)
+                    acc = self.relu(f"encoder.frontend.blocks.{bi}.{2 * ci + 1}", acc)
+                q = self.max_pool(f"encoder.frontend.blocks.{bi}.{2 * cfg['vgg_convs_per_block']}", acc)
+                acc = Acc((q.c.int() - q.z), q.scale)
+                lengths = torch.div(lengths + 1, 2, rounding_mode="floor")
+            b, t, f, c = acc.t.shape
+            flat = Acc(acc.t.permute(0, 1, 3, 2).reshape(b, t, c * f), acc.scale)
+            h = self.linear("encoder.frontend.proj", self.requant(flat, "encoder.frontend.proj.in_q.0"))
+        else:
+            a = self.conv1d("encoder.frontend.conv1", x, pad=1, stride=1)
+            g = self.lut("encoder.frontend.gelu_0", a, torch.nn.functional.gelu, "encoder.frontend.conv2.in_q.0")
+            a = self.conv1d("encoder.frontend.conv2", g, pad=1, stride=2)
+            lengths = torch.div(lengths - 1, 2, rounding_mode="floor") + 1
+            if cfg["encoder_pos"] == "sinusoidal":
+                h = self.lut("encoder.frontend.gelu_1", a, torch.nn.functional.gelu, "encoder.add_0.in_q.0")
+                h = self.add("encoder.add_0", h, self._positions(h.c.shape[1]))
+            else:
+                raise NotImplementedError("conv1d_gelu front-end without sinusoidal positions")
+        t = h.t.shape[1]
+        mask = torch.arange(t)[None, :] >= lengths[:, None]
+        for i in range(cfg["encoder_layers"]):
+            L = f"encoder.layers.{i}"
+            h = self._block(L, "attn_block", 0, h,
+                            lambda y: self.attention(L + ".self_attn", y, None, mask, False, None,
+                                                     cfg["encoder_attention_heads"]))
+            h = self._block(L, "ffn_block", 1, h, lambda y: self.ffn(L + ".ffn", y))
+        if cfg.get("encoder_final_norm"):
+            h = self.layer_norm("encoder.final_norm", h)
+        return {"out": h, "mask": mask, "lengths": lengths}
+
+    def _positions(self, t: int) -> QT:
+        """Sinusoidal encoder positions, quantized by the add's second input quantizer (a constant table)."""
+        name = "encoder.add_0.in_q.1"
+        zp, qmin, qmax = self._qinfo(name)
+        off, dtype = _storage(qmin, qmax)
+
+        def build():
+            pos = self.src.encoder.embed_positions
+            need = -(-int(self.cfg.get("max_source_positions") or pos.shape[0]) // 2)  # conv stride 2
+            pos = pos[: min(need, pos.shape[0])]
+            q = self._quantizer(name)
+            s, z = q.raw_qparams()
+            return (torch.clamp(torch.round(pos / s) + z, qmin, qmax) + off).to(dtype)
+
+        if "pos:encoder" not in self.t and self.meta.get("pos:encoder") == "sinusoidal":
+            codes = self._sinusoid_codes(name)  # rebuilt at load (see _sinusoid_codes) ...
+            if "pos:encoder.fix_idx" in self.t:  # ... plus the stored codes where the formula differs
+                codes.view(-1)[self.t["pos:encoder.fix_idx"].long()] = self.t["pos:encoder.fix_val"]
+            self.t["pos:encoder"] = codes
+        table = self._store("pos:encoder", build)
+        if self.compiling and "pos:encoder" not in self.meta:
+            formula = self._sinusoid_codes(name)
+            if formula.shape == table.shape:
+                diff = (formula != table).view(-1).nonzero().view(-1)
+                if diff.numel() * 5 < table.numel() // 4:  # sparse corrections pay off
+                    self.meta["pos:encoder"] = "sinusoidal"  # the writer omits the table
+                    if diff.numel():
+                        self.t["pos:encoder.fix_idx"] = diff.to(torch.int32)
+                        self.t["pos:encoder.fix_val"] = table.view(-1)[diff].clone()
+        return QT(table[:t].unsqueeze(0), zp + off, self._scale(name).reshape(()) if self.compiling else None, name)
+
+    def _sinusoid_codes(self, qpath: str) -> Tensor:
+        """Codes of the sinusoidal position table, rebuilt from its formula (the model's ``sinusoids``) and
+        quantized with the add's stored input quantizer. Runs once at load time, not during inference; the
+        export keeps the table only if this does not reproduce it bit for bit."""
+        zp, qmin, qmax = self._qinfo(qpath)
+        off, dtype = _storage(qmin, qmax)
+        length = -(-int(self.cfg.get("max_source_positions") or 3000) // 2)
+        channels = int(self.cfg["encoder_embed_dim"])
+        increment = math.log(10000.0) / (channels // 2 - 1)
+        inv = torch.exp(-increment * torch.arange(channels // 2, dtype=torch.float32))
+        t = torch.arange(length, dtype=torch.float32)[:, None] * inv[None, :]
+        pos = torch.cat([torch.sin(t), torch.cos(t)], dim=1)
+        s = torch.tensor(self.scales[qpath], dtype=torch.float32)
+        return (torch.clamp(torch.round(pos / s) + zp, qmin, qmax) + off).to(dtype)
+
+    def conv2d(self, name: str, x: QT) -> Acc:
+        """3x3 conv, padding 1, stride 1 on channel-last codes ``[B, T, F, C]`` as one int8 GEMM (im2col)."""
+        c = x.c
+        c = torch.nn.functional.pad(c.permute(0, 3, 1, 2), (1, 1, 1, 1), value=x.z).permute(0, 2, 3, 1)
+        b, t, f = c.shape[0], c.shape[1] - 2, c.shape[2] - 2
+        patches = c.unfold(1, 3, 1).unfold(2, 3, 1)  # (B, T, F, C, 3, 3)
+        cols = patches.reshape(b, t, f, -1)
+        return self.linear(name, QT(cols, x.z, x.scale))
+
+    def conv1d(self, name: str, x: QT, pad: int, stride: int, left: Optional[Tensor] = None) -> Acc:
+        """1-D conv over time on ``[B, T, C]`` codes as one int8 GEMM (im2col)."""
+        mod_k = self._kernel(name)
+        c = x.c
+        if left is not None:
+            c = torch.cat([left, c], dim=1)
+        if pad:
+            c = torch.nn.functional.pad(c.transpose(1, 2), (pad, pad), value=x.z).transpose(1, 2)
+        cols = c.unfold(1, mod_k, stride)  # (B, T', C, k)
+        return self.linear(name, QT(cols.reshape(cols.shape[0], cols.shape[1], -1), x.z, x.scale))
+
+    def _kernel(self, name: str) -> int:
+        key = "k:" + name
+        if self.compiling and key not in self.meta:
+            self.meta[key] = int(self._quantizer(name).weight.shape[-1])
+        return self.meta[key]
+
+    # ---------------------------------------------------------------- decoder
+    def decode_step(self, tokens: Tensor, enc: Dict[str, Any], state: Optional[Dict[str, Any]]) -> Tensor:
+        """Decoder forward (full sequence when ``state`` is None, else incremental: only new tokens are
+        run). Returns int64 logits ``(B, T, V)`` on the grid ``meta['logits.scale']``."""
+        cfg = self.cfg
+        past = 0
+        if state is not None and "steps" in state:
+            past = state["steps"]
+            tokens = tokens[:, -1:]
+        n_out = tokens.size(1)
+        prompt = [int(t) for t in str(cfg.get("decoder_prompt_ids") or "").split(",") if t.strip()]
+        if prompt and past == 0:
+            tokens = torch.cat([torch.tensor(prompt).expand(tokens.size(0), -1), tokens[:, 1:]], dim=1)
+        if cfg["decoder_context"] == "conv":
+            x = self.embedding("decoder.embed_tokens", tokens, "decoder.conv_context.convs.0.in_q.0")
+            for i in range(cfg["decoder_conv_layers"]):
+                conv = f"decoder.conv_context.convs.{i}"
+                kern = self._kernel(conv)
+                key = f"conv_context.{i}"
+                left = state.get(key) if state is not None else None
+                if left is None:
+                    left = torch.full((x.c.size(0), kern - 1, x.c.size(2)), x.z, dtype=x.c.dtype)
+                padded = torch.cat([left, x.c], dim=1)
+                if state is not None:
+                    state[key] = padded[:, padded.size(1) - (kern - 1):]
+                a = self.conv1d(conv, QT(padded, x.z, x.scale), pad=0, stride=1)
+                a = self.layer_norm(f"decoder.conv_context.norms.{i}", a)
+                h = self.relu(f"decoder.conv_context.relu_{i}", a)
+                if i + 1 < cfg["decoder_conv_layers"]:
+                    x = self.requant(h, f"decoder.conv_context.convs.{i + 1}.in_q.0")
+            if cfg["decoder_conv_channels"] != cfg["decoder_embed_dim"]:
+                h = self.linear("decoder.conv_context.proj", self.requant(h, "decoder.conv_context.proj.in_q.0"))
+        else:
+            e = self.embedding("decoder.embed_tokens", tokens, "decoder.add_0.in_q.0")
+            pos = torch.arange(past, past + tokens.size(1)).unsqueeze(0).expand(tokens.size(0), -1)
+            p = self.embedding("decoder.embed_positions", pos, "decoder.add_0.in_q.1")
+            h = self.add("decoder.add_0", e, p)
+        if state is not None:
+            state["steps"] = past + tokens.size(1)
+        memory, mmask = enc["out"], enc["mask"]
+        for i in range(cfg["decoder_layers"]):
+            L = f"decoder.layers.{i}"
+            cache = state.setdefault(L, {}) if state is not None else None
+            j = 0
+            heads = cfg["decoder_attention_heads"]
+            sa_name = L + ".self_attn"
+            h = self._block(L, "self_attn_block", j, h,
+                            lambda y: self.attention(sa_name, y, None, None, True,
+                                                     cache.setdefault("self", {}) if cache is not None else None, heads))
+            h = self._block(L, "cross_attn_block", j + 1, h,
+                            lambda y: self.attention(L + ".cross_attn", y, memory, mmask, False,
+                                                     cache.setdefault("cross", {}) if cache is not None else None, heads))
+            h = self._block(L, "ffn_block", j + 2, h, lambda y: self.ffn(L + ".ffn", y))
+        if cfg.get("decoder_final_norm"):
+            h = self.layer_norm("decoder.final_norm", h)
+        if h.t.size(1) != n_out:
+            h = Acc(h.t[:, -n_out:], h.scale)
+        return self.logits(h, past == 0)
+
+    def logits(self, h: Acc, first_is_begin: bool = False) -> Tensor:
+        name = "decoder.output_projection"
+        acc = self.linear(name, self.requant(h, name + ".in_q.0"))
+        self._last_acc = acc
+        key = "rq:logits"
+        if self.compiling and key + ".m" not in self.t:
+            s_l = float(acc.scale.max()) * 2.0 ** -4
+            self.meta["logits.scale"] = s_l
+            self.t[key + ".m"], self.t[key + ".sh"] = K.quantize_multiplier(acc.scale / s_l)
+        m, sh = self._mult(key)
+        out = K.rescale(acc.t, m, sh)
+        sup = self._mask("decoder_suppress_ids")
+        if sup is not None:
+            out = out.masked_fill(sup, NEG_LOGIT)
+        if first_is_begin:
+            begin = self._mask("decoder_suppress_at_begin_ids")
+            if begin is not None:
+                out = torch.cat([out[:, :1].masked_fill(begin, NEG_LOGIT), out[:, 1:]], dim=1)
+        return out
+
+    def log_probs(self, logits: Tensor, forbid: Optional[Tensor] = None) -> Tensor:
+        """Integer log-softmax of the last decoder outputs, as the fake model's ``output_log_softmax`` computes
+        it: the logit accumulators requantized by its input quantizer (8-bit codes), then
+        :func:`kernels.log_softmax_int`. Returns int64 log-probabilities on the grid 2^-16 nats; suppressed
+        and ``forbid`` lanes get a very negative value."""
+        name = "decoder.output_log_softmax"
+        acc = Acc(self._last_acc.t[:, -logits.shape[1]:], getattr(self._last_acc, "scale", None))
+        masked = logits <= NEG_LOGIT
+        if forbid is not None:
+            masked = masked | forbid
+        q = self.requant(acc, name + ".in_q.0", masked)
+        zp, qmin, qmax = self._qinfo(name + ".in_q.0")
+        off, _ = _storage(qmin, qmax)
+        key = "lsm:" + name
+        if self.compiling and key not in self.meta:
+            s_in = self.scales[name + ".in_q.0"]
+            self.t[key + ".exp"] = K.exp_table(s_in, qmax - qmin + 1).to(torch.int32)
+            self.t[key + ".log"] = K.log_table().to(torch.int32)
+            self.meta[key] = dict(step=int(round(s_in * 2 ** 16)), ln2=int(round(math.log(2) * 2 ** 16)))
+        f = self.meta[key]
+        return K.log_softmax_int(q.c, qmin + off, masked, self.t[key + ".exp"], f["step"], f["ln2"],
+                                 self.t[key + ".log"].long())
+
+    def _mask(self, option: str) -> Optional[Tensor]:
+        """Bool vocabulary mask of a comma-separated index option (decoder_suppress_*), or None."""
+        if option not in self._prep:
+            ids = [int(t) for t in str(self.cfg.get(option) or "").split(",") if t.strip()]
+            mask = None
+            if ids:
+                mask = torch.zeros(self.t["w:decoder.output_projection"].shape[0], dtype=torch.bool)
+                mask[ids] = True
+            self._prep[option] = mask
+        return self._prep[option]
+
+    # ---------------------------------------------------------------- decoding
+    @torch.no_grad()
+    def greedy(self, feats: Tensor, lengths: Tensor, max_len: int = 200, bos: int = 2, eos: int = 2,
+               pad: int = 1, scores: str = "logits") -> List[List[int]]:
+        """Batched greedy decoding (fairseq convention: decoder input starts with EOS). ``scores``: argmax of
+        the int64 logits (``logits``) or of the integer log-softmax on the quantized ``output_log_softmax``
+        input (``log_softmax``: what fairseq's search scores the fake-quantized model with)."""
+        enc = self.encode(self.quantize_input(feats), lengths)
+        b = feats.size(0)
+        tokens = torch.full((b, 1), bos, dtype=torch.long)
+        state: Dict[str, Any] = {}
+        done = torch.zeros(b, dtype=torch.bool)
+        out: List[List[int]] = [[] for _ in range(b)]
+        for step in range(max_len):
+            logits = self.decode_step(tokens, enc, state)[:, -1:]
+            if scores == "log_softmax":
+                forbid = torch.zeros(logits.shape[-1], dtype=torch.bool)
+                forbid[pad] = True
+                logits = self.log_probs(logits, forbid)
+            logits = logits[:, -1]
+            logits[:, pad] = NEG_LOGIT
+            nxt = logits.argmax(-1)
+            for i in range(b):
+                if not done[i]:
+                    if int(nxt[i]) == eos:
+                        done[i] = True
+                    else:
+                        out[i].append(int(nxt[i]))
+            if bool(done.all()):
+                break
+            tokens = torch.cat([tokens, nxt[:, None]], dim=1)
+        return out
+
+    @torch.no_grad()
+    def beam_search(self, feats: Tensor, lengths: Tensor, beam: int = 5, max_len: int = 200, bos: int = 2,
+                    eos: int = 2, pad: int = 1, len_penalty_int: bool = True) -> List[List[Tuple[List[int], int]]]:
+        """Batched beam search on integer log-probabilities (2^-16 nats). Hypotheses end at EOS; the final
+        ranking is by score / length (fairseq's default length penalty 1), compared by integer
+        cross-multiplication. Returns, per utterance, ``beam`` (tokens, score) pairs, best first."""
+        if "lsm:decoder.output_log_softmax" not in self.meta:
+            raise NotImplementedError("beam search needs the model's quantized output_log_softmax")
+        enc = self.encode(self.quantize_input(feats), lengths)
+        B, V = feats.size(0), None
+        order = torch.arange(B).repeat_interleave(beam)
+        enc = {"out": Acc(enc["out"].t.index_select(0, order)), "mask": enc["mask"].index_select(0, order)}
+        tokens = torch.full((B * beam, 1), bos, dtype=torch.long)
+        scores = torch.zeros(B, beam, dtype=torch.long)
+        scores[:, 1:] = -(2 ** 41)  # all beams start identical: keep one
+        state: Dict[str, Any] = {}
+        finished: List[List[Tuple[List[int], int]]] = [[] for _ in range(B)]
+        done = [False] * B
+        forbid = None
+        for step in range(max_len):
+            logits = self.decode_step(tokens, enc, state)
+            if forbid is None:
+                forbid = torch.zeros(logits.shape[-1], dtype=torch.bool)
+                forbid[pad] = True
+                if bos != eos:
+                    forbid[bos] = True
+            lp = self.log_probs(logits[:, -1:], forbid)[:, 0]  # (B*beam, V)
+            V = lp.shape[-1]
+            if step == max_len - 1:  # force EOS
+                keep = lp[:, eos].clone()
+                lp.fill_(-(2 ** 36))
+                lp[:, eos] = keep
+            cand = (scores.view(-1, 1) + lp).view(B, beam * V).clamp_(min=-(2 ** 42))
+            # deterministic ties: equal scores rank by lower (beam, token) index, like argmax
+            key = cand * (1 << 20) - torch.arange(beam * V)
+            _, top_i = key.topk(2 * beam, dim=-1)
+            top_s = cand.gather(1, top_i)
+            new_scores = torch.full((B, beam), -(2 ** 41), dtype=torch.long)
+            new_src = torch.zeros(B, beam, dtype=torch.long)
+            new_tok = torch.full((B, beam), pad, dtype=torch.long)
+            for b in range(B):
+                n = 0
+                for sc, idx in zip(top_s[b].tolist(), top_i[b].tolist()):
+                    if done[b] or sc <= -(2 ** 40):
+                        break
+                    src, tok = divmod(idx, V)
+                    if tok == eos:
+                        hyp = tokens[b * beam + src, 1:].tolist()
+                        finished[b].append((hyp, sc))
+                        if len(finished[b]) >= beam:
+                            done[b] = True
+                        continue
+                    if n < beam:
+                        new_scores[b, n], new_src[b, n], new_tok[b, n] = sc, src, tok
+                        n += 1
+                if n == 0:
+                    done[b] = True
+            if all(done):
+                break
+            rows = (torch.arange(B)[:, None] * beam + new_src).view(-1)
+            tokens = torch.cat([tokens.index_select(0, rows), new_tok.view(-1, 1)], dim=1)
+            state = _reorder(state, rows)
+            scores = new_scores
+        out = []
+        for b in range(B):
+            hyps = finished[b]
+            # score / (len + 1) descending, by integer cross-multiplication
+            import functools
+
+            def cmp(x, y):
+                a, la = x[1], len(x[0]) + 1
+                c, lc = y[1], len(y[0]) + 1
+                return -1 if a * lc > c * la else (1 if a * lc < c * la else 0)
+
+            out.append(sorted(hyps, key=functools.cmp_to_key(cmp))[:beam])
+        return out
+
+
+def _reorder(state: Any, rows: Tensor) -> Any:
+    """Beam reordering of the decoder state (batch on dim 0 of every cached tensor)."""
+    if isinstance(state, dict):
+        return {k: _reorder(v, rows) for k, v in state.items()}
+    if isinstance(state, QT):
+        return QT(state.c.index_select(0, rows), state.z, state.scale, state.on)
+    if isinstance(state, Tensor) and state.dim() > 0:
+        return state.index_select(0, rows)
+    return state

@@ -1,0 +1,68 @@
+"""Fused integer kernels (``torch.compile`` -> C++/OpenMP loops on CPU) for the hot paths of the engine.
+
+Same integer arithmetic as the eager kernels in :mod:`.kernels` (tests compare them bit for bit); compiled
+lazily on first use (tens of seconds once, cached by inductor). Enabled by ``IntegerEngine.fused = True``.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+_COMPILED = {}
+torch._dynamo.config.recompile_limit = max(getattr(torch._dynamo.config, "recompile_limit", 8), 64)
+
+
+def _compiled(name, fn):
+    f = _COMPILED.get(name)
+    if f is None:
+        f = _COMPILED[name] = torch.compile(fn, dynamic=True)
+    return f
+
+
+def _requant(acc: Tensor, sub: int, m: Tensor, sh: Tensor, zp: int, qmin: int, qmax: int) -> Tensor:
+    y = (((acc.long() - sub) * m + (torch.ones_like(sh) << (sh - 1))) >> sh) + zp
+    return y.clamp(qmin, qmax).to(torch.int8)
+
+
+def requant(acc: Tensor, m: Tensor, sh: Tensor, zp: int, qmin: int, qmax: int, sub: int = 0) -> Tensor:
+    """``clamp(round((acc - sub) * m * 2^-sh) + zp)`` as int8 (``sub``: the zero point of codes)."""
+    return _compiled("requant", _requant)(acc, sub, m, sh, zp, qmin, qmax)
+
+
+def _attn_softmax(raw: Tensor, rowterm: Tensor, colterm: Tensor, m: Tensor, sh: Tensor, zp_in: int,
+                  qmin: int, qmax: int, lut: Tensor, mult: int, zp_out: int, oqmin: int, oqmax: int) -> Tensor:
+    acc = raw.long() + rowterm + colterm
+    q = (((acc * m + (torch.ones_like(sh) << (sh - 1))) >> sh) + zp_in).clamp(qmin, qmax)
+    mx = q.amax(-1, keepdim=True)
+    e = lut[mx - q].long()
+    s = e.sum(-1, keepdim=True)
+    r = torch.div(mult << 30, s, rounding_mode="floor")
+    out = (((e * r + (1 << 45)) >> 46) + zp_out).clamp(oqmin, oqmax)
+    return out.to(torch.int8), out.sum(-1, keepdim=True).to(torch.int32)
+
+
+def attn_softmax(*args):
+    """Scores (raw int32 GEMM + zero-point row/column terms) -> softmax input codes -> softmax output codes;
+    returns (codes int8, their row sums int32)."""
+    return _compiled("attn_softmax2", _attn_softmax)(*args)
+
+
+def layer_norm(x: Tensor, gain: Tensor, bias, eps_term: int, k: int) -> Tensor:
+    from .kernels import layer_norm_int
+    return _compiled("layer_norm", layer_norm_int)(x, gain, bias, eps_term, k)
+
+
+def _add(a: Tensor, za: int, ka: int, b: Tensor, zb: int, kb: int) -> Tensor:
+    return (a.int() - za) * ka + (b.int() - zb) * kb
+
+
+def add(a: Tensor, za: int, ka: int, b: Tensor, zb: int, kb: int) -> Tensor:
+    return _compiled("add", _add)(a, za, ka, b, zb, kb)
+
+
+def _lut(table: Tensor, c: Tensor, base: int) -> Tensor:
+    return table[c.long() - base]
+
+
+def lut(table: Tensor, c: Tensor, base: int) -> Tensor:
+    return _compiled("lut", _lut)(table, c, base)

@@ -1,0 +1,222 @@
+"""Integer kernels: fixed-point requantization, int8 GEMMs with int32 accumulation, integer softmax,
+LayerNorm with an integer square root, look-up tables.
+
+Everything at inference time is integer arithmetic on integer tensors. The only float code here is
+:func:`quantize_multiplier`, which runs once when a model is compiled/exported (never during inference).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+INT8_MIN, INT8_MAX = -128, 127
+
+
+# --- compile-time helper (float, runs at export only) -----------------------------------------------
+def quantize_multiplier(M: Tensor) -> Tuple[Tensor, Tensor]:
+    """Real multipliers ``M > 0`` -> (``m`` int32 in [2^30, 2^31), ``shift`` int8) with ``M ~= m * 2^-shift``
+    (gemmlowp / TFLite ``QuantizeMultiplier``). Multipliers below 2^-31 get a smaller ``m`` (shift capped at 62)."""
+    M = M.detach().double().reshape(-1) if M.dim() else M.detach().double().reshape(1)
+    if bool((M <= 0).any()):
+        raise ValueError("requantization multiplier must be positive")
+    mant, exp = torch.frexp(M)  # M = mant * 2^exp, mant in [0.5, 1)
+    m = torch.round(mant * 2.0 ** 31).long()
+    shift = 31 - exp.long()
+    top = m == 2 ** 31
+    m = torch.where(top, m // 2, m)
+    shift = torch.where(top, shift - 1, shift)
+    if bool((shift < 1).any()):
+        raise ValueError(f"requantization multiplier too large ({float(M.max()):.3g} >= 2^30)")
+    over = (shift - 62).clamp(min=0)
+    m = torch.div(m, 2 ** over, rounding_mode="floor") if bool(over.any()) else m
+    shift = shift.clamp(max=62)
+    return m.to(torch.int32), shift.to(torch.int8)
+
+
+# --- requantization -------------------------------------------------------------------------------
+def rshift_round(x: Tensor, shift: Tensor) -> Tensor:
+    """``round(x / 2^shift)`` (half up) for int64 ``x`` and integer ``shift >= 1``."""
+    return (x + (torch.ones_like(shift, dtype=torch.int64) << (shift.long() - 1))) >> shift.long()
+
+
+def requantize(acc: Tensor, m: Tensor, shift: Tensor, zp: int, qmin: int, qmax: int, out_dtype=torch.int8) -> Tensor:
+    """``clamp(round(acc * m * 2^-shift) + zp, qmin, qmax)``: int32/int64 accumulator -> integer codes."""
+    y = rshift_round(acc.long() * m.long(), shift) + zp
+    return y.clamp_(qmin, qmax).to(out_dtype)
+
+
+def rescale(acc: Tensor, m: Tensor, shift: Tensor) -> Tensor:
+    """``round(acc * m * 2^-shift)`` as int64 (no clamp): move an accumulator onto another grid."""
+    return rshift_round(acc.long() * m.long(), shift)
+
+
+# --- GEMMs ----------------------------------------------------------------------------------------
+SMALL_M = 16  # at most this many rows (decoder steps): an int32 GEMV-like matmul beats _int_mm's overhead
+
+
+def int_mm(a: Tensor, b: Tensor, b32: Tensor | None = None) -> Tensor:
+    """int8 ``[M, K] @ [K, N]`` -> int32 with ``torch._int_mm`` (int32 accumulation); for few rows (or wider
+    codes) an int32 matmul (``b32``: a cached int32 copy of ``b``)."""
+    if a.dtype == torch.int8 and b.dtype == torch.int8 and a.shape[0] > SMALL_M:
+        return torch._int_mm(a.contiguous(), b.contiguous())
+    return torch.matmul(a.int(), b32 if b32 is not None else b.int())
+
+
+def linear_int(x: Tensor, w_t: Tensor, bias_eff: Tensor | None, w_t32: Tensor | None = None) -> Tensor:
+    """``x [..., K]`` int8 codes times ``w_t [K, N]`` int8 weights (symmetric, zero point 0), plus the
+    folded int32 bias ``bias - z_x * colsum(w_t)``: the exact int32 accumulator of ``(x - z_x) @ w``."""
+    lead = x.shape[:-1]
+    acc = int_mm(x.reshape(-1, x.shape[-1]), w_t, w_t32)
+    if bias_eff is not None:
+        acc += bias_eff
+    return acc.view(*lead, w_t.shape[1])
+
+
+def matmul_int(a: Tensor, za: int, b: Tensor, zb: int) -> Tensor:
+    """Exact int32 ``(a - za) @ (b - zb)`` for batched int8 codes ``a [..., M, K]``, ``b [..., K, N]``."""
+    batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    a = a.expand(*batch, *a.shape[-2:]).reshape(-1, *a.shape[-2:])
+    b = b.expand(*batch, *b.shape[-2:]).reshape(-1, *b.shape[-2:])
+    M, K, N = a.shape[1], a.shape[2], b.shape[2]
+    if a.dtype == torch.int8 and b.dtype == torch.int8 and M > SMALL_M:
+        out = torch.empty(a.shape[0], M, N, dtype=torch.int32)
+        for i in range(a.shape[0]):
+            out[i] = torch._int_mm(a[i].contiguous(), b[i].contiguous())
+    else:
+        out = torch.matmul(a.int(), b.int())
+    if zb:
+        out -= zb * a.sum(-1, dtype=torch.int32).unsqueeze(-1)
+    if za:
+        out -= za * b.sum(-2, dtype=torch.int32).unsqueeze(-2)
+    if za and zb:
+        out += K * za * zb
+    return out.view(*batch, M, N)
+
+
+# --- integer nonlinearities ------------------------------------------------------------------------
+def isqrt(v: Tensor) -> Tensor:
+    """Floor integer square root of a non-negative int64 tensor (bitwise, 32 steps, no float)."""
+    v = v.long()
+    res = torch.zeros_like(v)
+    for b in range(31, -1, -1):
+        cand = res | (1 << b)
+        res = torch.where(cand * cand <= v, cand, res)
+    return res
+
+
+def layer_norm_int(x: Tensor, gain: Tensor, bias: Tensor | None, eps_term: int, k: int) -> Tensor:
+    """Integer LayerNorm over the last dim of codes ``x``.
+
+    ``c = n*x - sum(x)`` (= n * (x - mean) in code units), ``D = isqrt((sum c^2 << 2k) / n + eps_term)``
+    (~ 2^k * n * std), ``xhat = round(c * 2^(16+k) / D)`` (the normalized input with 16 fractional bits),
+    then ``xhat * gain + bias`` (gain: int codes per element, zero point 0) on the grid ``s_gain * 2^-16`` (int64). ``eps_term = round(n^2 eps 2^2k / s_x^2)``.
+    """
+    n = x.shape[-1]
+    xi = x.long()
+    c = n * xi - xi.sum(-1, keepdim=True)
+    v = torch.div((c * c).sum(-1, keepdim=True) << (2 * k), n, rounding_mode="floor") + eps_term
+    d = isqrt(v).clamp_(min=1)
+    xhat = torch.div((c << (17 + k)) + d, 2 * d, rounding_mode="floor")
+    y = xhat * gain.long()
+    if bias is not None:
+        y += bias.long()
+    return y
+
+
+def softmax_int(x: Tensor, cmin: int, masked: Tensor | None, exp_lut: Tensor, out_mult: int, out_shift: int,
+                zp_out: int, qmin: int, qmax: int, out_dtype=torch.int8) -> Tensor:
+    """Softmax of integer codes over the last dim.
+
+    ``exp_lut[d] = round(2^F exp(-s_in d))`` for code distances ``d = max - x`` (a table over the k-bit
+    input), masked lanes contribute 0. Output code ``round(E * out_mult / (sum E * 2^out_shift)) + zp_out``
+    with ``out_mult = round(2^out_shift / s_out)``, computed with one integer division per row (a reciprocal
+    ``floor(out_mult * 2^30 / sum)``) and a multiply-shift per element.
+    """
+    xi = x.long()
+    if masked is not None:
+        xi = xi.masked_fill(masked, cmin)
+        mx = xi.masked_fill(masked, cmin - 1).amax(-1, keepdim=True).clamp_(min=cmin)
+    else:
+        mx = xi.amax(-1, keepdim=True)
+    e = exp_lut.long()[mx - xi]
+    if masked is not None:
+        e = e.masked_fill(masked, 0)
+    s = e.sum(-1, keepdim=True).clamp_(min=1)
+    # one division per row: r = floor(out_mult * 2^30 / sum), then round(e * r * 2^-(30 + out_shift))
+    r = torch.div(out_mult << 30, s, rounding_mode="floor")
+    sh = 30 + out_shift
+    q = ((e * r + (1 << (sh - 1))) >> sh) + zp_out
+    return q.clamp_(qmin, qmax).to(out_dtype)
+
+
+def exp_table(scale: float, n_codes: int, frac_bits: int = 20) -> Tensor:
+    """Compile time: ``round(2^F exp(-scale d))`` for ``d = 0 .. n_codes-1`` (int64)."""
+    d = torch.arange(n_codes, dtype=torch.float64)
+    return torch.round(torch.exp(-scale * d) * 2.0 ** frac_bits).long()
+
+
+def ln_shift_bits(n: int) -> int:
+    """Extra precision ``k`` for :func:`layer_norm_int` that keeps every intermediate inside int64."""
+    return max(0, min(16, int((62 - 3 * math.log2(max(n, 2)) - 17) // 2)))
+
+
+def max_pool2d_ceil(x: Tensor, k: int = 2) -> Tensor:
+    """Max-pool (kernel = stride = k, ceil_mode) over dims 1, 2 of channel-last codes ``[B, T, F, C]``."""
+    b, t, f, c = x.shape
+    pt, pf = (-t) % k, (-f) % k
+    if pt or pf:
+        low = torch.iinfo(x.dtype).min
+        x = torch.nn.functional.pad(x.permute(0, 3, 1, 2), (0, pf, 0, pt), value=low).permute(0, 2, 3, 1)
+    t2, f2 = (t + pt) // k, (f + pf) // k
+    return x.reshape(b, t2, k, f2, k, c).amax(dim=(2, 4))
+
+
+def log_table(frac_bits: int = 16, index_bits: int = 10) -> Tensor:
+    """Compile time: ``round(2^F ln(1 + j / 2^index_bits))`` for ``j = 0 .. 2^index_bits - 1`` (int64)."""
+    j = torch.arange(2 ** index_bits, dtype=torch.float64)
+    return torch.round(torch.log1p(j / 2 ** index_bits) * 2.0 ** frac_bits).long()
+
+
+def ilog2_floor(v: Tensor) -> Tensor:
+    """``floor(log2 v)`` of positive int64 values (bitwise binary search, no float)."""
+    v = v.long()
+    r = torch.zeros_like(v)
+    for b in (32, 16, 8, 4, 2, 1):
+        big = (v >> b) > 0
+        r = torch.where(big, r + b, r)
+        v = torch.where(big, v >> b, v)
+    return r
+
+
+def ln_fixed(v: Tensor, ln2: int, table: Tensor, index_bits: int = 10) -> Tensor:
+    """``round(2^F ln v)`` for positive int64 ``v``: exponent times ``ln2 = round(2^F ln 2)`` plus a table on
+    the top ``index_bits`` mantissa bits (error < 2^-index_bits relative)."""
+    e = ilog2_floor(v)
+    # mantissa bits below the leading one, aligned to index_bits
+    shift = e - index_bits
+    mant = torch.where(shift >= 0, v >> shift.clamp(min=0), v << (-shift).clamp(min=0)) - (1 << index_bits)
+    return e * ln2 + table[mant]
+
+
+def log_softmax_int(q: Tensor, cmin: int, masked: Optional[Tensor], exp_lut: Tensor, step: int, ln2: int,
+                    log_lut: Tensor, exp_frac_bits: int = 20) -> Tensor:
+    """Log-softmax of integer codes over the last dim, in fixed point (2^-16 nats, int64):
+    ``(q - max) * step - ln(sum exp_lut[max - q] / 2^exp_frac_bits)`` with ``step = round(2^16 s_in)``."""
+    xi = q.long()
+    if masked is not None:
+        xi = xi.masked_fill(masked, cmin)
+        mx = xi.masked_fill(masked, cmin - 1).amax(-1, keepdim=True).clamp_(min=cmin)
+    else:
+        mx = xi.amax(-1, keepdim=True)
+    e = exp_lut.long()[mx - xi]
+    if masked is not None:
+        e = e.masked_fill(masked, 0)
+    s = e.sum(-1, keepdim=True).clamp_(min=1)
+    lse = ln_fixed(s, ln2, log_lut) - exp_frac_bits * ln2
+    out = (xi - mx) * step - lse
+    if masked is not None:
+        out = out.masked_fill(masked, -(2 ** 36))
+    return out

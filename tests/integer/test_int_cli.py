@@ -1,0 +1,45 @@
+"""One command from a quantized fairseq checkpoint to a deployable file, and fairseq-generate on it."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tests"))
+from fairseq_cli_helpers import run_fairseq, train_args  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def quantized_ckpt(prepared_sample: Path, tmp_path_factory) -> Path:
+    save = tmp_path_factory.mktemp("fp")
+    run_fairseq("train", train_args(prepared_sample, save, max_update=3))
+    out = save / "w8a8.pt"
+    proc = subprocess.run([sys.executable, "scripts/calibrate.py", "--path", str(save / "checkpoint_last.pt"),
+                           "--quant-config", "w8a8", "--data", str(prepared_sample), "--split", "train-clean-100",
+                           "--num-utts", "4", "--out", str(out)], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return out
+
+
+def test_export_script_and_generate(prepared_sample: Path, quantized_ckpt: Path, tmp_path: Path):
+    out = tmp_path / "model.safetensors"
+    proc = subprocess.run([sys.executable, "scripts/export.py", str(quantized_ckpt), str(out)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout[proc.stdout.index("{"):])
+    assert report["recipe"] == "w8a8" and out.exists() and (tmp_path / "model.pt").exists()
+    assert report["size"]["total"] <= report["size"]["bound"]
+    assert report["size"]["weights_packed"] <= report["fp32_bytes"] / 4 + 64  # 8-bit codes
+    assert report["size"]["total"] < report["fp32_bytes"] / 2  # xs: the JSON header is a large share
+    gen = subprocess.run([str(Path(sys.executable).parent / "fairseq-generate"), str(prepared_sample),
+                          "--user-dir", "fairseq_qasr", "--task", "librispeech_asr", "--gen-subset", "dev-clean",
+                          "--path", str(tmp_path / "model.pt"), "--scoring", "wer", "--beam", "2",
+                          "--max-tokens", "8000", "--cpu", "--max-len-b", "10", "--num-workers", "0"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert gen.returncode == 0, gen.stderr[-3000:]
+    assert "WER:" in gen.stdout
+    assert gen.stdout.count("\nH-") + gen.stdout.startswith("H-") == 8  # every dev-clean utterance decoded

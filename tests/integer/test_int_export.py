@@ -1,0 +1,101 @@
+"""Export file: packed at recipe width, documented header, exact reload, size bound."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import int_helpers as H
+from fairseq_qasr.export import export_model, load_engine, read_header, size_report
+from fairseq_qasr.integer import IntegerEngine
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    out = {}
+    d = tmp_path_factory.mktemp("export")
+    for recipe in ("w8a8", "w4a8", "w2a8"):
+        model, dic, cfg, inp = H.quantized_xs(recipe)
+        path = d / f"xs_{recipe}.safetensors"
+        export_model(model, str(path), cfg=cfg)
+        out[recipe] = (model, cfg, inp, path)
+    return out
+
+
+@pytest.mark.parametrize("recipe,bits", [("w8a8", 8), ("w4a8", 4), ("w2a8", 2)])
+def test_header_names_recipe_bits_layout_requant(exported, recipe, bits):
+    model, cfg, inp, path = exported[recipe]
+    h = read_header(str(path))
+    assert h["format"] == "fairseq-qasr-integer" and h["recipe"]["name"] == recipe
+    assert h["bits"]["weights"]["encoder.layers.0.ffn.fc1"] == bits
+    assert h["packed"]["w:encoder.layers.0.ffn.fc1"]["bits"] == bits
+    assert set(h["layout"]) >= {"packing", "weights", "biases", "activations", "requant"}
+    # every activation quantizer the engine uses has its integer requantization (multiplier, shift)
+    rq = h["requant"]
+    assert "encoder.layers.0.ffn.fc2.in_q.0" in rq and "decoder.output_projection.in_q.0" in rq
+    one = rq["encoder.layers.0.ffn.fc2.in_q.0"]
+    assert isinstance(one["multiplier"], str) or 2 ** 30 <= one["multiplier"] < 2 ** 31
+    act = h["activations"]["encoder.layers.0.ffn.fc2.in_q.0"]
+    assert act["bits"] == 8 and act["qmin"] == -128 and isinstance(act["scale"], float)
+
+
+@pytest.mark.parametrize("recipe", ["w8a8", "w4a8", "w2a8"])
+def test_size_on_disk_within_bound(exported, recipe):
+    model, cfg, inp, path = exported[recipe]
+    r = size_report(str(path))
+    assert r["weights_packed"] <= r["ideal_weights"] + 64  # byte rounding per tensor only
+    assert r["total"] <= r["bound"]
+    fp32 = sum(p.numel() for p in model.parameters()) * 4
+    assert r["weights_packed"] < fp32 / 4 * H_bits(recipe) / 8 + 1024
+
+
+def H_bits(recipe):
+    return {"w8a8": 8, "w4a8": 4, "w2a8": 2}[recipe]
+
+
+@pytest.mark.parametrize("recipe", ["w8a8", "w4a8"])
+def test_reloaded_file_runs_identically(exported, recipe):
+    model, cfg, inp, path = exported[recipe]
+    mem = IntegerEngine.from_quantized(model, cfg)
+    disk = load_engine(str(path))
+    outs = []
+    for eng in (mem, disk):
+        enc = eng.encode(eng.quantize_input(inp["src_tokens"]), inp["src_lengths"])
+        outs.append(eng.decode_step(inp["prev_output_tokens"], enc, None))
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_not_an_export_is_refused(tmp_path):
+    from safetensors.torch import save_file
+    p = tmp_path / "x.safetensors"
+    save_file({"a": torch.zeros(2)}, str(p))
+    with pytest.raises(ValueError, match="not a fairseq-qasr-integer file"):
+        read_header(str(p))
+
+
+def test_whisper_layout_reload_identical_without_position_table(tmp_path):
+    model, d, cfg, inp = H.quantized_xs("w8a8", **H.WHISPER_LAYOUT)
+    path = tmp_path / "w.safetensors"
+    header = export_model(model, str(path), cfg=cfg)
+    assert header["meta"].get("pos:encoder") == "sinusoidal"  # rebuilt bit-exactly at load, not stored
+    from safetensors import safe_open
+    with safe_open(str(path), framework="pt") as f:
+        assert "pos:encoder" not in set(f.keys())
+    mem, disk = IntegerEngine.from_quantized(model, cfg), load_engine(str(path))
+    outs = [e.decode_step(inp["prev_output_tokens"], e.encode(e.quantize_input(inp["src_tokens"]),
+                                                               inp["src_lengths"]), None) for e in (mem, disk)]
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_position_table_with_sparse_corrections(tmp_path):
+    model, d, cfg, inp = H.quantized_xs("w8a8", **H.WHISPER_LAYOUT)
+    with torch.no_grad():  # a buffer that is not exactly the formula (as Whisper's own, computed elsewhere)
+        model.encoder.embed_positions.view(-1)[torch.arange(0, 600, 7)] += 0.05
+    path = tmp_path / "w.safetensors"
+    export_model(model, str(path), cfg=cfg)
+    from safetensors import safe_open
+    with safe_open(str(path), framework="pt") as f:
+        keys = set(f.keys())
+    assert "pos:encoder" not in keys and "pos:encoder.fix_idx" in keys
+    mem, disk = IntegerEngine.from_quantized(model, cfg), load_engine(str(path))
+    outs = [e.encode(e.quantize_input(inp["src_tokens"]), inp["src_lengths"])["out"].t for e in (mem, disk)]
+    assert torch.equal(mem.t["pos:encoder"], disk.t["pos:encoder"]) and torch.equal(outs[0], outs[1])
