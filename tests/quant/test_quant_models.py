@@ -1,6 +1,5 @@
 """The three customer models: quantize_model + audit at w8a8, exact when disabled, close to float,
 and wrapper names stable between a full-sequence forward and incremental decoding."""
-import os
 
 import pytest
 import torch
@@ -12,7 +11,6 @@ from fairseq_qasr.quant.audit import audit
 import quant_tiny_models as tm
 
 SQNR_FLOOR_DB = 20.0
-READY = os.path.join(os.path.dirname(__file__), "..", "..", "fairseq_qasr", "models", "READY")
 
 
 def sqnr(ref, y):
@@ -106,7 +104,6 @@ def test_whisper(use_sdpa, monkeypatch):
     assert torch.allclose(torch.cat(steps, 1), full, atol=1e-4 * float(full.abs().max()))
 
 
-@pytest.mark.skipif(not os.path.exists(READY), reason="qtransformer_conv not ready")
 def test_qtransformer_conv_xs():
     model, d = tm.tiny_qtransformer_conv()
     calib = [tm.qtc_inputs(d, seed=s) for s in (1, 2)]
