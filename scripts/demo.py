@@ -58,8 +58,8 @@ def main() -> None:
     ptq = work / f"ptq_{args.recipe}.pt"
 
     print("== 1. fetch Whisper tiny.en (sha256-verified)", flush=True)
-    out = run([sys.executable, "scripts/fetch_whisper.py", "--model", "tiny.en", "--out", args.cache], logs / "fetch.log")
-    checkpoint = out.strip().splitlines()[-1].strip()
+    run([sys.executable, "scripts/fetch_whisper.py", "--model", "tiny.en", "--out", args.cache], logs / "fetch.log")
+    checkpoint = Path(args.cache) / "tiny.en.pt"  # verified by the fetch (a file with another hash is never kept)
 
     print("== 2. prepare the bundled sample and import tiny.en into qtransformer_conv", flush=True)
     run([sys.executable, "scripts/prepare_librispeech.py", "--root", args.root, "--out", data, "--no-progress",
