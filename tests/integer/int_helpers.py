@@ -136,31 +136,6 @@ def real_features(prepared, split: str = "test-clean", n: int = 4, max_frames: i
     return out, lengths
 
 
-def fake_greedy(model, feats, lengths, max_len: int = 30, bos: int = 2, eos: int = 2, pad: int = 1):
-    """Greedy decoding of the fake-quantized fairseq model (incremental decoder, argmax of the logits)."""
-    with torch.no_grad():
-        enc = model.encoder(feats, lengths)
-        b = feats.size(0)
-        tokens = torch.full((b, 1), bos, dtype=torch.long)
-        state: dict = {}
-        done = torch.zeros(b, dtype=torch.bool)
-        out = [[] for _ in range(b)]
-        for _ in range(max_len):
-            logits = model.decoder(tokens, enc, incremental_state=state)[0][:, -1]
-            logits[:, pad] = -float("inf")
-            nxt = logits.argmax(-1)
-            for i in range(b):
-                if not done[i]:
-                    if int(nxt[i]) == eos:
-                        done[i] = True
-                    else:
-                        out[i].append(int(nxt[i]))
-            if bool(done.all()):
-                break
-            tokens = torch.cat([tokens, nxt[:, None]], dim=1)
-    return out
-
-
 def torch_codes_of_last_requant(engine, qpath: str, logits: torch.Tensor) -> torch.Tensor:
     """Float values ``s * (q - z)`` of the codes the engine produced at quantizer ``qpath`` for ``logits``
     (for comparing integer kernels against float references)."""
