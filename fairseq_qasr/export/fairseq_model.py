@@ -17,7 +17,7 @@ from torch import Tensor
 from fairseq.dataclass import FairseqDataclass
 from fairseq.models import (FairseqEncoder, FairseqEncoderDecoderModel, FairseqIncrementalDecoder, register_model)
 
-from ..integer.engine import QT, Acc, IntegerEngine
+from ..integer.engine import QT, Acc, IntegerEngine, reorder_state
 from .format import load_engine
 
 STATE = "qasr_integer"
@@ -71,17 +71,6 @@ class _Decoder(FairseqIncrementalDecoder):
 
     def max_positions(self) -> int:
         return int(self.engine.cfg.get("max_target_positions") or 1024)
-
-
-def reorder_state(state: Any, new_order: Tensor) -> Any:
-    """Beam reordering of the engine's decoder state (batch on dim 0 of every cached tensor)."""
-    if isinstance(state, dict):
-        return {k: reorder_state(v, new_order) for k, v in state.items()}
-    if isinstance(state, QT):
-        return QT(state.c.index_select(0, new_order), state.z, state.scale, state.on)
-    if isinstance(state, Tensor) and state.dim() > 0:
-        return state.index_select(0, new_order)
-    return state
 
 
 @register_model("qasr_integer", dataclass=IntegerModelConfig)

@@ -849,7 +849,7 @@ class IntegerEngine:
                 break
             rows = (torch.arange(B)[:, None] * beam + new_src).view(-1)
             tokens = torch.cat([tokens.index_select(0, rows), new_tok.view(-1, 1)], dim=1)
-            state = _reorder(state, rows)
+            state = reorder_state(state, rows)
             scores = new_scores
         out = []
         for b in range(B):
@@ -866,10 +866,10 @@ class IntegerEngine:
         return out
 
 
-def _reorder(state: Any, rows: Tensor) -> Any:
+def reorder_state(state: Any, rows: Tensor) -> Any:
     """Beam reordering of the decoder state (batch on dim 0 of every cached tensor)."""
     if isinstance(state, dict):
-        return {k: _reorder(v, rows) for k, v in state.items()}
+        return {k: reorder_state(v, rows) for k, v in state.items()}
     if isinstance(state, QT):
         return QT(state.c.index_select(0, rows), state.z, state.scale, state.on)
     if isinstance(state, Tensor) and state.dim() > 0:

@@ -126,16 +126,10 @@ def layer_norm_int(x: Tensor, gain: Tensor, bias: Tensor | None, eps_term: int, 
     return y
 
 
-def softmax_int(x: Tensor, cmin: int, masked: Tensor | None, exp_lut: Tensor, out_mult: int, out_shift: int,
-                zp_out: int, qmin: int, qmax: int, out_dtype=torch.int8) -> Tensor:
-    """Softmax of integer codes over the last dim.
-
-    ``exp_lut[d] = round(2^F exp(-s_in d))`` for code distances ``d = max - x`` (a table over the k-bit
-    input), masked lanes contribute 0. Output code ``round(E * out_mult / (sum E * 2^out_shift)) + zp_out``
-    with ``out_mult = round(2^out_shift / s_out)``, computed with one integer division per row (a reciprocal
-    ``floor(out_mult * 2^30 / sum)``) and a multiply-shift per element.
-    """
-    xi = x.long()
+def _exp_terms(q: Tensor, exp_lut: Tensor, masked, cmin: int):
+    """Shared by the integer softmax and log-softmax: codes (masked lanes at ``cmin``), row max, table
+    exponentials ``exp_lut[max - q]`` (0 on masked lanes) and their row sums (at least 1)."""
+    xi = q.long()
     if masked is not None:
         xi = xi.masked_fill(masked, cmin)
         mx = xi.masked_fill(masked, cmin - 1).amax(-1, keepdim=True).clamp_(min=cmin)
@@ -145,6 +139,19 @@ def softmax_int(x: Tensor, cmin: int, masked: Tensor | None, exp_lut: Tensor, ou
     if masked is not None:
         e = e.masked_fill(masked, 0)
     s = e.sum(-1, keepdim=True).clamp_(min=1)
+    return xi, mx, e, s
+
+
+def softmax_int(x: Tensor, cmin: int, masked: Tensor | None, exp_lut: Tensor, out_mult: int, out_shift: int,
+                zp_out: int, qmin: int, qmax: int, out_dtype=torch.int8) -> Tensor:
+    """Softmax of integer codes over the last dim.
+
+    ``exp_lut[d] = round(2^F exp(-s_in d))`` for code distances ``d = max - x`` (a table over the k-bit
+    input), masked lanes contribute 0. Output code ``round(E * out_mult / (sum E * 2^out_shift)) + zp_out``
+    with ``out_mult = round(2^out_shift / s_out)``, computed with one integer division per row (a reciprocal
+    ``floor(out_mult * 2^30 / sum)``) and a multiply-shift per element.
+    """
+    xi, mx, e, s = _exp_terms(x, exp_lut, masked, cmin)
     # one division per row: r = floor(out_mult * 2^30 / sum), then round(e * r * 2^-(30 + out_shift))
     r = torch.div(out_mult << 30, s, rounding_mode="floor")
     sh = 30 + out_shift
@@ -205,16 +212,7 @@ def log_softmax_int(q: Tensor, cmin: int, masked: Optional[Tensor], exp_lut: Ten
                     log_lut: Tensor, exp_frac_bits: int = 20) -> Tensor:
     """Log-softmax of integer codes over the last dim, in fixed point (2^-16 nats, int64):
     ``(q - max) * step - ln(sum exp_lut[max - q] / 2^exp_frac_bits)`` with ``step = round(2^16 s_in)``."""
-    xi = q.long()
-    if masked is not None:
-        xi = xi.masked_fill(masked, cmin)
-        mx = xi.masked_fill(masked, cmin - 1).amax(-1, keepdim=True).clamp_(min=cmin)
-    else:
-        mx = xi.amax(-1, keepdim=True)
-    e = exp_lut.long()[mx - xi]
-    if masked is not None:
-        e = e.masked_fill(masked, 0)
-    s = e.sum(-1, keepdim=True).clamp_(min=1)
+    xi, mx, e, s = _exp_terms(q, exp_lut, masked, cmin)
     lse = ln_fixed(s, ln2, log_lut) - exp_frac_bits * ln2
     out = (xi - mx) * step - lse
     if masked is not None:

@@ -10,11 +10,9 @@ schedule:
 from dataclasses import dataclass, field
 from typing import Any, List, Mapping, Tuple
 
-import torch
 from torch import nn
 
 from .modules import QModule
-from .quantizer import Quantizer
 
 _KEYS = {"observe_updates", "scale_warmup_updates", "weight_bits"}
 _VALID_BITS = set(range(1, 9)) | {16}
@@ -94,13 +92,11 @@ class Schedule:
         """During the scale warm-up, learnable quantizer parameters keep their initial values."""
         if update >= self.scale_warmup_updates:
             return
+        from .replace import quantizers  # replace -> recipe -> schedule: import at call time
+
         for _, q in quantizers(model):
             for p in q.parameters(recurse=False):
                 p.grad = None
-
-
-def quantizers(model: nn.Module):
-    return ((n, m) for n, m in model.named_modules() if isinstance(m, Quantizer))
 
 
 def weight_quantizers(model: nn.Module):
@@ -113,11 +109,7 @@ def weight_quantizers(model: nn.Module):
 
 
 def activation_quantizers(model: nn.Module):
+    from .replace import quantizers  # replace -> recipe -> schedule: import at call time
+
     weights = {id(q) for _, _, q in weight_quantizers(model)}
     return ((n, q) for n, q in quantizers(model) if id(q) not in weights)
-
-
-@torch.no_grad()
-def set_observing_all(model: nn.Module, observing: bool) -> None:
-    for _, q in quantizers(model):
-        q.observing = observing

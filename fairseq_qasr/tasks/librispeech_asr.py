@@ -27,7 +27,7 @@ from fairseq_qasr.data.features import build_feature_extractor, build_specaugmen
 from fairseq_qasr.data.manifest import ManifestRow, read_manifest
 
 from fairseq_qasr.quant.distributed import check_ranks_agree, sync_observer_ranges
-from fairseq_qasr.quant.schedule import set_observing_all
+from fairseq_qasr.quant import set_observing
 
 from .speech_dataset import SpeechToTextDataset, encode_targets
 
@@ -171,7 +171,7 @@ class LibriSpeechASRTask(FairseqTask):
                     schedule.after_backward(inner, update_num)
                 if not self.cfg.no_quant_sync:
                     sync_observer_ranges(inner)
-                set_observing_all(inner, False)  # validation and decoding never move the ranges
+                set_observing(inner, False)  # validation and decoding never move the ranges
         interval = self.cfg.quant_check_interval
         if recipe is not None and interval and torch.distributed.is_initialized() and update_num % interval == 0:
             checksum = check_ranks_agree(inner)
