@@ -80,6 +80,25 @@ def prepare_model(model: torch.nn.Module, state: dict, recipe: str, calib: List[
     return model
 
 
+def disable_quantizers(model: torch.nn.Module, pattern: str) -> int:
+    """Switch off every quantizer inside modules whose path matches ``pattern``; returns how many modules."""
+    import re
+
+    from fairseq_qasr.quant import QModule
+
+    try:
+        rx = re.compile(pattern)
+    except re.error as e:
+        raise ValueError(f"--float: bad regular expression {pattern!r}: {e}") from e
+    hit = [m for name, m in model.named_modules() if isinstance(m, QModule) and rx.search(name)]
+    if not hit:
+        raise ValueError(f"--float: no quantized module path matches {pattern!r}")
+    for m in hit:
+        for q in m.quantizers():
+            q.enabled = False
+    return len(hit)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m fairseq_qasr.audit", description=__doc__.split("\n")[0])
     p.add_argument("--path", required=True, help="fairseq checkpoint (.pt)")
@@ -88,6 +107,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--recipe", default="w8a8", help="recipe for a float checkpoint (name or YAML path)")
     p.add_argument("--calib", type=int, default=8, help="utterances used to calibrate a float checkpoint")
     p.add_argument("--max-utts", type=int, default=4, help="utterances run under the auditor")
+    p.add_argument("--float", dest="float_pattern", metavar="REGEX",
+                   help="switch off the quantizers of modules whose path matches REGEX (what-if: the verdict "
+                        "then fails, naming every op left in float)")
     args = p.parse_args(argv)
 
     from fairseq import checkpoint_utils, tasks
@@ -108,6 +130,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         quantized = QUANT_KEY in state or getattr(model, "qasr_recipe", None) is not None
         calib = decoding_steps(utterance_batches(task, rows, args.calib)) if not quantized else []
         model = prepare_model(model, state, args.recipe, calib)
+        if args.float_pattern:
+            print(f"audit: quantizers off in {disable_quantizers(model, args.float_pattern)} modules "
+                  f"matching {args.float_pattern!r}")
         batches = decoding_steps(utterance_batches(task, rows, args.max_utts))
         report = audit(model, batches)
     except (UnsupportedOpError, RecipeError, ValueError, OSError) as e:

@@ -56,7 +56,7 @@ class AuditReport:
         lines = [f"{'quantized op':<14} {'aten op':<24} {'count':>6} {'MACs %':>7}  input bits",
                  "-" * 78]
         for (qop, aop), r in sorted(self.rows.items()):
-            bits = ", ".join("/".join(_fmt_bits(b) for b in sorted(r.bits[i])) for i in sorted(r.bits))
+            bits = ", ".join("/".join(_fmt_bits(b) for b in sorted(r.bits[i], key=_bits_order)) for i in sorted(r.bits))
             lines.append(f"{qop:<14} {aop:<24} {r.count:>6} {100.0 * r.macs / total:>7.2f}  [{bits}]")
         lines.append("-" * 78)
         lines.append("other ops: " + ", ".join(f"{k}={v}" for k, v in sorted(self.counts.items())))
@@ -73,6 +73,11 @@ class AuditReport:
                     lines.append("  ...")
                     break
         return "\n".join(lines)
+
+
+def _bits_order(b: Any) -> tuple:
+    """Integer widths first (narrow to wide), then labels such as 'float' (an input seen on both)."""
+    return (1, 0, b) if isinstance(b, str) else (0, b, "")
 
 
 def _fmt_bits(b: Any) -> str:

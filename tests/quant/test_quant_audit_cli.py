@@ -64,14 +64,23 @@ def test_audit_cli_passes(tmp_path, capsys, quantized):
     assert "VERDICT: PASS" in out and "linear" in out
 
 
-def test_audit_cli_exit_status_on_violation(tmp_path, capsys, monkeypatch):
-    import fairseq_qasr.audit as cli
-    from fairseq_qasr.quant.audit import AuditReport, Violation
+def test_audit_cli_fails_naming_the_float_op(tmp_path, capsys):
+    """A real violation: one attention block's quantizers switched off with --float; the verdict names it."""
+    from fairseq_qasr.audit import main
 
     make_data(tmp_path)
     ckpt = make_checkpoint(tmp_path, quantized=True)
-    bad = AuditReport({}, [Violation("aten._softmax.default", "decoder.layers.0.self_attn", "float compute")], {})
-    monkeypatch.setattr(cli, "audit", lambda model, batches: bad)
-    rc = cli.main(["--path", str(ckpt), "--data", str(tmp_path / "test.tsv")])
+    rc = main(["--path", str(ckpt), "--data", str(tmp_path / "test.tsv"), "--max-utts", "1",
+               "--float", r"decoder\.layers\.0\.self_attn"])
     out = capsys.readouterr().out
     assert rc == 1 and "VERDICT: FAIL" in out and "decoder.layers.0.self_attn" in out
+    assert "encoder.layers" not in out.split("VERDICT")[1]
+
+
+def test_audit_cli_float_pattern_must_match(tmp_path, capsys):
+    from fairseq_qasr.audit import main
+
+    make_data(tmp_path)
+    ckpt = make_checkpoint(tmp_path, quantized=True)
+    assert main(["--path", str(ckpt), "--data", str(tmp_path / "test.tsv"), "--float", "no_such_module"]) == 2
+    assert "no quantized module path matches" in capsys.readouterr().err
