@@ -8,7 +8,7 @@ from .audit import AuditReport, Auditor, audit
 from .audit_state import Grid
 from .modules import OP_CLASSES, QConfig, QModule, QMultiheadAttention
 from .qtype import QSpec, SpecError
-from .quantizer import NotCalibratedError, Quantizer
+from .quantizer import AccumulatorOverflowError, NotCalibratedError, Quantizer
 from .recipe import Recipe, RecipeError, load_recipe, recipe_from_dict
 from .replace import (calibrate, freeze_wrappers, materialize_wrappers, quant_checkpoint_state,
                       quantize_model, run_model, set_observing, set_quantization, uncalibrated)
@@ -16,7 +16,7 @@ from .routing import UnsupportedOpError
 
 __all__ = [
     # specs and primitives
-    "QSpec", "SpecError", "Quantizer", "NotCalibratedError", "fake_quantize", "qparams_from_range", "Grid",
+    "QSpec", "SpecError", "Quantizer", "NotCalibratedError", "AccumulatorOverflowError", "fake_quantize", "qparams_from_range", "Grid",
     # modules
     "QConfig", "QModule", "QMultiheadAttention", "OP_CLASSES",
     # recipes

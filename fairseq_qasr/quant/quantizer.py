@@ -16,6 +16,11 @@ class NotCalibratedError(RuntimeError):
     """A quantizer was asked to quantize before any range was observed or loaded."""
 
 
+class AccumulatorOverflowError(RuntimeError):
+    """A bias does not fit the int32 accumulator grid (input scale x weight scale too fine): clipping it
+    silently would change the model."""
+
+
 class Quantizer(nn.Module):
     """Fake-quantizes a tensor onto the grid of ``spec``.
 
@@ -179,6 +184,12 @@ def quantize_bias(bias: Tensor, in_scale: Tensor, w_scale: Tensor, owner: nn.Mod
         scale = scale.expand(bias.shape) if scale.numel() == 1 else scale.reshape(bias.shape)
         zp = torch.zeros_like(scale)
         qmin, qmax = -(2 ** 31), 2 ** 31 - 1
+        codes = (bias.detach() / scale.detach()).abs().max()
+        if bool(codes > qmax):
+            where = getattr(owner, "qasr_path", None) or type(owner).__name__
+            raise AccumulatorOverflowError(
+                f"bias of {where} needs {float(codes):.3g} codes on the int32 accumulator grid (max {qmax}): "
+                f"its input x weight scale is too fine; use fewer input or weight bits for this op")
         out = fake_quantize(bias, scale, zp, qmin, qmax)
     register_grid(out, Grid(scale.detach(), zp, qmin, qmax, 32))
     return out

@@ -67,11 +67,14 @@ def quantize_model(model: nn.Module, recipe: Union[str, Mapping, Recipe],
                 continue
             q.train(child.training)
             setattr(m, name, q)
+            for sub, qm in q.named_modules():  # paths for error messages
+                qm.qasr_path = f"{cpath}.{sub}" if sub else cpath
 
     # Modules without a twin (containers, third-party blocks, raw nn.Parameter users such as whisper's
     # positional_embedding) keep their forward: every torch op it calls is routed or refused below.
     def factory(path: str, op_type: str) -> QModule:
         w = OP_CLASSES[op_type](recipe.config_for(path, op_type))
+        w.qasr_path = path
         _sync_state(w, state)
         return w
 

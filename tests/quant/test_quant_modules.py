@@ -122,6 +122,20 @@ def test_bias_is_int32_on_input_times_weight_scale():
     assert torch.allclose(codes, codes.round(), atol=1e-3)
 
 
+def test_bias_beyond_int32_accumulator_is_refused_not_clipped():
+    """16-bit input x 16-bit weights on small ranges: a bias of 1e3 needs more than 2^31 accumulator codes."""
+    from fairseq_qasr.quant import AccumulatorOverflowError, quantize_model
+
+    model = nn.Sequential(nn.Linear(16, 8))
+    with torch.no_grad():
+        model[0].weight.mul_(1e-3), model[0].bias.fill_(1e3)
+    wide = {"bits": 16}
+    quantize_model(model, {"version": 1, "name": "w16a16", "defaults": {"input": wide, "weight": wide}})
+    set_all(model[0], observing=True)
+    with pytest.raises(AccumulatorOverflowError, match=r"bias of 0 needs .* int32"):
+        model(X * 1e-3)
+
+
 @pytest.mark.parametrize("batch_first", [False, True])
 def test_multihead_attention_twin(batch_first):
     from fairseq_qasr.quant import calibrate, quantize_model, set_quantization
