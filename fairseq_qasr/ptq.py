@@ -60,7 +60,7 @@ def calibration_batches(task, split: str, num_utts: int, max_tokens: int, seed: 
     return [ds.collater([ds[int(i)] for i in b]) for b in batches]
 
 
-def _decoder_inputs(float_model, batches, dictionary, max_len: int) -> None:
+def decoder_inputs(float_model, batches, dictionary, max_len: int) -> None:
     """Audio-only rows are teacher-forced on the float model's own greedy transcript."""
     for b in batches:
         target, prev = with_model_transcripts(float_model, b, dictionary, max_len)
@@ -125,7 +125,7 @@ def quantize_checkpoint(path: str, recipe: Any, data: str, split: str, out: str,
     qmodel.load_state_dict(float_model.state_dict())
     qmodel.eval()
     batches = calibration_batches(task, split, num_utts, max_tokens, seed)
-    _decoder_inputs(float_model, batches, task.target_dictionary, max_len)
+    decoder_inputs(float_model, batches, task.target_dictionary, max_len)
     n_utts = sum(b["nsentences"] for b in batches)
     steps = [lambda m, b=b: forward_and_normalize(m, b["net_input"]) for b in batches]
     calibrate(qmodel, tqdm(steps, desc="calibrating", unit="batch", leave=False))

@@ -1,6 +1,7 @@
 """Quantized qtransformer_conv through stock fairseq: PTQ script, QAT with a schedule, audit, distributed QAT."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -119,3 +120,25 @@ def test_init_from_takes_architecture_recipe_and_weights_and_saves_standalone(pr
     assert '"bits": 4' in get("quant_recipe")
     result = audit(tmp_path / "qat" / "checkpoint_last.pt", prepared_sample)
     assert result.returncode == 0 and "int4" in result.stdout
+
+
+def test_sensitivity_script_ranks_every_quantizer_group(prepared_sample, float_ckpt, tmp_path):
+    from fairseq_qasr.ptq import quantize_checkpoint
+
+    out = tmp_path / "ptq.pt"
+    quantize_checkpoint(str(float_ckpt), "w8a8", str(prepared_sample), "train-clean-100", str(out), num_utts=2)
+    rows_json = tmp_path / "rows.json"
+    proc = subprocess.run([sys.executable, "scripts/sensitivity.py", "--quantized", str(out), "--float",
+                           str(float_ckpt), "--data", str(prepared_sample), "--split", "dev-clean", "--num-utts", "2",
+                           "--json", str(rows_json)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = {r["group"]: r for r in json.loads(rows_json.read_text())}
+    assert "all" in rows and "dec:log_softmax:in_q" in rows and "enc:linear:w_q" in rows
+    assert sum(r["quantizers"] for g, r in rows.items() if g != "all") == rows["all"]["quantizers"]
+    for r in rows.values():
+        assert 0.0 <= r["top1"] <= 1.0 and r["kl"] > -1e-4 and r["tokens"] > 0
+    assert "top-1 agree" in proc.stdout
+    # wrong way round is refused with a message, not a stack trace
+    bad = subprocess.run([sys.executable, "scripts/sensitivity.py", "--quantized", str(float_ckpt), "--float", str(out),
+                          "--data", str(prepared_sample)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert bad.returncode != 0 and "must be a full-precision checkpoint" in bad.stderr
