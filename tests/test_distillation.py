@@ -93,6 +93,25 @@ def test_loss_is_weighted_sum_and_teacher_stays_frozen(prepared_sample: Path, te
     assert log["ce_ntokens"] < log["ntokens"]
 
 
+def test_teacher_targets_mode_trains_on_the_teachers_transcripts(prepared_sample: Path, teacher: Path):
+    from fairseq import checkpoint_utils
+
+    task, batch = _task_and_batch(prepared_sample)
+    student = checkpoint_utils.load_model_ensemble([str(teacher)], task=task)[0][0].eval()
+    crit = QATDistillationCriterion(task, str(teacher), alpha=1.0, beta=1.0, gamma=0.0, temperature=1.0,
+                                    label_smoothing=0.0, hidden_layers="", teacher_max_len=30,
+                                    distill_targets="teacher")
+    _, _, log = crit(student, batch)
+    d = task.target_dictionary
+    net = batch["net_input"]
+    hyps = greedy_transcripts(crit.teacher, net["src_tokens"], net["src_lengths"], d.eos(), d.eos(), d.pad(), max_len=30)
+    assert log["ntokens"] == int(hyps.ne(d.pad()).sum())  # every row on the teacher's transcript ...
+    assert log["ce_ntokens"] == log["ntokens"] and log["n_labeled"] == 4  # ... and CE learns all of them
+    assert float(log["kl_loss"]) < 1e-6  # the student is the teacher here
+    with pytest.raises(ValueError, match="--distill-targets"):
+        QATDistillationCriterion(task, str(teacher), 1.0, 1.0, 0.0, 1.0, 0.0, "", 30, distill_targets="gold")
+
+
 def test_greedy_transcripts_equal_fairseq_beam_1(prepared_sample: Path, teacher: Path):
     from fairseq import checkpoint_utils
 

@@ -5,7 +5,7 @@
 The teacher (``--teacher-path``, a full-precision checkpoint) is frozen, in eval mode, without gradients, on the
 student's device, and decoded on the same batch: teacher-forced on the reference, or — for audio-only
 utterances (``--unlabeled keep``) — on its own greedy transcript, which then also serves as the student's
-decoder input. A teacher whose dictionary, input features or hidden sizes do not fit the student is refused
+decoder input; ``--distill-targets teacher`` uses the teacher's transcript for every utterance. A teacher whose dictionary, input features or hidden sizes do not fit the student is refused
 when the criterion is built, before training starts.
 """
 import logging
@@ -41,6 +41,13 @@ class QATDistillationConfig(FairseqDataclass):
     hidden_layers: str = field(
         default="", metadata={"help": "comma-separated hidden states for the MSE: encoder.N / decoder.N (N = layer output, 0 = input)"})
     teacher_max_len: int = field(default=200, metadata={"help": "longest teacher transcript for audio-only utterances"})
+    distill_targets: str = field(
+        default="reference", metadata={"help": "decoder inputs: 'reference' (transcripts where there are any, the "
+                                                "teacher's greedy transcript for audio-only utterances) or 'teacher' "
+                                                "(the teacher's greedy transcript for every utterance: sequence-level "
+                                                "KD, the CE term learns it too; use when the references are written "
+                                                "differently from what the teacher outputs, e.g. LibriSpeech's "
+                                                "upper case for Whisper)"})
 
 
 def _parse_layers(spec: str) -> List[Tuple[str, int]]:
@@ -56,8 +63,12 @@ def _parse_layers(spec: str) -> List[Tuple[str, int]]:
 @register_criterion("qat_distillation", dataclass=QATDistillationConfig)
 class QATDistillationCriterion(FairseqCriterion):
     def __init__(self, task, teacher_path: str, alpha: float, beta: float, gamma: float, temperature: float,
-                 label_smoothing: float, hidden_layers: str, teacher_max_len: int):
+                 label_smoothing: float, hidden_layers: str, teacher_max_len: int,
+                 distill_targets: str = "reference"):
         super().__init__(task)
+        if distill_targets not in ("reference", "teacher"):
+            raise ValueError(f"--distill-targets must be 'reference' or 'teacher', got {distill_targets!r}")
+        self.distill_targets = distill_targets
         self.alpha, self.beta, self.gamma, self.temperature = alpha, beta, gamma, temperature
         self.eps, self.teacher_max_len = label_smoothing, teacher_max_len
         self.layers = _parse_layers(hidden_layers)
@@ -112,6 +123,9 @@ class QATDistillationCriterion(FairseqCriterion):
         if next(self.teacher.parameters()).device != sample["target"].device:
             self.teacher.to(sample["target"].device)
         net = sample["net_input"]
+        all_rows = torch.ones(sample["target"].size(0), dtype=torch.bool, device=sample["target"].device)
+        if self.distill_targets == "teacher":  # every row decoded by the teacher, then treated as labeled
+            sample = {**sample, "labeled": ~all_rows}
         target, prev = with_model_transcripts(self.teacher, sample, self.task.target_dictionary, self.teacher_max_len)
         pad = self.padding_idx
         mask = target.ne(pad).float()
@@ -122,7 +136,7 @@ class QATDistillationCriterion(FairseqCriterion):
             t_enc = self.teacher.encoder(net["src_tokens"], net["src_lengths"], return_all_hiddens=want_hidden)
             t_logits, t_extra = self.teacher.decoder(prev, encoder_out=t_enc)
 
-        labeled = sample.get("labeled", torch.ones(target.size(0), dtype=torch.bool, device=target.device))
+        labeled = all_rows if self.distill_targets == "teacher" else sample.get("labeled", all_rows)
         lprobs = model.get_normalized_probs((logits, extra), log_probs=True)
         ce_target = target.masked_fill(~labeled[:, None], pad)
         ce, nll = label_smoothed_nll_loss(lprobs.view(-1, lprobs.size(-1)), ce_target.view(-1), self.eps, ignore_index=pad)
