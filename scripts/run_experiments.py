@@ -76,9 +76,10 @@ class Study:
             cmd = [BIN / "fairseq-train", a.data, "--user-dir", "fairseq_qasr", "--task", "librispeech_asr",
                    "--arch", "qtransformer_conv", "--init-from", ptq, "--train-subset", a.qat_split,
                    "--valid-subset", "dev-clean", "--disable-validation", "--unlabeled", "keep",
-                   "--criterion", "qat_distillation", "--teacher-path", a.teacher, "--alpha", "0.5", "--beta", "1.0",
+                   "--criterion", "qat_distillation", "--teacher-path", a.teacher, "--alpha", str(a.qat_alpha), "--beta", "1.0",
+                   "--distill-targets", a.qat_distill_targets,
                    "--temperature", "2", "--optimizer", "adam", "--lr", str(a.qat_lr), "--lr-scheduler", "fixed",
-                   "--max-tokens", "24000", "--max-update", str(a.qat_updates), "--save-dir", save,
+                   "--max-tokens", str(a.qat_max_tokens), "--max-update", str(a.qat_updates), "--save-dir", save,
                    "--no-epoch-checkpoints", "--cpu", "--num-workers", "0", "--log-format", "simple",
                    "--log-interval", "5", "--seed", "1", "--skip-audio-check"]
             t = time.time()
@@ -172,6 +173,9 @@ def main() -> None:
     p.add_argument("--qat-split", default="train-clean-5")
     p.add_argument("--qat-updates", type=int, default=40)
     p.add_argument("--qat-lr", type=float, default=2e-5)
+    p.add_argument("--qat-alpha", type=float, default=0.5, help="weight of the CE term (KL weight is 1)")
+    p.add_argument("--qat-distill-targets", choices=["reference", "teacher"], default="reference")
+    p.add_argument("--qat-max-tokens", type=int, default=24000, help="frames per QAT batch")
     p.add_argument("--report", action="store_true", help="print the markdown table of what has been measured")
     args = p.parse_args()
     study = Study(args)

@@ -202,19 +202,52 @@ class IntegerEngine:
         return "encoder.frontend.conv1"
 
     # ---------------------------------------------------------------- ops
+    GROUP_FRAC_BITS = 16  # fixed-point fraction of the per-group scale ratios s_group / s_row
+    GROUP_ACC_FRAC_BITS = 8  # grouped accumulators keep 8 fractional bits of s_x * s_row (int64)
+
     def linear(self, name: str, x: QT) -> Acc:
-        """Linear / conv-as-GEMM ``name`` on codes already on its input grid; int32 accumulator."""
+        """Linear / conv-as-GEMM ``name`` on codes already on its input grid; int32 accumulator. Per-group
+        weights: one int32 GEMM per group, combined with integer ratios ``round(s_g / s_row * 2^16)`` into an
+        int64 accumulator on ``s_x * s_row * 2^-8``."""
         w_t, bias_eff = self._linear_params(name, x.z)
+        scale = None
+        if self.compiling:
+            scale = self._scale(name + ".in_q.0").reshape(()) * self._row_scale(name)
+        ratios = self.t.get("gk:" + name)
+        if ratios is not None:
+            return Acc(self._grouped_gemm(name, x, w_t, ratios),
+                       scale * 2.0 ** -self.GROUP_ACC_FRAC_BITS if scale is not None else None)
         w_t32 = None
         if x.c.numel() // x.c.shape[-1] <= K.SMALL_M:  # decoder steps: int32 copy of the weights, cached
             w_t32 = self._prep.get("lin32:" + name)
             if w_t32 is None:
                 w_t32 = self._prep["lin32:" + name] = w_t.int()
         acc = K.linear_int(x.c, w_t, bias_eff, w_t32)
-        scale = None
-        if self.compiling:
-            scale = self._scale(name + ".in_q.0").reshape(()) * self._scale(name + ".w_q.weight").reshape(-1)
         return Acc(acc, scale)
+
+    def _grouped_gemm(self, name: str, x: QT, w_t: Tensor, ratios: Tensor) -> Tensor:
+        gs = int(self.meta["w:" + name]["group_size"])
+        n_groups = ratios.shape[1]
+        lead = x.c.shape[:-1]
+        xc = x.c.reshape(-1, x.c.shape[-1])
+        total = torch.zeros(xc.shape[0], w_t.shape[1], dtype=torch.int64)
+        for g in range(n_groups):
+            sl = slice(g * gs, (g + 1) * gs)
+            w_g = w_t[sl]
+            part = K.linear_int(xc[:, sl].contiguous(), w_g.contiguous(), -x.z * w_g.int().sum(0) if x.z else None)
+            total += part.long() * ratios[:, g].long()
+        shift = self.GROUP_FRAC_BITS - self.GROUP_ACC_FRAC_BITS
+        acc = (total + (1 << (shift - 1))) >> shift
+        bias = self.t.get("b:" + name)
+        if bias is not None:
+            acc += bias.long() << self.GROUP_ACC_FRAC_BITS
+        return acc.view(*lead, w_t.shape[1])
+
+    def _row_scale(self, name: str) -> Tensor:
+        """Per-output-channel scale of the accumulator: the weight scale, or for per-group weights the finest
+        group scale of the row (the fake-quantized model puts the bias on the same grid)."""
+        s = self._scale(name + ".w_q.weight")
+        return s.amin(dim=-1) if s.dim() == 2 else s.reshape(-1)
 
     def _linear_params(self, name: str, zx: int) -> Tuple[Tensor, Optional[Tensor]]:
         key = "lin:" + name
@@ -237,8 +270,9 @@ class IntegerEngine:
         mod = self._quantizer(name)
         weight = mod.weight
         wq = mod.w_q["weight"]
-        if wq.spec.granularity == "group":
-            raise NotImplementedError(f"{name}: per-group weight scales are not supported by the engine/export yet")
+        grouped = wq.spec.granularity == "group"
+        if grouped and weight.dim() != 2:
+            raise NotImplementedError(f"{name}: per-group weight scales are supported for Linear weights only")
         if not wq.spec.symmetric:
             raise NotImplementedError(f"{name}: the engine expects symmetric weights (zero point 0)")
         scale, zp = wq.qparams(weight.dim())
@@ -246,14 +280,20 @@ class IntegerEngine:
         self.t["w:" + name] = codes
         for other, t in list(self.t.items()):  # tied weights quantized identically: store them once
             if other.startswith("w:") and other != "w:" + name and t.shape == codes.shape and torch.equal(t, codes):
-                self.meta["alias:w:" + name] = other
-                break
+                if grouped == ("gk:" + other[2:] in self.t):
+                    self.meta["alias:w:" + name] = other
+                    break
         self.meta["w:" + name] = dict(bits=wq.spec.bits, qmin=wq.spec.qmin, qmax=wq.spec.qmax,
-                                      granularity=wq.spec.granularity, axis=wq.spec.axis)
-        self.scales[name + ".w_q.weight"] = wq.raw_qparams()[0].detach().float()
+                                      granularity=wq.spec.granularity, axis=wq.spec.axis,
+                                      group_size=wq.spec.group_size if grouped else 0)
+        raw = wq.raw_qparams()[0].detach().double()
+        row = raw.amin(dim=-1) if grouped else raw
+        if grouped:  # s_g / s_row >= 1 as 16-fractional-bit integers
+            self.t["gk:" + name] = torch.round(raw / row[:, None] * 2 ** self.GROUP_FRAC_BITS).to(torch.int32)
+        self.scales[name + ".w_q.weight"] = raw.float()
         if getattr(mod, "bias", None) is not None:
             in_scale = mod.in_q[0].current_scale().detach()
-            bscale = (in_scale.reshape(()) * wq.current_scale().detach()).to(mod.bias.dtype)
+            bscale = (in_scale.reshape(()) * row).to(mod.bias.dtype)
             bscale = bscale.expand(mod.bias.shape) if bscale.numel() == 1 else bscale.reshape(mod.bias.shape)
             b = torch.clamp(torch.round(mod.bias.detach() / bscale), -(2 ** 31), 2 ** 31 - 1)
             self.t["b:" + name] = b.to(torch.int32)
@@ -707,7 +747,8 @@ class IntegerEngine:
         self._last_acc = acc
         key = "rq:logits"
         if self.compiling and key + ".m" not in self.t:
-            s_l = float(acc.scale.max()) * 2.0 ** -4
+            grid = acc.scale * (2.0 ** self.GROUP_ACC_FRAC_BITS if "gk:" + name in self.t else 1.0)
+            s_l = float(grid.max()) * 2.0 ** -4  # 4 bits finer than the coarsest row's accumulator unit
             self.meta["logits.scale"] = s_l
             self.t[key + ".m"], self.t[key + ".sh"] = K.quantize_multiplier(acc.scale / s_l)
         m, sh = self._mult(key)

@@ -33,8 +33,23 @@ def xs_cfg(**overrides) -> Dict[str, Any]:
     return vars(ns)
 
 
+GROUPED = "w4g16a8"  # w4a8 with Linear weights per group of 16 input features
+
+
+def recipe_for(name: str):
+    """A recipe name, or ``GROUPED``: w4a8 with per-group Linear weights."""
+    if name != GROUPED:
+        return name
+    from fairseq_qasr.quant import load_recipe
+    d = load_recipe("w4a8").to_dict()
+    d["name"] = GROUPED
+    d.setdefault("ops", {}).setdefault("linear", {}).setdefault("weight", {}).update(granularity="group", group_size=16)
+    return d
+
+
 def quantized_xs(recipe: str = "w8a8", seed: int = 0, calib_batches: int = 3, **overrides):
     """(fake-quantized calibrated qtransformer_conv_xs, dictionary, model options, example inputs)."""
+    recipe = recipe_for(recipe)
     model, d = tm.tiny_qtransformer_conv(seed=seed, **overrides)
     inp = tm.qtc_inputs(d)
     model = quantize_model(model, recipe, example_inputs=inp)

@@ -13,7 +13,8 @@ from fairseq_qasr.integer import kernels as K
 from fairseq_qasr.integer.honesty import run_integer_only
 
 
-@pytest.fixture(scope="module", params=["w8a8", "w4a8", "w2a8", "w8a8-whisper_layout", "w4a8-whisper_layout"])
+@pytest.fixture(scope="module", params=["w8a8", "w4a8", "w2a8", H.GROUPED, "w8a8-whisper_layout",
+                                                       "w4a8-whisper_layout", H.GROUPED + "-whisper_layout"])
 def compiled(request):
     recipe, _, layout = request.param.partition("-")
     model, d, cfg, inp = H.quantized_xs(recipe, **(H.WHISPER_LAYOUT if layout else {}))

@@ -13,7 +13,7 @@ from fairseq_qasr.integer import IntegerEngine
 def exported(tmp_path_factory):
     out = {}
     d = tmp_path_factory.mktemp("export")
-    for recipe in ("w8a8", "w4a8", "w2a8"):
+    for recipe in ("w8a8", "w4a8", "w2a8", H.GROUPED):
         model, dic, cfg, inp = H.quantized_xs(recipe)
         path = d / f"xs_{recipe}.safetensors"
         export_model(model, str(path), cfg=cfg)
@@ -21,7 +21,7 @@ def exported(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("recipe,bits", [("w8a8", 8), ("w4a8", 4), ("w2a8", 2)])
+@pytest.mark.parametrize("recipe,bits", [("w8a8", 8), ("w4a8", 4), ("w2a8", 2), (H.GROUPED, 4)])
 def test_header_names_recipe_bits_layout_requant(exported, recipe, bits):
     model, cfg, inp, path = exported[recipe]
     h = read_header(str(path))
@@ -38,7 +38,7 @@ def test_header_names_recipe_bits_layout_requant(exported, recipe, bits):
     assert act["bits"] == 8 and act["qmin"] == -128 and isinstance(act["scale"], float)
 
 
-@pytest.mark.parametrize("recipe", ["w8a8", "w4a8", "w2a8"])
+@pytest.mark.parametrize("recipe", ["w8a8", "w4a8", "w2a8", H.GROUPED])
 def test_size_on_disk_within_bound(exported, recipe):
     model, cfg, inp, path = exported[recipe]
     r = size_report(str(path))
@@ -49,10 +49,10 @@ def test_size_on_disk_within_bound(exported, recipe):
 
 
 def H_bits(recipe):
-    return {"w8a8": 8, "w4a8": 4, "w2a8": 2}[recipe]
+    return {"w8a8": 8, "w4a8": 4, "w2a8": 2, H.GROUPED: 4}[recipe]
 
 
-@pytest.mark.parametrize("recipe", ["w8a8", "w4a8"])
+@pytest.mark.parametrize("recipe", ["w8a8", "w4a8", H.GROUPED])
 def test_reloaded_file_runs_identically(exported, recipe):
     model, cfg, inp, path = exported[recipe]
     mem = IntegerEngine.from_quantized(model, cfg)
