@@ -33,15 +33,19 @@ def save_json(path: Path, data: dict) -> None:
 
 
 def run(cmd: List[str], log: Path) -> str:
-    print("$ " + " ".join(shlex.quote(str(c)) for c in cmd), flush=True)
+    """Run ``cmd``, streaming its output into ``log`` (``tail -f`` it to follow a long run)."""
+    print("$ " + " ".join(shlex.quote(str(c)) for c in cmd) + f"\n  (log: {log})", flush=True)
     started = time.time()
-    proc = subprocess.run([str(c) for c in cmd], cwd=REPO, capture_output=True, text=True,
-                          env=dict(os.environ, PYTHONWARNINGS="ignore"))
-    log.write_text(proc.stdout + proc.stderr)
-    if proc.returncode != 0:
-        raise RuntimeError(f"exit {proc.returncode}, see {log}:\n" + "\n".join((proc.stdout + proc.stderr).splitlines()[-8:]))
+    partial = log.with_suffix(".log.partial")
+    with open(partial, "w") as f:
+        rc = subprocess.run([str(c) for c in cmd], cwd=REPO, stdout=f, stderr=subprocess.STDOUT, text=True,
+                            env=dict(os.environ, PYTHONWARNINGS="ignore")).returncode
+    os.replace(partial, log)
+    out = log.read_text()
+    if rc != 0:
+        raise RuntimeError(f"exit {rc}, see {log}:\n" + "\n".join(out.splitlines()[-8:]))
     print(f"  {time.time() - started:.0f} s", flush=True)
-    return proc.stdout + proc.stderr
+    return out
 
 
 class Study:
