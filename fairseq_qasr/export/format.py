@@ -108,11 +108,10 @@ def save_engine(engine: IntegerEngine, out: str, recipe: Any = None) -> Dict[str
             "weights": "linear [out, in]; conv1d [out, in, k]; conv2d [out, in, kh, kw]; embedding [rows, dim]; "
                        "symmetric, zero point 0, scale per output channel (scale:<module>.w_q.weight), or per "
                        "output channel and group of meta['w:<module>']['group_size'] input features ([out, groups]) "
-                       "with integer ratios gk:<module> = round(s_g / min_g s_g * 2^16)",
-            "biases": "int32 on the accumulator grid s_in * s_w[c] (per-group weights: s_in * min_g s_g[c]; "
+                       "with integer ratios gk:<module> = round(s_g / max_g s_g * 2^16)",
+            "biases": "int32 on the accumulator grid s_in * s_w[c] (per-group weights: s_in * max_g s_g[c]; "
                       "LayerNorm: s_gain * 2^-16)",
-            "grouped_gemm": "acc = ((sum_g int32 GEMM_g * gk[:, g]) + 2^7) >> 8, plus bias << 8: int64 on "
-                            "s_in * min_g s_g * 2^-8",
+            "grouped_gemm": "acc = ((sum_g int32 GEMM_g * gk[:, g]) + 2^15) >> 16, plus bias: on s_in * max_g s_g",
             "activations": "per tensor, value = scale * (q - zp), q in [qmin, qmax]",
             "requant": "q = clamp(((acc * multiplier + 2^(shift-1)) >> shift) + zp, qmin, qmax)",
             "stored_codes": "activations with qmin >= 0 and 8 bits are held in int8 as q - 128 at run time",

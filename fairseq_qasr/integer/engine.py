@@ -44,6 +44,7 @@ class QT:
 class Acc:
     t: Tensor            # int32 / int64 accumulator
     scale: Any = None    # compile mode only: scalar tensor or per-last-dim tensor
+    frac: int = 0        # extra fractional bits beyond the int32 range (int64; multipliers are shortened to match)
 
 
 def _has(model: torch.nn.Module, path: str) -> bool:
@@ -142,6 +143,8 @@ class IntegerEngine:
         if self.compiling and key + ".m" not in self.t:
             M = torch.as_tensor(acc.scale, dtype=torch.float64) / self._scale(qpath).reshape(())
             m, sh = K.quantize_multiplier(M)
+            if acc is not None and acc.frac:
+                m, sh = K.shorten_multiplier(m, sh, acc.frac)
             self.t[key + ".m"], self.t[key + ".sh"] = m, sh
         m, sh = self._mult(key)
         if self._identity(key, x, zp + off, qmin, qmax):  # same grid (e.g. softmax out_q -> matmul in_q)
@@ -202,21 +205,24 @@ class IntegerEngine:
         return "encoder.frontend.conv1"
 
     # ---------------------------------------------------------------- ops
-    GROUP_FRAC_BITS = 16  # fixed-point fraction of the per-group scale ratios s_group / s_row
-    GROUP_ACC_FRAC_BITS = 8  # grouped accumulators keep 8 fractional bits of s_x * s_row (int64)
+    GROUP_FRAC_BITS = 16  # fixed-point fraction of the per-group scale ratios s_group / s_row (<= 1)
+    WIDE_ACC_BITS = 12  # headroom of int64 accumulators of 16-bit x 16-bit products (|acc| < 2^43)
+    GROUP_ACC_FRAC_BITS = 8  # grouped accumulators keep 8 more fractional bits (int64, |acc| < 2^39)
 
     def linear(self, name: str, x: QT) -> Acc:
         """Linear / conv-as-GEMM ``name`` on codes already on its input grid; int32 accumulator. Per-group
-        weights: one int32 GEMM per group, combined with integer ratios ``round(s_g / s_row * 2^16)`` into an
-        int64 accumulator on ``s_x * s_row * 2^-8``."""
+        weights: one int32 GEMM per group, combined with integer ratios ``round(s_g / s_row * 2^16)`` (``s_row``
+        = the row's largest group scale, so ratios are <= 1 and the sum stays in the int32 accumulator range:
+        with 8 extra fractional bits, int64; consumers' multipliers are shortened by 8 bits so the 64-bit
+        product ``acc * multiplier`` cannot overflow)."""
         w_t, bias_eff = self._linear_params(name, x.z)
         scale = None
         if self.compiling:
             scale = self._scale(name + ".in_q.0").reshape(()) * self._row_scale(name)
         ratios = self.t.get("gk:" + name)
         if ratios is not None:
-            return Acc(self._grouped_gemm(name, x, w_t, ratios),
-                       scale * 2.0 ** -self.GROUP_ACC_FRAC_BITS if scale is not None else None)
+            f = self.GROUP_ACC_FRAC_BITS
+            return Acc(self._grouped_gemm(name, x, w_t, ratios), scale * 2.0 ** -f if scale is not None else None, f)
         w_t32 = None
         if x.c.numel() // x.c.shape[-1] <= K.SMALL_M:  # decoder steps: int32 copy of the weights, cached
             w_t32 = self._prep.get("lin32:" + name)
@@ -244,10 +250,10 @@ class IntegerEngine:
         return acc.view(*lead, w_t.shape[1])
 
     def _row_scale(self, name: str) -> Tensor:
-        """Per-output-channel scale of the accumulator: the weight scale, or for per-group weights the finest
-        group scale of the row (the fake-quantized model puts the bias on the same grid)."""
+        """Per-output-channel scale of the accumulator: the weight scale, or for per-group weights the
+        largest group scale of the row."""
         s = self._scale(name + ".w_q.weight")
-        return s.amin(dim=-1) if s.dim() == 2 else s.reshape(-1)
+        return s.amax(dim=-1) if s.dim() == 2 else s.reshape(-1)
 
     def _linear_params(self, name: str, zx: int) -> Tuple[Tensor, Optional[Tensor]]:
         key = "lin:" + name
@@ -287,8 +293,8 @@ class IntegerEngine:
                                       granularity=wq.spec.granularity, axis=wq.spec.axis,
                                       group_size=wq.spec.group_size if grouped else 0)
         raw = wq.raw_qparams()[0].detach().double()
-        row = raw.amin(dim=-1) if grouped else raw
-        if grouped:  # s_g / s_row >= 1 as 16-fractional-bit integers
+        row = raw.amax(dim=-1) if grouped else raw
+        if grouped:  # s_g / s_row <= 1 as 16-fractional-bit integers
             self.t["gk:" + name] = torch.round(raw / row[:, None] * 2 ** self.GROUP_FRAC_BITS).to(torch.int32)
         self.scales[name + ".w_q.weight"] = raw.float()
         if getattr(mod, "bias", None) is not None:
@@ -336,7 +342,7 @@ class IntegerEngine:
         if self.compiling and key not in self.meta:
             mod = self._quantizer(name)
             n = mod.normalized_shape[-1]
-            k = K.ln_shift_bits(n)
+            k = K.ln_shift_bits(n, int(self.meta["q:" + name + ".in_q.0"]["bits"]))
             s_x = self.scales[name + ".in_q.0"]
             wq = mod.w_q["weight"]
             gs, gz = wq.raw_qparams()
@@ -401,7 +407,8 @@ class IntegerEngine:
 
     def matmul(self, name: str, a, b) -> Acc:
         qa, qb = self.requant(a, name + ".in_q.0"), self.requant(b, name + ".in_q.1")
-        if qa.c.shape[-2] <= K.SMALL_M and qb.aux is not None:  # decoder step on cached keys/values
+        wide = qa.c.dtype != torch.int8 or qb.c.dtype != torch.int8  # 16-bit codes: int64 accumulator
+        if not wide and qa.c.shape[-2] <= K.SMALL_M and qb.aux is not None:  # decoder step on cached keys/values
             if "b32" not in qb.aux:
                 qb.aux["b32"] = qb.c.int()
                 qb.aux["colsum"] = qb.aux["b32"].sum(-2, keepdim=True)
@@ -415,7 +422,7 @@ class IntegerEngine:
                     acc += qa.c.shape[-1] * qa.z * qb.z
         else:
             acc = K.matmul_int(qa.c, qa.z, qb.c, qb.z)
-        return Acc(acc, qa.scale * qb.scale if self.compiling else None)
+        return Acc(acc, qa.scale * qb.scale if self.compiling else None, self.WIDE_ACC_BITS if wide else 0)
 
     def softmax(self, name: str, x: Acc, masked: Optional[Tensor]) -> QT:
         q = self.requant(x, name + ".in_q.0", masked)
@@ -747,10 +754,10 @@ class IntegerEngine:
         self._last_acc = acc
         key = "rq:logits"
         if self.compiling and key + ".m" not in self.t:
-            grid = acc.scale * (2.0 ** self.GROUP_ACC_FRAC_BITS if "gk:" + name in self.t else 1.0)
-            s_l = float(grid.max()) * 2.0 ** -4  # 4 bits finer than the coarsest row's accumulator unit
+            s_l = float(acc.scale.max()) * 2.0 ** (acc.frac - 4)  # 4 bits finer than the coarsest row's unit
             self.meta["logits.scale"] = s_l
-            self.t[key + ".m"], self.t[key + ".sh"] = K.quantize_multiplier(acc.scale / s_l)
+            m, sh = K.quantize_multiplier(acc.scale / s_l)
+            self.t[key + ".m"], self.t[key + ".sh"] = K.shorten_multiplier(m, sh, acc.frac) if acc.frac else (m, sh)
         m, sh = self._mult(key)
         out = K.rescale(acc.t, m, sh)
         sup = self._mask("decoder_suppress_ids")
@@ -768,7 +775,7 @@ class IntegerEngine:
         :func:`kernels.log_softmax_int`. Returns int64 log-probabilities on the grid 2^-16 nats; suppressed
         and ``forbid`` lanes get a very negative value."""
         name = "decoder.output_log_softmax"
-        acc = Acc(self._last_acc.t[:, -logits.shape[1]:], getattr(self._last_acc, "scale", None))
+        acc = Acc(self._last_acc.t[:, -logits.shape[1]:], getattr(self._last_acc, "scale", None), self._last_acc.frac)
         masked = logits <= NEG_LOGIT
         if forbid is not None:
             masked = masked | forbid

@@ -42,6 +42,12 @@ def rshift_round(x: Tensor, shift: Tensor) -> Tensor:
     return (x + (torch.ones_like(shift, dtype=torch.int64) << (shift.long() - 1))) >> shift.long()
 
 
+def shorten_multiplier(m: Tensor, shift: Tensor, bits: int) -> Tuple[Tensor, Tensor]:
+    """The same multiplier with ``bits`` fewer mantissa bits (relative error <= 2^(bits-31)): for int64
+    accumulators of up to ``31 + bits`` bits, so that ``acc * m`` stays inside int64."""
+    return rshift_round(m.long(), torch.full_like(shift.long(), bits)), shift.long() - bits
+
+
 def requantize(acc: Tensor, m: Tensor, shift: Tensor, zp: int, qmin: int, qmax: int, out_dtype=torch.int8) -> Tensor:
     """``clamp(round(acc * m * 2^-shift) + zp, qmin, qmax)``: int32/int64 accumulator -> integer codes."""
     y = rshift_round(acc.long() * m.long(), shift) + zp
@@ -76,7 +82,8 @@ def linear_int(x: Tensor, w_t: Tensor, bias_eff: Tensor | None, w_t32: Tensor | 
 
 
 def matmul_int(a: Tensor, za: int, b: Tensor, zb: int) -> Tensor:
-    """Exact int32 ``(a - za) @ (b - zb)`` for batched int8 codes ``a [..., M, K]``, ``b [..., K, N]``."""
+    """Exact ``(a - za) @ (b - zb)`` for batched codes ``a [..., M, K]``, ``b [..., K, N]``: int32 for int8
+    codes, int64 for wider ones."""
     batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
     a = a.expand(*batch, *a.shape[-2:]).reshape(-1, *a.shape[-2:])
     b = b.expand(*batch, *b.shape[-2:]).reshape(-1, *b.shape[-2:])
@@ -85,12 +92,14 @@ def matmul_int(a: Tensor, za: int, b: Tensor, zb: int) -> Tensor:
         out = torch.empty(a.shape[0], M, N, dtype=torch.int32)
         for i in range(a.shape[0]):
             out[i] = torch._int_mm(a[i].contiguous(), b[i].contiguous())
-    else:
+    elif a.dtype == torch.int8 and b.dtype == torch.int8:
         out = torch.matmul(a.int(), b.int())
+    else:  # 16-bit codes: products reach 2^31 after a few terms, accumulate in int64
+        out = torch.matmul(a.long(), b.long())
     if zb:
-        out -= zb * a.sum(-1, dtype=torch.int32).unsqueeze(-1)
+        out -= zb * a.sum(-1, dtype=out.dtype).unsqueeze(-1)
     if za:
-        out -= za * b.sum(-2, dtype=torch.int32).unsqueeze(-2)
+        out -= za * b.sum(-2, dtype=out.dtype).unsqueeze(-2)
     if za and zb:
         out += K * za * zb
     return out.view(*batch, M, N)
@@ -165,9 +174,10 @@ def exp_table(scale: float, n_codes: int, frac_bits: int = 20) -> Tensor:
     return torch.round(torch.exp(-scale * d) * 2.0 ** frac_bits).long()
 
 
-def ln_shift_bits(n: int) -> int:
-    """Extra precision ``k`` for :func:`layer_norm_int` that keeps every intermediate inside int64."""
-    return max(0, min(16, int((62 - 3 * math.log2(max(n, 2)) - 17) // 2)))
+def ln_shift_bits(n: int, code_bits: int = 8) -> int:
+    """Extra precision ``k`` for :func:`layer_norm_int` that keeps every intermediate inside int64:
+    ``sum c^2 << 2k <= n^3 2^(2 code_bits + 2k) < 2^62`` (16-bit inputs get a small ``k``, 8-bit ones 9 at n=384)."""
+    return max(0, min(16, int((62 - 3 * math.log2(max(n, 2)) - 2 * code_bits - 1) // 2)))
 
 
 def max_pool2d_ceil(x: Tensor, k: int = 2) -> Tensor:

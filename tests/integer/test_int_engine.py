@@ -161,3 +161,34 @@ def test_fused_kernels_give_identical_results(w8_engine):
         assert eng.greedy(feats, lengths, max_len=6) == ref
     finally:
         eng.fused = False
+
+
+def test_wide_codes_and_int64_accumulators_do_not_overflow():
+    """16-bit x 16-bit products exceed int32 after a few terms; int64 accumulators need shortened multipliers."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(0, 65536, (2, 3, 40), generator=g, dtype=torch.int32)
+    b = torch.randint(-32768, 32768, (2, 40, 5), generator=g, dtype=torch.int32)
+    out = K.matmul_int(a, 0, b, 7)
+    ref = torch.matmul(a.long(), b.long() - 7)
+    assert ref.abs().max() > 2 ** 33 and torch.equal(out.long(), ref)
+    acc = torch.tensor([2 ** 40 + 12345, -(2 ** 39) - 777, 5], dtype=torch.int64)
+    M = torch.tensor(0.7 * 2.0 ** -30, dtype=torch.float64)
+    m, sh = K.quantize_multiplier(M)
+    assert bool(((acc * m.long()).abs() < (acc.double() * float(m)).abs() - 1).any())  # the plain product wraps
+    m2, sh2 = K.shorten_multiplier(m, sh, 12)
+    y = K.requantize(acc, m2, sh2, 0, -(2 ** 31), 2 ** 31 - 1, torch.int64)
+    assert ((y.double() - acc.double() * float(M)).abs() <= 1).all()
+
+
+def test_integer_layer_norm_on_16_bit_codes():
+    """Residual streams at 16 bits: the shift that keeps LayerNorm's sums inside int64 depends on the code width."""
+    n = 384
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(-32768, 32768, (4, n), generator=g, dtype=torch.int32)
+    x[0, 3] = 32767  # an outlier channel
+    gain = torch.randint(-127, 128, (n,), generator=g, dtype=torch.int32)
+    k = K.ln_shift_bits(n, 16)
+    y = K.layer_norm_int(x, gain, None, eps_term=1, k=k).double() * 2.0 ** -16
+    ref = torch.nn.functional.layer_norm(x.double(), (n,)) * gain.double()
+    assert ((y - ref).abs() <= 1e-3 * gain.abs().max()).all()
+    assert K.ln_shift_bits(n, 16) < K.ln_shift_bits(n, 8)
