@@ -44,7 +44,7 @@ class QT:
 class Acc:
     t: Tensor            # int32 / int64 accumulator
     scale: Any = None    # compile mode only: scalar tensor or per-last-dim tensor
-    frac: int = 0        # extra fractional bits beyond the int32 range (int64; multipliers are shortened to match)
+    headroom: int = 0    # bits beyond the int32 range (int64 values; consumers' multipliers are shortened to match)
 
 
 def _has(model: torch.nn.Module, path: str) -> bool:
@@ -142,10 +142,7 @@ class IntegerEngine:
         key = "rq:" + qpath
         if self.compiling and key + ".m" not in self.t:
             M = torch.as_tensor(acc.scale, dtype=torch.float64) / self._scale(qpath).reshape(())
-            m, sh = K.quantize_multiplier(M)
-            if acc is not None and acc.frac:
-                m, sh = K.shorten_multiplier(m, sh, acc.frac)
-            self.t[key + ".m"], self.t[key + ".sh"] = m, sh
+            self.t[key + ".m"], self.t[key + ".sh"] = K.shorten_multiplier(*K.quantize_multiplier(M), acc.headroom)
         m, sh = self._mult(key)
         if self._identity(key, x, zp + off, qmin, qmax):  # same grid (e.g. softmax out_q -> matmul in_q)
             c = x.c
@@ -222,7 +219,7 @@ class IntegerEngine:
         ratios = self.t.get("gk:" + name)
         if ratios is not None:
             f = self.GROUP_ACC_FRAC_BITS
-            return Acc(self._grouped_gemm(name, x, w_t, ratios), scale * 2.0 ** -f if scale is not None else None, f)
+            return Acc(self._grouped_gemm(name, x, ratios), scale * 2.0 ** -f if scale is not None else None, f)
         w_t32 = None
         if x.c.numel() // x.c.shape[-1] <= K.SMALL_M:  # decoder steps: int32 copy of the weights, cached
             w_t32 = self._prep.get("lin32:" + name)
@@ -231,23 +228,26 @@ class IntegerEngine:
         acc = K.linear_int(x.c, w_t, bias_eff, w_t32)
         return Acc(acc, scale)
 
-    def _grouped_gemm(self, name: str, x: QT, w_t: Tensor, ratios: Tensor) -> Tensor:
+    def _grouped_gemm(self, name: str, x: QT, ratios: Tensor) -> Tensor:
         gs = int(self.meta["w:" + name]["group_size"])
-        n_groups = ratios.shape[1]
+        groups = self._prep.get("grp:" + name)
+        if groups is None:  # per group: contiguous [gs, N] weight slice, its column sums, the int64 ratios
+            w_t = self._linear_params(name, x.z)[0]
+            groups = self._prep["grp:" + name] = [
+                (w_t[g * gs:(g + 1) * gs].contiguous(), w_t[g * gs:(g + 1) * gs].int().sum(0), ratios[:, g].long())
+                for g in range(ratios.shape[1])]
         lead = x.c.shape[:-1]
         xc = x.c.reshape(-1, x.c.shape[-1])
-        total = torch.zeros(xc.shape[0], w_t.shape[1], dtype=torch.int64)
-        for g in range(n_groups):
-            sl = slice(g * gs, (g + 1) * gs)
-            w_g = w_t[sl]
-            part = K.linear_int(xc[:, sl].contiguous(), w_g.contiguous(), -x.z * w_g.int().sum(0) if x.z else None)
-            total += part.long() * ratios[:, g].long()
+        total = torch.zeros(xc.shape[0], groups[0][0].shape[1], dtype=torch.int64)
+        for g, (w_g, colsum, ratio) in enumerate(groups):
+            part = K.linear_int(xc[:, g * gs:(g + 1) * gs].contiguous(), w_g, -x.z * colsum if x.z else None)
+            total += part.long() * ratio
         shift = self.GROUP_FRAC_BITS - self.GROUP_ACC_FRAC_BITS
         acc = (total + (1 << (shift - 1))) >> shift
         bias = self.t.get("b:" + name)
         if bias is not None:
             acc += bias.long() << self.GROUP_ACC_FRAC_BITS
-        return acc.view(*lead, w_t.shape[1])
+        return acc.view(*lead, total.shape[1])
 
     def _row_scale(self, name: str) -> Tensor:
         """Per-output-channel scale of the accumulator: the weight scale, or for per-group weights the
@@ -754,10 +754,10 @@ class IntegerEngine:
         self._last_acc = acc
         key = "rq:logits"
         if self.compiling and key + ".m" not in self.t:
-            s_l = float(acc.scale.max()) * 2.0 ** (acc.frac - 4)  # 4 bits finer than the coarsest row's unit
+            s_l = float(acc.scale.max()) * 2.0 ** (acc.headroom - 4)  # 4 bits finer than the coarsest row's unit
             self.meta["logits.scale"] = s_l
-            m, sh = K.quantize_multiplier(acc.scale / s_l)
-            self.t[key + ".m"], self.t[key + ".sh"] = K.shorten_multiplier(m, sh, acc.frac) if acc.frac else (m, sh)
+            self.t[key + ".m"], self.t[key + ".sh"] = K.shorten_multiplier(*K.quantize_multiplier(acc.scale / s_l),
+                                                                           acc.headroom)
         m, sh = self._mult(key)
         out = K.rescale(acc.t, m, sh)
         sup = self._mask("decoder_suppress_ids")
@@ -775,7 +775,8 @@ class IntegerEngine:
         :func:`kernels.log_softmax_int`. Returns int64 log-probabilities on the grid 2^-16 nats; suppressed
         and ``forbid`` lanes get a very negative value."""
         name = "decoder.output_log_softmax"
-        acc = Acc(self._last_acc.t[:, -logits.shape[1]:], getattr(self._last_acc, "scale", None), self._last_acc.frac)
+        acc = Acc(self._last_acc.t[:, -logits.shape[1]:], getattr(self._last_acc, "scale", None),
+                  self._last_acc.headroom)
         masked = logits <= NEG_LOGIT
         if forbid is not None:
             masked = masked | forbid

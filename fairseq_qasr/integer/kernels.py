@@ -45,7 +45,10 @@ def rshift_round(x: Tensor, shift: Tensor) -> Tensor:
 def shorten_multiplier(m: Tensor, shift: Tensor, bits: int) -> Tuple[Tensor, Tensor]:
     """The same multiplier with ``bits`` fewer mantissa bits (relative error <= 2^(bits-31)): for int64
     accumulators of up to ``31 + bits`` bits, so that ``acc * m`` stays inside int64."""
-    return rshift_round(m.long(), torch.full_like(shift.long(), bits)), shift.long() - bits
+    if not bits:
+        return m, shift
+    short = rshift_round(m.long(), torch.full_like(shift.long(), bits))
+    return short.to(m.dtype), (shift.long() - bits).to(shift.dtype)  # stored as compactly as before
 
 
 def requantize(acc: Tensor, m: Tensor, shift: Tensor, zp: int, qmin: int, qmax: int, out_dtype=torch.int8) -> Tensor:

@@ -131,6 +131,7 @@ def test_bias_beyond_int32_accumulator_is_refused_not_clipped():
         model[0].weight.mul_(1e-3), model[0].bias.fill_(1e3)
     wide = {"bits": 16}
     quantize_model(model, {"version": 1, "name": "w16a16", "defaults": {"input": wide, "weight": wide}})
+    model.eval()  # calibration, decoding, audit and export run in eval mode
     set_all(model[0], observing=True)
     with pytest.raises(AccumulatorOverflowError, match=r"bias of 0 needs .* int32"):
         model(X * 1e-3)
