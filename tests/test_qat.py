@@ -137,6 +137,7 @@ def test_sensitivity_script_ranks_every_quantizer_group(prepared_sample, float_c
     assert sum(r["quantizers"] for g, r in rows.items() if g != "all") == rows["all"]["quantizers"]
     for r in rows.values():
         assert 0.0 <= r["top1"] <= 1.0 and r["kl"] > -1e-4 and r["tokens"] > 0
+    assert rows["all"]["kl"] > 0  # the quantized model's distributions really differ from the float model's
     assert "top-1 agree" in proc.stdout
     # wrong way round is refused with a message, not a stack trace
     bad = subprocess.run([sys.executable, "scripts/sensitivity.py", "--quantized", str(float_ckpt), "--float", str(out),
