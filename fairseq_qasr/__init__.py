@@ -17,10 +17,11 @@ REGISTRATIONS = ["fairseq_qasr.models", "fairseq_qasr.tasks", "fairseq_qasr.crit
 
 
 def register() -> None:
-    """Register everything with fairseq (idempotent)."""
-    from . import distributed_guard
+    """Register everything with fairseq (idempotent); on Linux CPUs also keep freed memory (cpu_memory.py)."""
+    from . import cpu_memory, distributed_guard
     from .checkpoint_safety import allow_fairseq_checkpoint_classes
 
+    cpu_memory.keep_freed_memory()
     allow_fairseq_checkpoint_classes()
     distributed_guard.install()
     for name in REGISTRATIONS:

@@ -7,7 +7,8 @@ import torch
 from torch import Tensor, nn
 
 from .affine import expand_qparam, fake_quantize, fake_quantize_fused, qparams_from_range, round_ste, stat_shape
-from .audit_state import Grid, register_grid, region
+from . import cpu_kernels
+from .audit_state import Grid, active, register_grid, region
 from .observers import batch_range, combine
 from .qtype import QSpec
 
@@ -144,25 +145,46 @@ class Quantizer(nn.Module):
                 raise NotCalibratedError(
                     f"quantizer ({self.extra_repr()}) has no range: run calibrate() or load a state_dict")
             s = self.spec
-            scale, zp = self.qparams(x.dim())
-            masked = torch.isneginf(x) if self.keep_neg_inf else None
-            xin = torch.where(masked, torch.zeros_like(x), x) if masked is not None else x
-            if self._fusable(x):  # same values and gradients, one kernel
+            block = self._kernel_block(x)
+            if block is not None:  # one pass, same values and gradients as the formula below
                 raw_scale, raw_zp = self.raw_qparams()
-                axis = None if s.granularity == "tensor" else s.axis % x.dim()
-                out = fake_quantize_fused(xin, raw_scale, raw_zp, s.qmin, s.qmax, axis)
-            else:
-                if s.learning in ("lsq", "lsq_plus") and self.training:
-                    g = 1.0 / (max(x.numel() // max(scale.numel(), 1), 1) * s.qmax) ** 0.5
-                    scale = (scale - scale * g).detach() + scale * g
-                if s.learning == "pact":
-                    lo = -self.alpha if s.signed else torch.zeros_like(self.alpha)
-                    xin = torch.minimum(torch.maximum(xin, lo), self.alpha)
-                out = fake_quantize(xin, scale.to(x.dtype), zp.to(x.dtype), s.qmin, s.qmax)
-            if masked is not None:
-                out = torch.where(masked, x, out)
+                out = cpu_kernels.fake_quantize_blocks(x, raw_scale, raw_zp, block, s.qmin, s.qmax,
+                                                       self.keep_neg_inf)
+                if not active():
+                    return out
+            scale, zp = self.qparams(x.dim())
+            if block is None:
+                out = self._fake_quantize(x, scale, zp)
         register_grid(out, Grid(scale.detach(), zp.detach(), s.qmin, s.qmax, s.bits, self.keep_neg_inf))
         return out
+
+    def _fake_quantize(self, x: Tensor, scale: Tensor, zp: Tensor) -> Tensor:
+        s = self.spec
+        masked = torch.isneginf(x) if self.keep_neg_inf else None
+        xin = torch.where(masked, torch.zeros_like(x), x) if masked is not None else x
+        if self._fusable(x):  # same values and gradients, one kernel
+            raw_scale, raw_zp = self.raw_qparams()
+            axis = None if s.granularity == "tensor" else s.axis % x.dim()
+            out = fake_quantize_fused(xin, raw_scale, raw_zp, s.qmin, s.qmax, axis)
+        else:
+            if s.learning in ("lsq", "lsq_plus") and self.training:
+                g = 1.0 / (max(x.numel() // max(scale.numel(), 1), 1) * s.qmax) ** 0.5
+                scale = (scale - scale * g).detach() + scale * g
+            if s.learning == "pact":
+                lo = -self.alpha if s.signed else torch.zeros_like(self.alpha)
+                xin = torch.minimum(torch.maximum(xin, lo), self.alpha)
+            out = fake_quantize(xin, scale.to(x.dtype), zp.to(x.dtype), s.qmin, s.qmax)
+        return torch.where(masked, x, out) if masked is not None else out
+
+    def _kernel_block(self, x: Tensor) -> Optional[int]:
+        """Block size for the one-pass CPU kernel (fixed observer-set scales), or None."""
+        s = self.spec
+        if s.learning != "none" or not cpu_kernels.enabled():
+            return None
+        block = cpu_kernels.block_size(x, self.scale, s.granularity, s.axis, s.group_size)
+        if block is not None and self.keep_neg_inf and block != x.numel():
+            return None
+        return block
 
     def _fusable(self, x: Tensor) -> bool:
         """Fixed (observer-set) scales on float32 per-tensor/per-channel grids take PyTorch's fused kernel."""
