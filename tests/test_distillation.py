@@ -110,6 +110,15 @@ def test_teacher_targets_mode_trains_on_the_teachers_transcripts(prepared_sample
     assert float(log["kl_loss"]) < 1e-6  # the student is the teacher here
     with pytest.raises(ValueError, match="--distill-targets"):
         QATDistillationCriterion(task, str(teacher), 1.0, 1.0, 0.0, 1.0, 0.0, "", 30, distill_targets="gold")
+    # the teacher decodes each utterance once: the same batch again is served from the cache, same loss
+    assert (crit.transcripts.hits, crit.transcripts.misses) == (0, 4)
+    loss2, _, log2 = crit(student, batch)
+    assert (crit.transcripts.hits, crit.transcripts.misses) == (4, 4)
+    assert log2["ntokens"] == log["ntokens"] and float(log2["loss"]) == float(log["loss"])
+    # other features under the same ids (augmentation) are decoded anew
+    changed = {**batch, "net_input": {**net, "src_tokens": net["src_tokens"] * 1.5}}
+    crit(student, changed)
+    assert crit.transcripts.misses == 8
 
 
 def test_greedy_transcripts_equal_fairseq_beam_1(prepared_sample: Path, teacher: Path):

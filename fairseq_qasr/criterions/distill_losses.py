@@ -29,10 +29,11 @@ def hidden_mse(student: List[Tensor], teacher: List[Tensor], masks: List[Tensor]
 
 @torch.no_grad()
 def greedy_transcripts(model, src_tokens: Tensor, src_lengths: Tensor, bos: int, eos: int, pad: int,
-                       max_len: int) -> Tensor:
+                       max_len: int, encoder_out: Optional[Dict[str, List[Tensor]]] = None) -> Tensor:
     """Greedy (beam 1) decoding of a fairseq encoder-decoder with incremental state: ``(B, <=max_len)`` token ids
-    ending in EOS, right-padded with ``pad``."""
-    encoder_out = model.encoder(src_tokens, src_lengths)
+    ending in EOS, right-padded with ``pad``. ``encoder_out``: the encoder's output on these rows, if already run."""
+    if encoder_out is None:
+        encoder_out = model.encoder(src_tokens, src_lengths)
     batch = src_tokens.size(0)
     tokens = torch.full((batch, 1), bos, dtype=torch.long, device=src_tokens.device)
     finished = torch.zeros(batch, dtype=torch.bool, device=src_tokens.device)

@@ -21,7 +21,7 @@ from fairseq.dataclass import FairseqDataclass
 from torch import Tensor
 
 from .distill_losses import hidden_mse, kl_teacher_student
-from .teacher_targets import with_model_transcripts
+from .teacher_targets import TranscriptCache, with_model_transcripts
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +79,7 @@ class QATDistillationCriterion(FairseqCriterion):
         # not a registered submodule: fairseq would save its weights in every checkpoint, hand them to the
         # optimizer's parameter scan and switch it to train mode with the criterion
         object.__setattr__(self, "teacher", self._load_teacher(task, teacher_path))
+        self.transcripts = TranscriptCache()  # the teacher is frozen: decode each utterance once
 
     # -- start-up checks -------------------------------------------------------------------------
     def _load_teacher(self, task, path: str):
@@ -126,15 +127,16 @@ class QATDistillationCriterion(FairseqCriterion):
         all_rows = torch.ones(sample["target"].size(0), dtype=torch.bool, device=sample["target"].device)
         if self.distill_targets == "teacher":  # every row decoded by the teacher, then treated as labeled
             sample = {**sample, "labeled": ~all_rows}
-        target, prev = with_model_transcripts(self.teacher, sample, self.task.target_dictionary, self.teacher_max_len)
+        want_hidden = self.gamma > 0
+        with torch.no_grad():  # one teacher encoder pass serves its transcripts and its distributions
+            t_enc = self.teacher.encoder(net["src_tokens"], net["src_lengths"], return_all_hiddens=want_hidden)
+            target, prev = with_model_transcripts(self.teacher, sample, self.task.target_dictionary,
+                                                  self.teacher_max_len, encoder_out=t_enc, cache=self.transcripts)
+            t_logits, t_extra = self.teacher.decoder(prev, encoder_out=t_enc)
         pad = self.padding_idx
         mask = target.ne(pad).float()
-        want_hidden = self.gamma > 0
         enc = model.encoder(net["src_tokens"], net["src_lengths"], return_all_hiddens=want_hidden)
         logits, extra = model.decoder(prev, encoder_out=enc)
-        with torch.no_grad():
-            t_enc = self.teacher.encoder(net["src_tokens"], net["src_lengths"], return_all_hiddens=want_hidden)
-            t_logits, t_extra = self.teacher.decoder(prev, encoder_out=t_enc)
 
         labeled = all_rows if self.distill_targets == "teacher" else sample.get("labeled", all_rows)
         lprobs = model.get_normalized_probs((logits, extra), log_probs=True)
