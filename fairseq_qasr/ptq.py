@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from fairseq_qasr.checkpoints import derived_checkpoint, load_model, read_state, write_checkpoint
 from fairseq_qasr.criterions.teacher_targets import with_model_transcripts
-from fairseq_qasr.models.quantized import forward_and_normalize, is_quantized
+from fairseq_qasr.models.quantized import forward_and_normalize, is_quantized, latent_float_state
 from fairseq_qasr.quant import calibrate, load_recipe, set_quantization, uncalibrated
 from fairseq_qasr.quant.modules import QConv1d, QConv2d, QLinear
 
@@ -108,12 +108,17 @@ def correct_biases(model: nn.Module, batches: List[Dict[str, Any]]) -> List[str]
 
 def quantize_checkpoint(path: str, recipe: Any, data: str, split: str, out: str, num_utts: int = 64,
                         observer: Optional[str] = None, bias_correction: bool = False, max_tokens: int = 30000,
-                        seed: int = 1, max_len: int = 200) -> PTQResult:
-    """PTQ: ``path`` (full precision) -> calibrated quantized checkpoint ``out``."""
+                        seed: int = 1, max_len: int = 200, requantize: bool = False) -> PTQResult:
+    """PTQ: ``path`` (full precision) -> calibrated quantized checkpoint ``out``. ``requantize``: ``path`` may be
+    a quantized (e.g. QAT) checkpoint, whose latent float weights are quantized anew with ``recipe`` (progressive
+    bit lowering across training phases: QAT at 4 bits, then 2-bit PTQ + QAT from those weights)."""
     started = time.time()
     float_model, task, cfg = load_model(path, data=data)
     if is_quantized(float_model):
-        raise ValueError(f"{path} is already quantized (recipe {float_model.qasr_recipe.name!r}); give a full-precision checkpoint")
+        if not requantize:
+            raise ValueError(f"{path} is already quantized (recipe {float_model.qasr_recipe.name!r}); give a "
+                             "full-precision checkpoint, or requantize its latent float weights (--requantize)")
+        set_quantization(float_model, False)  # the latent float model decodes the calibration transcripts
     recipe_dict = recipe_with_observer(recipe, observer)
     model_cfg = copy.deepcopy(cfg.model)
     from omegaconf import OmegaConf, open_dict
@@ -122,7 +127,7 @@ def quantize_checkpoint(path: str, recipe: Any, data: str, split: str, out: str,
         model_cfg.quant_config = None
         model_cfg.quant_recipe = json.dumps(recipe_dict, sort_keys=True)
     qmodel = task.build_model(model_cfg)
-    qmodel.load_state_dict(float_model.state_dict())
+    qmodel.load_state_dict(latent_float_state(float_model) if is_quantized(float_model) else float_model.state_dict())
     qmodel.eval()
     batches = calibration_batches(task, split, num_utts, max_tokens, seed)
     decoder_inputs(float_model, batches, task.target_dictionary, max_len)

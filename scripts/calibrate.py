@@ -25,12 +25,15 @@ def main() -> None:
     p.add_argument("--observer", choices=["minmax", "moving_average", "percentile", "mse"],
                    help="override the recipe's activation observers")
     p.add_argument("--bias-correction", action="store_true", help="empirical bias correction after calibration")
+    p.add_argument("--requantize", action="store_true",
+                   help="--path may be a quantized (e.g. QAT) checkpoint: quantize its latent float weights anew")
     p.add_argument("--max-tokens", type=int, default=30000, help="frames per calibration batch")
     p.add_argument("--seed", type=int, default=1)
     args = p.parse_args()
     try:
         r = quantize_checkpoint(args.path, args.quant_config, args.data, args.split, args.out, args.num_utts,
-                                args.observer, args.bias_correction, args.max_tokens, args.seed)
+                                args.observer, args.bias_correction, args.max_tokens, args.seed,
+                                requantize=args.requantize)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         sys.exit(f"calibrate: {e}")
     print(f"wrote {r.out}: recipe {r.recipe}, {r.utterances} utterances, {r.seconds:.1f} s"

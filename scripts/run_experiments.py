@@ -66,9 +66,10 @@ class Study:
         kind, _, recipe = model.partition("_")
         ptq = self.out / f"ptq_{recipe}.pt"
         if f"build:ptq_{recipe}" not in self.results or not ptq.exists():
-            cmd = [sys.executable, "scripts/calibrate.py", "--path", a.teacher, "--quant-config", recipe,
+            start = dict(item.split("=", 1) for item in a.ptq_from).get(recipe)
+            cmd = [sys.executable, "scripts/calibrate.py", "--path", start or a.teacher, "--quant-config", recipe,
                    "--data", a.data, "--split", a.calib_split, "--num-utts", str(a.calib_utts), "--out", ptq,
-                   "--max-tokens", "48000"]
+                   "--max-tokens", "48000"] + (["--requantize"] if start else [])
             t = time.time()
             run(cmd, self.out / "logs" / f"ptq_{recipe}.log")
             self.record(f"build:ptq_{recipe}", {"command": " ".join(map(str, cmd)), "seconds": round(time.time() - t)})
@@ -174,6 +175,9 @@ def main() -> None:
     p.add_argument("--cells", nargs="*", default=[], help="MODEL:SPLIT, in the order to run")
     p.add_argument("--calib-split", default="train-clean-100")
     p.add_argument("--calib-utts", type=int, default=32)
+    p.add_argument("--ptq-from", nargs="*", default=[], metavar="RECIPE=CKPT",
+                   help="calibrate RECIPE from the latent float weights of CKPT (e.g. a 4-bit QAT checkpoint, "
+                        "for 2-bit) instead of the teacher; QAT still distills from --teacher")
     p.add_argument("--qat-split", default="train-clean-5")
     p.add_argument("--qat-updates", type=int, default=40)
     p.add_argument("--qat-lr", type=float, default=2e-5)

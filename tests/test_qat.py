@@ -143,3 +143,22 @@ def test_sensitivity_script_ranks_every_quantizer_group(prepared_sample, float_c
     bad = subprocess.run([sys.executable, "scripts/sensitivity.py", "--quantized", str(float_ckpt), "--float", str(out),
                           "--data", str(prepared_sample)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
     assert bad.returncode != 0 and "must be a full-precision checkpoint" in bad.stderr
+
+
+def test_requantize_lowers_a_quantized_checkpoint_from_its_latent_float_weights(prepared_sample, float_ckpt, tmp_path):
+    import torch
+    from fairseq_qasr.ptq import quantize_checkpoint
+
+    w4 = tmp_path / "w4.pt"
+    quantize_checkpoint(str(float_ckpt), "w4a8", str(prepared_sample), "train-clean-5", str(w4), num_utts=2)
+    with pytest.raises(ValueError, match=r"already quantized .*\(--requantize\)"):
+        quantize_checkpoint(str(w4), "w2a8", str(prepared_sample), "train-clean-5", str(tmp_path / "x.pt"), num_utts=2)
+    w2 = tmp_path / "w2.pt"
+    quantize_checkpoint(str(w4), "w2a8", str(prepared_sample), "train-clean-5", str(w2), num_utts=2, requantize=True)
+    s4, s2, fp = (torch.load(p)["model"] for p in (w4, w2, float_ckpt))
+    name = next(k for k in fp if k.endswith("fc1.weight"))
+    assert torch.equal(s2[name], s4[name]) and torch.equal(s2[name], fp[name])  # the latent weights carried over
+    bits = {int(v) for k, v in s2.items() if k.endswith("w_q.weight.bits") and "fc1" in k}
+    assert bits == {2}  # re-quantized at 2 bits, with new ranges
+    result = audit(w2, prepared_sample)
+    assert result.returncode == 0 and "int2" in result.stdout, result.stdout[-2000:]

@@ -88,6 +88,12 @@ def split_float_state(model: nn.Module, state_dict: Mapping[str, Any]) -> bool:
     return bool(quant_keys) and not any(k in state_dict for k in quant_keys)
 
 
+def latent_float_state(model: nn.Module) -> Dict[str, Any]:
+    """The float (latent) weights of a quantized model: its state without any quantizer or wrapper state, which
+    a float model of the same architecture (or one quantized with another recipe) loads."""
+    return {k: v for k, v in model.state_dict().items() if not _is_quant_key(model, k)}
+
+
 def _is_quant_key(model: nn.Module, key: str) -> bool:
     """State that only the quantized model has: inside a Quantizer, or inside a routed op wrapper
     (``<op>_<k>`` submodules created by the replacement tool, e.g. ``add_0.const_value``)."""

@@ -13,26 +13,33 @@ Anything else (learned scales, other dtypes or devices, other layouts, no numba)
 """
 from __future__ import annotations
 
+import importlib.util
 import os
+from types import SimpleNamespace
 from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
-try:  # numba comes with openai-whisper (requirements.txt); the torch formula serves without it
-    import numpy as np
-    from numba import njit, prange
-except ImportError:  # pragma: no cover - exercised only where numba is absent
-    njit = None
+_HAVE_NUMBA = importlib.util.find_spec("numba") is not None  # comes with openai-whisper (requirements.txt)
+_KERNELS: Optional[SimpleNamespace] = None
 
 
 def enabled() -> bool:
-    return njit is not None and os.environ.get("QASR_CPU_KERNELS", "1") != "0"
+    return _HAVE_NUMBA and os.environ.get("QASR_CPU_KERNELS", "1") != "0"
 
 
-if njit is not None:
+def _kernels() -> SimpleNamespace:
+    """Compile (or load from numba's on-disk cache) the kernels on first use: importing numba costs ~0.5 s,
+    which processes that never fake-quantize on the CPU do not pay."""
+    global _KERNELS
+    if _KERNELS is not None:
+        return _KERNELS
+    import numpy as np
+    from numba import njit, prange
+
     @njit(parallel=True, cache=True, nogil=True)
-    def _fq_tensor(x, out, mask, s, z, qmin, qmax, keep_neg_inf):  # pragma: no cover - compiled
+    def fq_tensor(x, out, mask, s, z, qmin, qmax, keep_neg_inf):  # pragma: no cover - compiled
         for i in prange(x.size):
             v = x[i]
             if keep_neg_inf and v == -np.inf:
@@ -44,7 +51,7 @@ if njit is not None:
             out[i] = (min(max(q, qmin), qmax) - z) * s
 
     @njit(parallel=True, cache=True, nogil=True)
-    def _fq_blocks(x, out, mask, s, z, block, qmin, qmax):  # pragma: no cover - compiled
+    def fq_blocks(x, out, mask, s, z, block, qmin, qmax):  # pragma: no cover - compiled
         for b in prange(s.size):
             sb, zb = s[b], z[b]
             for i in range(b * block, (b + 1) * block):
@@ -53,9 +60,12 @@ if njit is not None:
                 out[i] = (min(max(q, qmin), qmax) - zb) * sb
 
     @njit(parallel=True, cache=True, nogil=True)
-    def _ste_grad(grad, mask, out):  # pragma: no cover - compiled
+    def ste_grad(grad, mask, out):  # pragma: no cover - compiled
         for i in prange(grad.size):
             out[i] = grad[i] if mask[i] else 0.0
+
+    _KERNELS = SimpleNamespace(np=np, fq_tensor=fq_tensor, fq_blocks=fq_blocks, ste_grad=ste_grad)
+    return _KERNELS
 
 
 def block_size(x: Tensor, scale: Tensor, granularity: str, axis: int, group_size: int) -> Optional[int]:
@@ -76,6 +86,8 @@ class _FakeQuantBlocks(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, scale: Tensor, zero_point: Tensor, block: int, qmin: int, qmax: int,
                 keep_neg_inf: bool) -> Tensor:
+        k = _kernels()
+        np = k.np
         out = torch.empty_like(x)
         mask = torch.empty(x.shape, dtype=torch.bool)
         s = scale.detach().reshape(-1).to(torch.float32).contiguous()
@@ -83,9 +95,9 @@ class _FakeQuantBlocks(torch.autograd.Function):
         xa, oa, ma = x.detach().view(-1).numpy(), out.view(-1).numpy(), mask.view(-1).numpy()
         lo, hi = np.float32(qmin), np.float32(qmax)
         if block == x.numel():
-            _fq_tensor(xa, oa, ma, np.float32(s[0].item()), np.float32(z[0].item()), lo, hi, keep_neg_inf)
+            k.fq_tensor(xa, oa, ma, np.float32(s[0].item()), np.float32(z[0].item()), lo, hi, keep_neg_inf)
         else:
-            _fq_blocks(xa, oa, ma, s.numpy(), z.numpy(), block, lo, hi)
+            k.fq_blocks(xa, oa, ma, s.numpy(), z.numpy(), block, lo, hi)
         ctx.save_for_backward(mask)
         return out
 
@@ -94,7 +106,7 @@ class _FakeQuantBlocks(torch.autograd.Function):
         (mask,) = ctx.saved_tensors
         if grad.dtype == torch.float32 and grad.is_contiguous():
             out = torch.empty_like(grad)
-            _ste_grad(grad.view(-1).numpy(), mask.view(-1).numpy(), out.view(-1).numpy())
+            _kernels().ste_grad(grad.view(-1).numpy(), mask.view(-1).numpy(), out.view(-1).numpy())
         else:
             out = grad * mask
         return out, None, None, None, None, None, None
