@@ -204,6 +204,9 @@ class IntegerEngine:
     # ---------------------------------------------------------------- ops
     GROUP_FRAC_BITS = 16  # fixed-point fraction of the per-group scale ratios s_group / s_row (<= 1)
     WIDE_ACC_BITS = 12  # headroom of int64 accumulators of 16-bit x 16-bit products (|acc| < 2^43)
+    ADD_FRAC_BITS = 14  # residual adds of 8-bit codes sum on max(s_a, s_b) * 2^-14 (int32)
+    ADD_FRAC_BITS_WIDE = 22  # ... of 16-bit codes on max(s_a, s_b) * 2^-22 (int64): factor and multiplier
+    #                          rounding balanced (2^-23 and 2^-23 relative), ~1/64 LSB of a 16-bit code
     GROUP_ACC_FRAC_BITS = 8  # grouped accumulators keep 8 more fractional bits (int64, |acc| < 2^39)
 
     def linear(self, name: str, x: QT) -> Acc:
@@ -220,13 +223,22 @@ class IntegerEngine:
         if ratios is not None:
             f = self.GROUP_ACC_FRAC_BITS
             return Acc(self._grouped_gemm(name, x, ratios), scale * 2.0 ** -f if scale is not None else None, f)
+        if x.c.dtype != torch.int8:  # 16-bit codes: exact int64 accumulator (int32 could overflow at K = 1536)
+            return Acc(K.linear_int(x.c, w_t, bias_eff.long()), scale, self._wide_headroom(x, w_t.shape[0]))
         w_t32 = None
-        if x.c.numel() // x.c.shape[-1] <= K.SMALL_M:  # decoder steps: int32 copy of the weights, cached
-            w_t32 = self._prep.get("lin32:" + name)
+        if x.c.numel() // x.c.shape[-1] <= K.SMALL_M or K.int8_gemm_backend() == "int32":
+            w_t32 = self._prep.get("lin32:" + name)  # int32 copy of the weights, cached
             if w_t32 is None:
                 w_t32 = self._prep["lin32:" + name] = w_t.int()
         acc = K.linear_int(x.c, w_t, bias_eff, w_t32)
         return Acc(acc, scale)
+
+    def _wide_headroom(self, x: QT, k: int) -> int:
+        """Bits beyond int32 that ``k`` products of ``x``'s codes (minus zero point) and int8 weights can need."""
+        zp, qmin, qmax = self._qinfo(x.on) if x.on else (x.z, -(2 ** 15), 2 ** 16 - 1)
+        off, _ = _storage(qmin, qmax)
+        span = max(abs(qmin + off - x.z), abs(qmax + off - x.z))
+        return max(0, math.ceil(math.log2(k * span * 128 + 2 ** 31)) - 31)
 
     def _grouped_gemm(self, name: str, x: QT, ratios: Tensor) -> Tensor:
         gs = int(self.meta["w:" + name]["group_size"])
@@ -267,7 +279,9 @@ class IntegerEngine:
         w_t = w2.t().contiguous()
         colsum = w2.int().sum(1)
         bias = self.t.get("b:" + name)
-        bias_eff = (bias.int() if bias is not None else torch.zeros_like(colsum)) - zx * colsum
+        bias_eff = (bias.long() if bias is not None else torch.zeros_like(colsum, dtype=torch.long)) - zx * colsum.long()
+        if bool((bias_eff.abs() < 2 ** 31).all()):  # always for int8 codes; 16-bit zero points may need int64
+            bias_eff = bias_eff.int()
         p = self._prep[key] = (w_t, bias_eff)
         return p
 
@@ -322,19 +336,25 @@ class IntegerEngine:
         """Residual / positional add: both operands requantized by the add's input quantizers, then summed
         on a fine common grid ``max(s_a, s_b) * 2^-14`` with integer factors."""
         qa, qb = self.requant(a, name + ".in_q.0"), self.requant(b, name + ".in_q.1")
+        wide = qa.c.dtype != torch.int8 or qb.c.dtype != torch.int8
+        frac = self.ADD_FRAC_BITS_WIDE if wide else self.ADD_FRAC_BITS
         key = "add:" + name
         if self.compiling and key not in self.meta:
             sa, sb = float(qa.scale), float(qb.scale)
-            s = max(sa, sb) * 2.0 ** -14
+            s = max(sa, sb) * 2.0 ** -frac
             self.meta[key] = dict(ka=int(round(sa / s)), kb=int(round(sb / s)))
             self.scales[name + ".out"] = s
         f = self.meta[key]
+        scale = torch.tensor(self.scales[name + ".out"], dtype=torch.float64) if self.compiling else None
+        if wide:  # 16-bit codes x 2^22 factors: int64, consumers' multipliers shortened by the headroom
+            acc = (qa.c.long() - qa.z) * f["ka"] + (qb.c.long() - qb.z) * f["kb"]
+            return Acc(acc, scale, 17 + frac - 31)
         if self.fused and not self.compiling:
             from . import fused
             acc = fused.add(qa.c, qa.z, f["ka"], qb.c, qb.z, f["kb"])
         else:
             acc = (qa.c.int() - qa.z) * f["ka"] + (qb.c.int() - qb.z) * f["kb"]
-        return Acc(acc, torch.tensor(self.scales[name + ".out"], dtype=torch.float64) if self.compiling else None)
+        return Acc(acc, scale)
 
     def layer_norm(self, name: str, x) -> Acc:
         q = self.requant(x, name + ".in_q.0")
@@ -542,7 +562,8 @@ class IntegerEngine:
             for h in range(H):
                 raw = torch._int_mm(a[bi, h], b[bi, h].t())
                 p, psum = fused.attn_softmax(raw, rows[bi, h], cols[bi, h], m, sh, zp + off, qmin + off, qmax + off,
-                                             lut, f["mult"], ozp + ooff, oqmin + ooff, oqmax + ooff)
+                                             lut, f["mult"], ozp + ooff, oqmin + ooff, oqmax + ooff,
+                                             K.recip_bits(f["mult"]))
                 pq = self.requant(QT(p, ozp + ooff, None, sm + ".out_q"), av + ".in_q.0")
                 if pq.c is not p:
                     psum = pq.c.sum(-1, keepdim=True, dtype=torch.int32)

@@ -7,6 +7,8 @@ Everything at inference time is integer arithmetic on integer tensors. The only 
 from __future__ import annotations
 
 import math
+import os
+import time
 from typing import Optional, Tuple
 
 import torch
@@ -64,19 +66,77 @@ def rescale(acc: Tensor, m: Tensor, shift: Tensor) -> Tensor:
 
 # --- GEMMs ----------------------------------------------------------------------------------------
 SMALL_M = 16  # at most this many rows (decoder steps): an int32 GEMV-like matmul beats _int_mm's overhead
+_BACKEND: Optional[str] = None
+
+
+def int8_gemm_backend() -> str:
+    """How int8 x int8 -> int32 GEMMs run here: ``"int_mm"`` (``torch._int_mm``) or ``"int32"`` (an int32
+    matmul of the widened codes). Both are exact integer arithmetic; which is faster depends on the CPU:
+    ``_int_mm`` is fast where the CPU has int8 dot-product instructions (measured on such a machine: 2.6 ms
+    against 10.2 ms for fp32 ``mm`` on 1500x384 @ 384x1536), but on an AVX2 CPU without VNNI it took 1376 ms
+    against 148 ms for the int32 matmul (and 35 ms for fp32). Probed once per process on a small product;
+    ``QASR_INT_GEMM=int_mm|int32`` overrides."""
+    global _BACKEND
+    if _BACKEND is None:
+        forced = os.environ.get("QASR_INT_GEMM")
+        if forced in ("int_mm", "int32"):
+            _BACKEND = forced
+        else:
+            g = torch.Generator().manual_seed(0)
+            a = torch.randint(-128, 128, (128, 384), generator=g, dtype=torch.int8)
+            b = torch.randint(-128, 128, (384, 256), generator=g, dtype=torch.int8)
+            a32, b32 = a.int(), b.int()
+            timings = {}
+            for name, fn in (("int_mm", lambda: torch._int_mm(a, b)), ("int32", lambda: torch.matmul(a32, b32))):
+                fn()
+                t = time.perf_counter()
+                fn()
+                timings[name] = time.perf_counter() - t
+            _BACKEND = min(timings, key=timings.get)
+    return _BACKEND
 
 
 def int_mm(a: Tensor, b: Tensor, b32: Tensor | None = None) -> Tensor:
-    """int8 ``[M, K] @ [K, N]`` -> int32 with ``torch._int_mm`` (int32 accumulation); for few rows (or wider
-    codes) an int32 matmul (``b32``: a cached int32 copy of ``b``)."""
-    if a.dtype == torch.int8 and b.dtype == torch.int8 and a.shape[0] > SMALL_M:
+    """int8 ``[M, K] @ [K, N]`` -> int32 (int32 accumulation, exact for ``K < 2^17``), on the faster backend
+    (:func:`int8_gemm_backend`); few rows always take the int32 matmul. ``b32``: a cached int32 copy of ``b``.
+    Wider codes (16-bit grids, stored as int32): see :func:`wide_mm`."""
+    if a.dtype != torch.int8 or b.dtype != torch.int8:
+        return wide_mm(a, b)
+    if a.shape[0] > SMALL_M and int8_gemm_backend() == "int_mm":
         return torch._int_mm(a.contiguous(), b.contiguous())
     return torch.matmul(a.int(), b32 if b32 is not None else b.int())
 
 
+def _bytes(x: Tensor) -> Tuple[Tensor, Tensor]:
+    """``x = hi * 256 + lo`` with ``lo`` in [0, 255] and ``hi`` the arithmetic high part (int32 each)."""
+    x = x.int()
+    return x >> 8, x & 255
+
+
+def wide_mm(a: Tensor, b: Tensor) -> Tensor:
+    """Exact ``a @ b`` (batched) for integer codes of up to 16 bits (|code| < 2^15, or unsigned < 2^16) as int64:
+    each operand wider than 8 bits is split into bytes and the byte products run as int32 matmuls (each sum
+    stays below 2^31 for ``K < 2^15``), recombined in int64 — an int64 matmul was 19x slower than int32 here."""
+    if a.shape[-1] >= 2 ** 15:
+        raise ValueError(f"wide_mm: reduction length {a.shape[-1]} >= 2^15 may overflow the int32 byte products")
+    pa = _bytes(a) if a.dtype != torch.int8 else (None, a.int())
+    pb = _bytes(b) if b.dtype != torch.int8 else (None, b.int())
+    out = None
+    for ia, ta in enumerate(pa):
+        for ib, tb in enumerate(pb):
+            if ta is None or tb is None:
+                continue
+            part = torch.matmul(ta, tb).long()
+            shift = 8 * ((ia == 0 and pa[0] is not None) + (ib == 0 and pb[0] is not None))
+            part = part << shift if shift else part
+            out = part if out is None else out + part
+    return out
+
+
 def linear_int(x: Tensor, w_t: Tensor, bias_eff: Tensor | None, w_t32: Tensor | None = None) -> Tensor:
-    """``x [..., K]`` int8 codes times ``w_t [K, N]`` int8 weights (symmetric, zero point 0), plus the
-    folded int32 bias ``bias - z_x * colsum(w_t)``: the exact int32 accumulator of ``(x - z_x) @ w``."""
+    """``x [..., K]`` integer codes times ``w_t [K, N]`` int8 weights (symmetric, zero point 0), plus the
+    folded bias ``bias - z_x * colsum(w_t)``: the exact accumulator of ``(x - z_x) @ w`` — int32 for int8 codes,
+    int64 for wider ones (then ``bias_eff`` must be int64 too)."""
     lead = x.shape[:-1]
     acc = int_mm(x.reshape(-1, x.shape[-1]), w_t, w_t32)
     if bias_eff is not None:
@@ -91,14 +151,14 @@ def matmul_int(a: Tensor, za: int, b: Tensor, zb: int) -> Tensor:
     a = a.expand(*batch, *a.shape[-2:]).reshape(-1, *a.shape[-2:])
     b = b.expand(*batch, *b.shape[-2:]).reshape(-1, *b.shape[-2:])
     M, K, N = a.shape[1], a.shape[2], b.shape[2]
-    if a.dtype == torch.int8 and b.dtype == torch.int8 and M > SMALL_M:
+    if a.dtype == torch.int8 and b.dtype == torch.int8 and M > SMALL_M and int8_gemm_backend() == "int_mm":
         out = torch.empty(a.shape[0], M, N, dtype=torch.int32)
         for i in range(a.shape[0]):
             out[i] = torch._int_mm(a[i].contiguous(), b[i].contiguous())
     elif a.dtype == torch.int8 and b.dtype == torch.int8:
         out = torch.matmul(a.int(), b.int())
     else:  # 16-bit codes: products reach 2^31 after a few terms, accumulate in int64
-        out = torch.matmul(a.long(), b.long())
+        out = wide_mm(a, b)
     if zb:
         out -= zb * a.sum(-1, dtype=out.dtype).unsqueeze(-1)
     if za:
@@ -154,6 +214,13 @@ def _exp_terms(q: Tensor, exp_lut: Tensor, masked, cmin: int):
     return xi, mx, e, s
 
 
+def recip_bits(out_mult: int) -> int:
+    """Fraction bits ``R`` of the softmax's per-row reciprocal ``floor(out_mult * 2^R / sum)``: 30, or fewer when
+    ``out_mult`` is large (fine 16-bit output grids), so that ``out_mult * 2^R`` and ``e * r`` (``e <= 2^20``,
+    ``sum >= 2^20``) stay below 2^62."""
+    return max(0, min(30, 61 - int(out_mult).bit_length()))
+
+
 def softmax_int(x: Tensor, cmin: int, masked: Tensor | None, exp_lut: Tensor, out_mult: int, out_shift: int,
                 zp_out: int, qmin: int, qmax: int, out_dtype=torch.int8) -> Tensor:
     """Softmax of integer codes over the last dim.
@@ -164,9 +231,10 @@ def softmax_int(x: Tensor, cmin: int, masked: Tensor | None, exp_lut: Tensor, ou
     ``floor(out_mult * 2^30 / sum)``) and a multiply-shift per element.
     """
     xi, mx, e, s = _exp_terms(x, exp_lut, masked, cmin)
-    # one division per row: r = floor(out_mult * 2^30 / sum), then round(e * r * 2^-(30 + out_shift))
-    r = torch.div(out_mult << 30, s, rounding_mode="floor")
-    sh = 30 + out_shift
+    # one division per row: r = floor(out_mult * 2^R / sum), then round(e * r * 2^-(R + out_shift))
+    R = recip_bits(out_mult)
+    r = torch.div(out_mult << R, s, rounding_mode="floor")
+    sh = R + out_shift
     q = ((e * r + (1 << (sh - 1))) >> sh) + zp_out
     return q.clamp_(qmin, qmax).to(out_dtype)
 

@@ -14,7 +14,8 @@ from fairseq_qasr.integer.honesty import run_integer_only
 
 
 @pytest.fixture(scope="module", params=["w8a8", "w4a8", "w2a8", H.GROUPED, "w8a8-whisper_layout",
-                                                       "w4a8-whisper_layout", H.GROUPED + "-whisper_layout"])
+                                                       "w4a8-whisper_layout", H.GROUPED + "-whisper_layout",
+                                                       "w8a8_r16-whisper_layout"])  # 16-bit residual stream, fc2 inputs
 def compiled(request):
     recipe, _, layout = request.param.partition("-")
     model, d, cfg, inp = H.quantized_xs(recipe, **(H.WHISPER_LAYOUT if layout else {}))
@@ -85,8 +86,28 @@ def test_no_float_op_between_features_and_tokens(compiled):
     tokens, mode = run_integer_only(run)
     assert tokens.dtype == torch.int64
     assert not mode.violations, f"float ops: {mode.violations[:5]}"
-    names = {name for name, _ in mode.ops}
-    assert "_int_mm" in names  # int8 x int8 -> int32 GEMMs
+    gemms = {(name, dtypes) for name, dtypes in mode.ops if name in ("_int_mm", "mm", "bmm")}
+    # int8 x int8 -> int32 GEMMs, on whichever integer backend is faster here (K.int8_gemm_backend())
+    assert gemms and all(set(d) <= {"int8", "int32"} for _, d in gemms), gemms
+
+
+def test_int8_gemm_backends_agree_and_wide_codes_are_exact(monkeypatch):
+    g = torch.Generator().manual_seed(3)
+    a = torch.randint(-128, 128, (40, 96), generator=g, dtype=torch.int8)
+    b = torch.randint(-128, 128, (96, 24), generator=g, dtype=torch.int8)
+    ref = a.long() @ b.long()
+    for backend in ("int_mm", "int32"):
+        monkeypatch.setattr(K, "_BACKEND", backend)
+        assert torch.equal(K.int_mm(a, b).long(), ref)
+    # 16-bit codes (stored as int32) against int8 and 16-bit operands: exact where an int32 matmul would wrap
+    x = torch.randint(-(2 ** 15), 2 ** 15, (5, 1536), generator=g)
+    x[0] = 2 ** 15 - 1
+    w = torch.randint(-128, 128, (1536, 7), generator=g)
+    w[:, 0] = 127
+    assert (x.long() @ w.long()).abs().max() > 2 ** 31  # the int32 accumulator would overflow here
+    assert torch.equal(K.int_mm(x.int(), w.to(torch.int8)), x.long() @ w.long())
+    u = torch.randint(0, 2 ** 16, (1536, 3), generator=g)
+    assert torch.equal(K.wide_mm(x.int(), u.int()), x.long() @ u.long())
 
 
 def test_incremental_decoding_equals_full(compiled):
