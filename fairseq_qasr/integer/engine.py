@@ -225,12 +225,12 @@ class IntegerEngine:
             return Acc(self._grouped_gemm(name, x, ratios), scale * 2.0 ** -f if scale is not None else None, f)
         if x.c.dtype != torch.int8:  # 16-bit codes: exact int64 accumulator (int32 could overflow at K = 1536)
             return Acc(K.linear_int(x.c, w_t, bias_eff.long()), scale, self._wide_headroom(x, w_t.shape[0]))
-        w_t32 = None
-        if x.c.numel() // x.c.shape[-1] <= K.SMALL_M or K.int8_gemm_backend() == "int32":
-            w_t32 = self._prep.get("lin32:" + name)  # int32 copy of the weights, cached
-            if w_t32 is None:
-                w_t32 = self._prep["lin32:" + name] = w_t.int()
-        acc = K.linear_int(x.c, w_t, bias_eff, w_t32)
+        small = x.c.numel() // x.c.shape[-1] <= K.SMALL_M  # decoder steps: int32 matmul
+        key = ("lin32:" if small else "linp:") + name
+        prepared = self._prep.get(key)  # the weights in the GEMM backend's layout, cached
+        if prepared is None:
+            prepared = self._prep[key] = w_t.int() if small else K.prepare_weight(w_t)
+        acc = K.linear_int(x.c, w_t, bias_eff, prepared)
         return Acc(acc, scale)
 
     def _wide_headroom(self, x: QT, k: int) -> int:

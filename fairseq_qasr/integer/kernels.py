@@ -14,6 +14,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from . import numba_gemm
+
 INT8_MIN, INT8_MAX = -128, 127
 
 
@@ -70,41 +72,67 @@ _BACKEND: Optional[str] = None
 
 
 def int8_gemm_backend() -> str:
-    """How int8 x int8 -> int32 GEMMs run here: ``"int_mm"`` (``torch._int_mm``) or ``"int32"`` (an int32
-    matmul of the widened codes). Both are exact integer arithmetic; which is faster depends on the CPU:
-    ``_int_mm`` is fast where the CPU has int8 dot-product instructions (measured on such a machine: 2.6 ms
-    against 10.2 ms for fp32 ``mm`` on 1500x384 @ 384x1536), but on an AVX2 CPU without VNNI it took 1376 ms
-    against 148 ms for the int32 matmul (and 35 ms for fp32). Probed once per process on a small product;
-    ``QASR_INT_GEMM=int_mm|int32`` overrides."""
+    """How int8 x int8 -> int32 GEMMs run here: ``"int_mm"`` (``torch._int_mm``), ``"numba"``
+    (:mod:`.numba_gemm`, int16 operands) or ``"int32"`` (an int32 matmul of the widened codes). All are exact
+    integer arithmetic; which is fastest depends on the CPU: ``_int_mm`` is fast where the CPU has int8
+    dot-product instructions (measured on such a machine: 2.6 ms against 10.2 ms for fp32 ``mm`` on
+    1500x384 @ 384x1536), but on an AVX2 CPU without VNNI it took 1376 ms, the int32 matmul 148 ms and the numba
+    kernel 56 ms (fp32: 35 ms). Probed once per process on a small product; ``QASR_INT_GEMM`` overrides."""
     global _BACKEND
     if _BACKEND is None:
         forced = os.environ.get("QASR_INT_GEMM")
-        if forced in ("int_mm", "int32"):
+        if forced in GEMM_BACKENDS and (forced != "numba" or numba_gemm.AVAILABLE):
             _BACKEND = forced
         else:
             g = torch.Generator().manual_seed(0)
-            a = torch.randint(-128, 128, (128, 384), generator=g, dtype=torch.int8)
-            b = torch.randint(-128, 128, (384, 256), generator=g, dtype=torch.int8)
-            a32, b32 = a.int(), b.int()
+            a = torch.randint(-128, 128, (256, 384), generator=g, dtype=torch.int8)
+            b = torch.randint(-128, 128, (384, 384), generator=g, dtype=torch.int8)
             timings = {}
-            for name, fn in (("int_mm", lambda: torch._int_mm(a, b)), ("int32", lambda: torch.matmul(a32, b32))):
-                fn()
+            for name in GEMM_BACKENDS:
+                if name == "numba" and not numba_gemm.AVAILABLE:
+                    continue
+                prepared = prepare_weight(b, name)
+                _gemm(a, b, prepared, name)  # warm-up (numba: compile or load from its cache)
                 t = time.perf_counter()
-                fn()
+                _gemm(a, b, prepared, name)
                 timings[name] = time.perf_counter() - t
             _BACKEND = min(timings, key=timings.get)
     return _BACKEND
 
 
-def int_mm(a: Tensor, b: Tensor, b32: Tensor | None = None) -> Tensor:
-    """int8 ``[M, K] @ [K, N]`` -> int32 (int32 accumulation, exact for ``K < 2^17``), on the faster backend
-    (:func:`int8_gemm_backend`); few rows always take the int32 matmul. ``b32``: a cached int32 copy of ``b``.
-    Wider codes (16-bit grids, stored as int32): see :func:`wide_mm`."""
+GEMM_BACKENDS = ("int_mm", "numba", "int32")
+
+
+def prepare_weight(b: Tensor, backend: Optional[str] = None) -> Tensor:
+    """The int8 right operand ``[K, N]`` in the layout the backend reads (cache it for weights)."""
+    backend = backend or int8_gemm_backend()
+    if backend == "numba":
+        return numba_gemm.prepare(b)
+    return b.int() if backend == "int32" else b.contiguous()
+
+
+def _gemm(a: Tensor, b: Tensor, prepared: Optional[Tensor], backend: str) -> Tensor:
+    if backend == "int_mm":
+        return torch._int_mm(a.contiguous(), b.contiguous())
+    if prepared is None:
+        prepared = prepare_weight(b, backend)
+    if backend == "numba":
+        return numba_gemm.mm(a, prepared)
+    return torch.matmul(a.int(), prepared)
+
+
+def int_mm(a: Tensor, b: Tensor, prepared: Tensor | None = None) -> Tensor:
+    """int8 ``[M, K] @ [K, N]`` -> int32 (int32 accumulation, exact for ``K < 2^17``), on the fastest backend
+    (:func:`int8_gemm_backend`; ``prepared``: ``b`` from :func:`prepare_weight`, cached by the caller); few rows
+    (decoder steps) take the int32 matmul. Wider codes (16-bit grids, stored as int32): see :func:`wide_mm`."""
     if a.dtype != torch.int8 or b.dtype != torch.int8:
         return wide_mm(a, b)
-    if a.shape[0] > SMALL_M and int8_gemm_backend() == "int_mm":
-        return torch._int_mm(a.contiguous(), b.contiguous())
-    return torch.matmul(a.int(), b32 if b32 is not None else b.int())
+    if a.shape[0] <= SMALL_M:
+        return torch.matmul(a.int(), prepared if prepared is not None and prepared.dtype == torch.int32 else b.int())
+    backend = int8_gemm_backend()
+    if prepared is not None and prepared.dtype != {"numba": torch.int16, "int32": torch.int32}.get(backend, torch.int8):
+        prepared = None
+    return _gemm(a, b, prepared, backend)
 
 
 def _bytes(x: Tensor) -> Tuple[Tensor, Tensor]:
@@ -133,12 +161,12 @@ def wide_mm(a: Tensor, b: Tensor) -> Tensor:
     return out
 
 
-def linear_int(x: Tensor, w_t: Tensor, bias_eff: Tensor | None, w_t32: Tensor | None = None) -> Tensor:
+def linear_int(x: Tensor, w_t: Tensor, bias_eff: Tensor | None, prepared: Tensor | None = None) -> Tensor:
     """``x [..., K]`` integer codes times ``w_t [K, N]`` int8 weights (symmetric, zero point 0), plus the
     folded bias ``bias - z_x * colsum(w_t)``: the exact accumulator of ``(x - z_x) @ w`` — int32 for int8 codes,
     int64 for wider ones (then ``bias_eff`` must be int64 too)."""
     lead = x.shape[:-1]
-    acc = int_mm(x.reshape(-1, x.shape[-1]), w_t, w_t32)
+    acc = int_mm(x.reshape(-1, x.shape[-1]), w_t, prepared)
     if bias_eff is not None:
         acc += bias_eff
     return acc.view(*lead, w_t.shape[1])
@@ -151,10 +179,10 @@ def matmul_int(a: Tensor, za: int, b: Tensor, zb: int) -> Tensor:
     a = a.expand(*batch, *a.shape[-2:]).reshape(-1, *a.shape[-2:])
     b = b.expand(*batch, *b.shape[-2:]).reshape(-1, *b.shape[-2:])
     M, K, N = a.shape[1], a.shape[2], b.shape[2]
-    if a.dtype == torch.int8 and b.dtype == torch.int8 and M > SMALL_M and int8_gemm_backend() == "int_mm":
+    if a.dtype == torch.int8 and b.dtype == torch.int8 and M > SMALL_M and int8_gemm_backend() != "int32":
         out = torch.empty(a.shape[0], M, N, dtype=torch.int32)
         for i in range(a.shape[0]):
-            out[i] = torch._int_mm(a[i].contiguous(), b[i].contiguous())
+            out[i] = _gemm(a[i], b[i], None, int8_gemm_backend())
     elif a.dtype == torch.int8 and b.dtype == torch.int8:
         out = torch.matmul(a.int(), b.int())
     else:  # 16-bit codes: products reach 2^31 after a few terms, accumulate in int64

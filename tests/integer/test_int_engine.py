@@ -86,9 +86,11 @@ def test_no_float_op_between_features_and_tokens(compiled):
     tokens, mode = run_integer_only(run)
     assert tokens.dtype == torch.int64
     assert not mode.violations, f"float ops: {mode.violations[:5]}"
-    gemms = {(name, dtypes) for name, dtypes in mode.ops if name in ("_int_mm", "mm", "bmm")}
+    gemms = {(name, dtypes) for name, dtypes in mode.ops if name in ("_int_mm", "mm", "bmm", "int16_gemm")}
     # int8 x int8 -> int32 GEMMs, on whichever integer backend is faster here (K.int8_gemm_backend())
-    assert gemms and all(set(d) <= {"int8", "int32"} for _, d in gemms), gemms
+    assert gemms and all(set(d) <= {"int8", "int16", "int32"} for _, d in gemms), gemms
+    big = {name for name, _ in gemms} - {"mm", "bmm"}  # encoder GEMMs on the probed backend, seen by the check
+    assert big == ({"_int_mm"} if K.int8_gemm_backend() == "int_mm" else {"int16_gemm"} if K.int8_gemm_backend() == "numba" else set())
 
 
 def test_int8_gemm_backends_agree_and_wide_codes_are_exact(monkeypatch):
@@ -96,9 +98,11 @@ def test_int8_gemm_backends_agree_and_wide_codes_are_exact(monkeypatch):
     a = torch.randint(-128, 128, (40, 96), generator=g, dtype=torch.int8)
     b = torch.randint(-128, 128, (96, 24), generator=g, dtype=torch.int8)
     ref = a.long() @ b.long()
-    for backend in ("int_mm", "int32"):
+    for backend in K.GEMM_BACKENDS:
         monkeypatch.setattr(K, "_BACKEND", backend)
         assert torch.equal(K.int_mm(a, b).long(), ref)
+        assert torch.equal(K.int_mm(a, b, K.prepare_weight(b)).long(), ref)
+        assert torch.equal(K.matmul_int(a[None], 3, b[None], -2)[0].long(), (a.long() - 3) @ (b.long() + 2))
     # 16-bit codes (stored as int32) against int8 and 16-bit operands: exact where an int32 matmul would wrap
     x = torch.randint(-(2 ** 15), 2 ** 15, (5, 1536), generator=g)
     x[0] = 2 ** 15 - 1
