@@ -550,6 +550,7 @@ class IntegerEngine:
         if f["shift"] != 16:
             raise ValueError("fused softmax expects out_shift 16")
         lut = self.t["sm:" + sm + ".exp"]
+        rb = K.recip_bits(f["mult"])
         # one layout change per tensor: (B, H, Tq, d), keys as (B, H, Tk, d) (their transpose feeds the GEMM)
         a, b, v = qs.c.contiguous(), kc.c.transpose(2, 3).contiguous(), vc.c.contiguous()
         B, H, Tq, d = a.shape
@@ -560,16 +561,15 @@ class IntegerEngine:
         vsum = v.sum(-2, dtype=torch.int32).unsqueeze(-2)                     # (B, H, 1, d)
         for bi in range(B):
             for h in range(H):
-                raw = torch._int_mm(a[bi, h], b[bi, h].t())
+                raw = K.int_mm(a[bi, h], b[bi, h].t())
                 p, psum = fused.attn_softmax(raw, rows[bi, h], cols[bi, h], m, sh, zp + off, qmin + off, qmax + off,
-                                             lut, f["mult"], ozp + ooff, oqmin + ooff, oqmax + ooff,
-                                             K.recip_bits(f["mult"]))
+                                             lut, f["mult"] << rb, ozp + ooff, oqmin + ooff, oqmax + ooff,
+                                             1 << (rb + 15), rb + 16)
                 pq = self.requant(QT(p, ozp + ooff, None, sm + ".out_q"), av + ".in_q.0")
                 if pq.c is not p:
                     psum = pq.c.sum(-1, keepdim=True, dtype=torch.int32)
                 o = out[bi, h]
-                torch.ops.aten._int_mm.out(pq.c, v[bi, h], out=o) if hasattr(torch.ops.aten._int_mm, "out") \
-                    else o.copy_(torch._int_mm(pq.c, v[bi, h]))
+                o.copy_(K.int_mm(pq.c, v[bi, h]))
                 if zv:
                     o -= zv * psum
                 if pq.z:

@@ -30,15 +30,15 @@ def requant(acc: Tensor, m: Tensor, sh: Tensor, zp: int, qmin: int, qmax: int, s
 
 
 def _attn_softmax(raw: Tensor, rowterm: Tensor, colterm: Tensor, m: Tensor, sh: Tensor, zp_in: int,
-                  qmin: int, qmax: int, lut: Tensor, mult: int, zp_out: int, oqmin: int, oqmax: int,
-                  rbits: int = 30) -> Tensor:
+                  qmin: int, qmax: int, lut: Tensor, mult_r: int, zp_out: int, oqmin: int, oqmax: int,
+                  half: int, shift: int) -> Tensor:
     acc = raw.long() + rowterm + colterm
     q = (((acc * m + (torch.ones_like(sh) << (sh - 1))) >> sh) + zp_in).clamp(qmin, qmax)
     mx = q.amax(-1, keepdim=True)
     e = lut[mx - q].long()
     s = e.sum(-1, keepdim=True)
-    r = torch.div(mult << rbits, s, rounding_mode="floor")
-    out = (((e * r + (1 << (rbits + 15))) >> (rbits + 16)) + zp_out).clamp(oqmin, oqmax)
+    r = torch.div(mult_r, s, rounding_mode="floor")  # mult_r = out_mult << R, shift = R + 16, half = 2^(shift-1)
+    out = (((e * r + half) >> shift) + zp_out).clamp(oqmin, oqmax)
     return out.to(torch.int8), out.sum(-1, keepdim=True).to(torch.int32)
 
 
