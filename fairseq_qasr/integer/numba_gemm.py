@@ -19,6 +19,9 @@ _GEMM: Optional[Callable] = None
 
 def _kernel() -> Callable:
     global _GEMM
+    from fairseq_qasr.quant.cpu_kernels import match_torch_threads
+
+    match_torch_threads()
     if _GEMM is None:
         import numpy as np
         from numba import njit, prange

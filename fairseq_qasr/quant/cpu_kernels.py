@@ -29,11 +29,22 @@ def enabled() -> bool:
     return _HAVE_NUMBA and os.environ.get("QASR_CPU_KERNELS", "1") != "0"
 
 
+def match_torch_threads() -> None:
+    """numba's parallel loops use as many threads as torch does (``torch.set_num_threads``/``OMP_NUM_THREADS``),
+    not every core: several training processes on one machine must not oversubscribe it."""
+    import numba
+
+    n = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    if numba.get_num_threads() != n:
+        numba.set_num_threads(n)
+
+
 def _kernels() -> SimpleNamespace:
     """Compile (or load from numba's on-disk cache) the kernels on first use: importing numba costs ~0.5 s,
     which processes that never fake-quantize on the CPU do not pay."""
     global _KERNELS
     if _KERNELS is not None:
+        match_torch_threads()
         return _KERNELS
     import numpy as np
     from numba import njit, prange
@@ -65,6 +76,7 @@ def _kernels() -> SimpleNamespace:
             out[i] = grad[i] if mask[i] else 0.0
 
     _KERNELS = SimpleNamespace(np=np, fq_tensor=fq_tensor, fq_blocks=fq_blocks, ste_grad=ste_grad)
+    match_torch_threads()
     return _KERNELS
 
 
