@@ -24,6 +24,8 @@ import time
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, ROOT)
 
+from fairseq_qasr.transcripts import parse_generate  # noqa: E402
+
 
 def whisper_worker(a) -> int:
     import soundfile as sf
@@ -60,17 +62,6 @@ def generate_cmd(a, results: str):
                    "--path", os.path.join(a.data, "checkpoint.pt"), "--gen-subset", a.split, "--beam", "1",
                    "--batch-size", str(a.batch_size), "--max-len-b", "224", "--scoring", "whisper_wer",
                    "--results-path", results]
-
-
-def parse_generate(path):
-    hyps, score = {}, None
-    for line in open(path, encoding="utf-8"):
-        if line.startswith("D-"):
-            k, _, h = line.rstrip("\n").split("\t", 2)
-            hyps[int(k[2:])] = h
-        elif line.startswith("Generate "):
-            score = line.strip()
-    return hyps, score
 
 
 def timed(cmd, env):
