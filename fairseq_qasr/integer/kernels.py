@@ -14,7 +14,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import numba_gemm
+from . import numba_kernels
 
 INT8_MIN, INT8_MAX = -128, 127
 
@@ -56,7 +56,12 @@ def shorten_multiplier(m: Tensor, shift: Tensor, bits: int) -> Tuple[Tensor, Ten
 
 
 def requantize(acc: Tensor, m: Tensor, shift: Tensor, zp: int, qmin: int, qmax: int, out_dtype=torch.int8) -> Tensor:
-    """``clamp(round(acc * m * 2^-shift) + zp, qmin, qmax)``: int32/int64 accumulator -> integer codes."""
+    """``clamp(round(acc * m * 2^-shift) + zp, qmin, qmax)``: int32/int64 accumulator -> integer codes (one pass
+    in :mod:`.numba_kernels` where it applies, else these torch ops)."""
+    if ONE_PASS:
+        out = numba_kernels.requantize(acc, m, shift, zp, qmin, qmax, out_dtype)
+        if out is not None:
+            return out
     y = rshift_round(acc.long() * m.long(), shift) + zp
     return y.clamp_(qmin, qmax).to(out_dtype)
 
@@ -67,13 +72,14 @@ def rescale(acc: Tensor, m: Tensor, shift: Tensor) -> Tensor:
 
 
 # --- GEMMs ----------------------------------------------------------------------------------------
+ONE_PASS = numba_kernels.AVAILABLE and os.environ.get("QASR_CPU_KERNELS", "1") != "0"  # numba requant/softmax
 SMALL_M = 16  # at most this many rows (decoder steps): an int32 GEMV-like matmul beats _int_mm's overhead
 _BACKEND: Optional[str] = None
 
 
 def int8_gemm_backend() -> str:
     """How int8 x int8 -> int32 GEMMs run here: ``"int_mm"`` (``torch._int_mm``), ``"numba"``
-    (:mod:`.numba_gemm`, int16 operands) or ``"int32"`` (an int32 matmul of the widened codes). All are exact
+    (:mod:`.numba_kernels`, int16 operands) or ``"int32"`` (an int32 matmul of the widened codes). All are exact
     integer arithmetic; which is fastest depends on the CPU: ``_int_mm`` is fast where the CPU has int8
     dot-product instructions (measured on such a machine: 2.6 ms against 10.2 ms for fp32 ``mm`` on
     1500x384 @ 384x1536), but on an AVX2 CPU without VNNI it took 1376 ms, the int32 matmul 148 ms and the numba
@@ -81,7 +87,7 @@ def int8_gemm_backend() -> str:
     global _BACKEND
     if _BACKEND is None:
         forced = os.environ.get("QASR_INT_GEMM")
-        if forced in GEMM_BACKENDS and (forced != "numba" or numba_gemm.AVAILABLE):
+        if forced in GEMM_BACKENDS and (forced != "numba" or numba_kernels.AVAILABLE):
             _BACKEND = forced
         else:
             g = torch.Generator().manual_seed(0)
@@ -89,7 +95,7 @@ def int8_gemm_backend() -> str:
             b = torch.randint(-128, 128, (384, 384), generator=g, dtype=torch.int8)
             timings = {}
             for name in GEMM_BACKENDS:
-                if name == "numba" and not numba_gemm.AVAILABLE:
+                if name == "numba" and not numba_kernels.AVAILABLE:
                     continue
                 prepared = prepare_weight(b, name)
                 _gemm(a, b, prepared, name)  # warm-up (numba: compile or load from its cache)
@@ -110,7 +116,7 @@ def prepare_weight(b: Tensor, backend: Optional[str] = None) -> Tensor:
     """The int8 right operand ``[K, N]`` in the layout the backend reads (cache it for weights)."""
     backend = backend or int8_gemm_backend()
     if backend == "numba":
-        return numba_gemm.prepare(b)
+        return numba_kernels.prepare(b)
     return b.int() if backend == "int32" else b.contiguous()
 
 
@@ -120,7 +126,7 @@ def _gemm(a: Tensor, b: Tensor, prepared: Optional[Tensor], backend: str) -> Ten
     if prepared is None:
         prepared = prepare_weight(b, backend)
     if backend == "numba":
-        return numba_gemm.mm(a, prepared)
+        return numba_kernels.mm(a, prepared)
     return torch.matmul(a.int(), prepared)
 
 
@@ -261,9 +267,14 @@ def softmax_int(x: Tensor, cmin: int, masked: Tensor | None, exp_lut: Tensor, ou
     with ``out_mult = round(2^out_shift / s_out)``, computed with one integer division per row (a reciprocal
     ``floor(out_mult * 2^30 / sum)``) and a multiply-shift per element.
     """
+    R = recip_bits(out_mult)
+    if ONE_PASS:
+        out = numba_kernels.softmax(x, cmin, masked, exp_lut, out_mult << R, R + out_shift, zp_out, qmin, qmax,
+                                    out_dtype)
+        if out is not None:
+            return out
     xi, mx, e, s = _exp_terms(x, exp_lut, masked, cmin)
     # one division per row: r = floor(out_mult * 2^R / sum), then round(e * r * 2^-(R + out_shift))
-    R = recip_bits(out_mult)
     r = torch.div(out_mult << R, s, rounding_mode="floor")
     sh = R + out_shift
     q = ((e * r + (1 << (sh - 1))) >> sh) + zp_out
