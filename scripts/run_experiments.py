@@ -5,7 +5,8 @@
       --cells fp:dev-clean ptq_w8a8:dev-clean headon_w8:dev-clean ... [--dry-run]
 
 A cell is ``MODEL:SPLIT``. MODEL is ``fp``, ``ptq_<recipe>`` (scripts/calibrate.py on --calib-split), or
-``qat_<recipe>`` (PTQ init, then fairseq-train with the qat_distillation criterion on --qat-split). Each step
+``qat_<recipe>`` (PTQ init, then fairseq-train with the qat_distillation criterion on --qat-split; it saves every 20
+updates, so an interrupted run resumes where it stopped when the study is run again). Each step
 runs the stock command line (printed and stored beside the result), results go to OUT/results.json atomically
 after every step, and finished steps are skipped when the study is run again. ``--report`` renders the table.
 """
@@ -85,7 +86,7 @@ class Study:
                    "--distill-targets", a.qat_distill_targets,
                    "--temperature", "2", "--optimizer", "adam", "--lr", str(a.qat_lr), "--lr-scheduler", "fixed",
                    "--max-tokens", str(a.qat_max_tokens), "--max-update", str(a.qat_updates), "--save-dir", save,
-                   "--no-epoch-checkpoints", "--cpu", "--num-workers", "0", "--log-format", "simple",
+                   "--no-epoch-checkpoints", "--save-interval-updates", "20", "--keep-interval-updates", "1", "--cpu", "--num-workers", "0", "--log-format", "simple",
                    "--log-interval", "5", "--seed", "1", "--skip-audio-check"]
             t = time.time()
             log = run(cmd, self.out / "logs" / f"qat_{recipe}.log")
