@@ -202,7 +202,9 @@ class IntegerEngine:
         return "encoder.frontend.conv1"
 
     # ---------------------------------------------------------------- ops
-    GROUP_FRAC_BITS = 16  # fixed-point fraction of the per-group scale ratios s_group / s_row (<= 1)
+    GROUP_FRAC_BITS = 24  # fixed-point fraction of the per-group scale ratios s_group / s_row (<= 1): far below
+    #                       one LSB of a 16-bit consumer grid (16 bits were not; files store the value they used)
+    SOFTMAX_EXP_FRAC_BITS = 30  # fraction bits of the softmax exp tables
     WIDE_ACC_BITS = 12  # headroom of int64 accumulators of 16-bit x 16-bit products (|acc| < 2^43)
     ADD_FRAC_BITS = 14  # residual adds of 8-bit codes sum on max(s_a, s_b) * 2^-14 (int32)
     ADD_FRAC_BITS_WIDE = 22  # ... of 16-bit codes on max(s_a, s_b) * 2^-22 (int64): factor and multiplier
@@ -254,10 +256,17 @@ class IntegerEngine:
         for g, (w_g, colsum, ratio) in enumerate(groups):
             part = K.linear_int(xc[:, g * gs:(g + 1) * gs].contiguous(), w_g, -x.z * colsum if x.z else None)
             total += part.long() * ratio
-        shift = self.GROUP_FRAC_BITS - self.GROUP_ACC_FRAC_BITS
+        shift = int(self.meta.get("group_frac_bits", 16)) - self.GROUP_ACC_FRAC_BITS  # 16: files before session 3
         acc = (total + (1 << (shift - 1))) >> shift
         bias = self.t.get("b:" + name)
-        if bias is not None:
+        if bias is not None and self.meta.get("bias_grid:" + name) == "finest_group":
+            # the fake model's bias grid is s_in * min_g s_g (its finest group), i.e. ratio min_g gk of the row's
+            # accumulator grid s_in * max_g s_g: the same fixed-point ratio as the finest group's GEMM
+            kmin = self._prep.get("gkmin:" + name)
+            if kmin is None:
+                kmin = self._prep["gkmin:" + name] = ratios.amin(dim=1).long()
+            acc += (bias.long() * kmin + (1 << (shift - 1))) >> shift
+        elif bias is not None:
             acc += bias.long() << self.GROUP_ACC_FRAC_BITS
         return acc.view(*lead, total.shape[1])
 
@@ -308,12 +317,18 @@ class IntegerEngine:
                                       group_size=wq.spec.group_size if grouped else 0)
         raw = wq.raw_qparams()[0].detach().double()
         row = raw.amax(dim=-1) if grouped else raw
-        if grouped:  # s_g / s_row <= 1 as 16-fractional-bit integers
+        if grouped:  # s_g / s_row <= 1 as GROUP_FRAC_BITS-fractional-bit integers
             self.t["gk:" + name] = torch.round(raw / row[:, None] * 2 ** self.GROUP_FRAC_BITS).to(torch.int32)
+            self.meta["group_frac_bits"] = self.GROUP_FRAC_BITS
         self.scales[name + ".w_q.weight"] = raw.float()
         if getattr(mod, "bias", None) is not None:
             in_scale = mod.in_q[0].current_scale().detach()
-            bscale = (in_scale.reshape(()) * row).to(mod.bias.dtype)
+            # the fake model's int32 bias grid: s_in * s_w, for groups the finest group scale (float32, as there)
+            w_scale = wq.raw_qparams()[0].detach()
+            if grouped:
+                w_scale = w_scale.amin(dim=-1)
+                self.meta["bias_grid:" + name] = "finest_group"
+            bscale = (in_scale.reshape(()) * w_scale).to(mod.bias.dtype)
             bscale = bscale.expand(mod.bias.shape) if bscale.numel() == 1 else bscale.reshape(mod.bias.shape)
             b = torch.clamp(torch.round(mod.bias.detach() / bscale), -(2 ** 31), 2 ** 31 - 1)
             self.t["b:" + name] = b.to(torch.int32)
@@ -452,7 +467,10 @@ class IntegerEngine:
         ooff, odtype = _storage(oqmin, oqmax)
         key = "sm:" + name
         if self.compiling and key not in self.meta:
-            self.t[key + ".exp"] = K.exp_table(self.scales[name + ".in_q.0"], qmax - qmin + 1).to(torch.int32)
+            # 2^30 (not 2^20): the rounding of the many tiny exponentials of a 1500-lane row biases the row sum
+            # enough to move 16-bit output codes by several LSB; only e / sum matters, and e * r stays < 2^62
+            self.t[key + ".exp"] = K.exp_table(self.scales[name + ".in_q.0"], qmax - qmin + 1,
+                                               self.SOFTMAX_EXP_FRAC_BITS).to(torch.int32)
             self.meta[key] = dict(mult=int(round(2.0 ** 16 / self.scales[name + ".out_q"])), shift=16)
         f = self.meta[key]
         c = K.softmax_int(q.c, qmin + off, masked, self.t[key + ".exp"], f["mult"], f["shift"], ozp + ooff,

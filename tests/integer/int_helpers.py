@@ -34,15 +34,18 @@ def xs_cfg(**overrides) -> Dict[str, Any]:
 
 
 GROUPED = "w4g16a8"  # w4a8 with Linear weights per group of 16 input features
+GROUPED_16BIT = "w4g16a8_r16"  # w4a8_g64 (16-bit residual stream, GELU/fc2 inputs, attention probabilities,
+#                                logits) with groups of 16: grouped Linear outputs feed 16-bit grids
 
 
 def recipe_for(name: str):
-    """A recipe name, or ``GROUPED``: w4a8 with per-group Linear weights."""
-    if name != GROUPED:
+    """A recipe name, or ``GROUPED`` / ``GROUPED_16BIT``: per-group Linear weights, 16 input features a group."""
+    base = {GROUPED: "w4a8", GROUPED_16BIT: "w4a8_g64"}.get(name)
+    if base is None:
         return name
     from fairseq_qasr.quant import load_recipe
-    d = load_recipe("w4a8").to_dict()
-    d["name"] = GROUPED
+    d = load_recipe(base).to_dict()
+    d["name"] = name
     d.setdefault("ops", {}).setdefault("linear", {}).setdefault("weight", {}).update(granularity="group", group_size=16)
     return d
 

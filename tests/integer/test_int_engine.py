@@ -15,7 +15,8 @@ from fairseq_qasr.integer.honesty import run_integer_only
 
 @pytest.fixture(scope="module", params=["w8a8", "w4a8", "w2a8", H.GROUPED, "w8a8-whisper_layout",
                                                        "w4a8-whisper_layout", H.GROUPED + "-whisper_layout",
-                                                       "w8a8_r16-whisper_layout"])  # 16-bit residual stream, fc2 inputs
+                                                       "w8a8_r16-whisper_layout",  # 16-bit residual stream, fc2 inputs
+                                                       H.GROUPED_16BIT + "-whisper_layout"])  # grouped -> 16-bit
 def compiled(request):
     recipe, _, layout = request.param.partition("-")
     model, d, cfg, inp = H.quantized_xs(recipe, **(H.WHISPER_LAYOUT if layout else {}))
