@@ -535,7 +535,7 @@ class IntegerEngine:
         qs.c = qs.c.view(b, tq, heads, hd).transpose(1, 2)
         tk = kc.c.shape[-1]
         if self.fused and not self.compiling and self.hook is None and tq > K.SMALL_M and not causal and \
-                (mask is None or not bool(mask.any())):
+                (mask is None or not bool(mask.any())) and self._fusable_attention(name, qs, kc, vc):
             out = self._fused_attention(name, qs, kc, vc)
             return self.linear(name + ".out_proj", self.requant(out, name + ".out_proj.in_q.0"))
         else:
@@ -552,6 +552,17 @@ class IntegerEngine:
         out = self.matmul(name + ".matmul_1", probs, vc)
         out.t = out.t.transpose(1, 2).reshape(b, tq, d)
         return self.linear(name + ".out_proj", self.requant(out, name + ".out_proj.in_q.0"))
+
+    def _fusable_attention(self, name: str, qs: QT, kc: QT, vc: QT) -> bool:
+        """The fused kernel handles int8 codes on every attention grid (8-bit softmax input and output,
+        8-bit probability and value codes) and the 16-bit exp table; wider grids take the unfused path."""
+        flag = self._prep.get("fuse:" + name)
+        if flag is None:
+            grids = [name + ".softmax_0.in_q.0", name + ".softmax_0.out_q", name + ".matmul_1.in_q.0"]
+            flag = all(_storage(*self._qinfo(g)[1:])[1] == torch.int8 for g in grids) and \
+                self.meta["sm:" + name + ".softmax_0"]["shift"] == 16
+            self._prep["fuse:" + name] = flag
+        return flag and all(t.c.dtype == torch.int8 for t in (qs, kc, vc))
 
     def _fused_attention(self, name: str, qs: QT, kc: QT, vc: QT) -> Acc:
         """Per (batch, head): QK^T (int8 GEMM), softmax input quantizer + integer softmax (one compiled

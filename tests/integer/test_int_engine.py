@@ -176,8 +176,11 @@ def test_integer_log_softmax_matches_float(w8_engine):
 
 
 @pytest.mark.skipif(not os.environ.get("QASR_TEST_FUSED"), reason="compiles kernels (minutes); QASR_TEST_FUSED=1")
-def test_fused_kernels_give_identical_results(w8_engine):
-    eng = w8_engine
+@pytest.mark.parametrize("recipe", ["w8a8", H.GROUPED_16BIT + "-whisper_layout"])  # 8-bit; 16-bit grids unfused
+def test_fused_kernels_give_identical_results(recipe):
+    recipe, _, layout = recipe.partition("-")
+    model, d, cfg, inp = H.quantized_xs(recipe, **(H.WHISPER_LAYOUT if layout else {}))
+    eng = IntegerEngine.from_quantized(model, cfg)
     feats, lengths = torch.randn(2, 64, 80), torch.tensor([64, 64])
     ref = eng.greedy(feats, lengths, max_len=6)
     enc_ref = eng.encode(eng.quantize_input(feats), lengths)["out"].t
