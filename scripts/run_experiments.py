@@ -86,7 +86,8 @@ class Study:
                    "--distill-targets", a.qat_distill_targets,
                    "--temperature", "2", "--optimizer", "adam", "--lr", str(a.qat_lr), "--lr-scheduler", "fixed",
                    "--max-tokens", str(a.qat_max_tokens), "--max-update", str(a.qat_updates), "--save-dir", save,
-                   "--no-epoch-checkpoints", "--save-interval-updates", "20", "--keep-interval-updates", "1", "--cpu", "--num-workers", "0", "--log-format", "simple",
+                   "--no-epoch-checkpoints", "--save-interval-updates", "20", "--keep-interval-updates", "1",
+                   "--cpu", "--num-workers", "0", "--log-format", "simple",
                    "--log-interval", "5", "--seed", "1", "--skip-audio-check"]
             t = time.time()
             log = run(cmd, self.out / "logs" / f"qat_{recipe}.log")

@@ -324,7 +324,7 @@ class IntegerEngine:
         if getattr(mod, "bias", None) is not None:
             in_scale = mod.in_q[0].current_scale().detach()
             # the fake model's int32 bias grid: s_in * s_w, for groups the finest group scale (float32, as there)
-            w_scale = wq.raw_qparams()[0].detach()
+            w_scale = raw.float()  # float32 -> float64 -> float32 is exact
             if grouped:
                 w_scale = w_scale.amin(dim=-1)
                 self.meta["bias_grid:" + name] = "finest_group"
@@ -535,7 +535,7 @@ class IntegerEngine:
         qs.c = qs.c.view(b, tq, heads, hd).transpose(1, 2)
         tk = kc.c.shape[-1]
         if self.fused and not self.compiling and self.hook is None and tq > K.SMALL_M and not causal and \
-                (mask is None or not bool(mask.any())) and self._fusable_attention(name, qs, kc, vc):
+                (mask is None or not bool(mask.any())) and self._fusable_attention(name):
             out = self._fused_attention(name, qs, kc, vc)
             return self.linear(name + ".out_proj", self.requant(out, name + ".out_proj.in_q.0"))
         else:
@@ -553,16 +553,17 @@ class IntegerEngine:
         out.t = out.t.transpose(1, 2).reshape(b, tq, d)
         return self.linear(name + ".out_proj", self.requant(out, name + ".out_proj.in_q.0"))
 
-    def _fusable_attention(self, name: str, qs: QT, kc: QT, vc: QT) -> bool:
-        """The fused kernel handles int8 codes on every attention grid (8-bit softmax input and output,
-        8-bit probability and value codes) and the 16-bit exp table; wider grids take the unfused path."""
+    def _fusable_attention(self, name: str) -> bool:
+        """The fused kernel takes int8 codes on every attention grid (QK^T and AV operands, softmax input and
+        output) and out_shift 16; recipes with wider grids there take the unfused path."""
         flag = self._prep.get("fuse:" + name)
         if flag is None:
-            grids = [name + ".softmax_0.in_q.0", name + ".softmax_0.out_q", name + ".matmul_1.in_q.0"]
+            grids = [name + s for s in (".matmul_0.in_q.0", ".matmul_0.in_q.1", ".softmax_0.in_q.0",
+                                        ".softmax_0.out_q", ".matmul_1.in_q.0", ".matmul_1.in_q.1")]
             flag = all(_storage(*self._qinfo(g)[1:])[1] == torch.int8 for g in grids) and \
                 self.meta["sm:" + name + ".softmax_0"]["shift"] == 16
             self._prep["fuse:" + name] = flag
-        return flag and all(t.c.dtype == torch.int8 for t in (qs, kc, vc))
+        return flag
 
     def _fused_attention(self, name: str, qs: QT, kc: QT, vc: QT) -> Acc:
         """Per (batch, head): QK^T (int8 GEMM), softmax input quantizer + integer softmax (one compiled

@@ -62,6 +62,14 @@ def quantized_xs(recipe: str = "w8a8", seed: int = 0, calib_batches: int = 3, **
     return model.eval(), d, xs_cfg(**overrides), inp
 
 
+def quantized_engine(param: str):
+    """``RECIPE`` or ``RECIPE-whisper_layout`` -> (recipe, fake-quantized model, options, inputs, IntegerEngine)."""
+    from fairseq_qasr.integer import IntegerEngine
+    recipe, _, layout = param.partition("-")
+    model, d, cfg, inp = quantized_xs(recipe, **(WHISPER_LAYOUT if layout else {}))
+    return recipe, model, cfg, inp, IntegerEngine.from_quantized(model, cfg)
+
+
 def fake_codes(model, inputs) -> Tuple[Dict[str, Tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
     """Codes (round(x/s)+z) of every activation quantizer of the fake model on ``inputs``, and its logits."""
     fake: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = {}

@@ -18,9 +18,7 @@ from fairseq_qasr.integer.honesty import run_integer_only
                                                        "w8a8_r16-whisper_layout",  # 16-bit residual stream, fc2 inputs
                                                        H.GROUPED_16BIT + "-whisper_layout"])  # grouped -> 16-bit
 def compiled(request):
-    recipe, _, layout = request.param.partition("-")
-    model, d, cfg, inp = H.quantized_xs(recipe, **(H.WHISPER_LAYOUT if layout else {}))
-    return recipe, model, cfg, inp, IntegerEngine.from_quantized(model, cfg)
+    return H.quantized_engine(request.param)
 
 
 def _check_layer_by_layer(stats, min_exact=0.99):
@@ -178,9 +176,7 @@ def test_integer_log_softmax_matches_float(w8_engine):
 @pytest.mark.skipif(not os.environ.get("QASR_TEST_FUSED"), reason="compiles kernels (minutes); QASR_TEST_FUSED=1")
 @pytest.mark.parametrize("recipe", ["w8a8", H.GROUPED_16BIT + "-whisper_layout"])  # 8-bit; 16-bit grids unfused
 def test_fused_kernels_give_identical_results(recipe):
-    recipe, _, layout = recipe.partition("-")
-    model, d, cfg, inp = H.quantized_xs(recipe, **(H.WHISPER_LAYOUT if layout else {}))
-    eng = IntegerEngine.from_quantized(model, cfg)
+    eng = H.quantized_engine(recipe)[-1]
     feats, lengths = torch.randn(2, 64, 80), torch.tensor([64, 64])
     ref = eng.greedy(feats, lengths, max_len=6)
     enc_ref = eng.encode(eng.quantize_input(feats), lengths)["out"].t
