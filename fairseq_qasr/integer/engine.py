@@ -26,6 +26,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor
 
+from . import cgemm
 from . import kernels as K
 
 NEG_LOGIT = -(2 ** 40)  # suppressed / forbidden logits (int64 grid)
@@ -226,8 +227,11 @@ class IntegerEngine:
             f = self.GROUP_ACC_FRAC_BITS
             return Acc(self._grouped_gemm(name, x, ratios), scale * 2.0 ** -f if scale is not None else None, f)
         if x.c.dtype != torch.int8:  # 16-bit codes: exact int64 accumulator (int32 could overflow at K = 1536)
-            return Acc(K.linear_int(x.c, w_t, bias_eff.long()), scale, self._wide_headroom(x, w_t.shape[0]))
-        small = x.c.numel() // x.c.shape[-1] <= K.SMALL_M  # decoder steps: int32 matmul
+            prepared = self._prep.get("linw:" + name)
+            if prepared is None and K.int8_gemm_backend() == "avx2":
+                prepared = self._prep["linw:" + name] = cgemm.pack(w_t, wide=True)
+            return Acc(K.linear_int(x.c, w_t, bias_eff.long(), prepared), scale, self._wide_headroom(x, w_t.shape[0]))
+        small = x.c.numel() // x.c.shape[-1] <= K.SMALL_M and K.int8_gemm_backend() != "avx2"  # decoder: int32
         key = ("lin32:" if small else "linp:") + name
         prepared = self._prep.get(key)  # the weights in the GEMM backend's layout, cached
         if prepared is None:
@@ -244,31 +248,42 @@ class IntegerEngine:
 
     def _grouped_gemm(self, name: str, x: QT, ratios: Tensor) -> Tensor:
         gs = int(self.meta["w:" + name]["group_size"])
-        groups = self._prep.get("grp:" + name)
-        if groups is None:  # per group: contiguous [gs, N] weight slice, its column sums, the int64 ratios
-            w_t = self._linear_params(name, x.z)[0]
-            groups = self._prep["grp:" + name] = [
-                (w_t[g * gs:(g + 1) * gs].contiguous(), w_t[g * gs:(g + 1) * gs].int().sum(0), ratios[:, g].long())
-                for g in range(ratios.shape[1])]
         lead = x.c.shape[:-1]
         xc = x.c.reshape(-1, x.c.shape[-1])
-        total = torch.zeros(xc.shape[0], groups[0][0].shape[1], dtype=torch.int64)
-        for g, (w_g, colsum, ratio) in enumerate(groups):
-            part = K.linear_int(xc[:, g * gs:(g + 1) * gs].contiguous(), w_g, -x.z * colsum if x.z else None)
-            total += part.long() * ratio
         shift = int(self.meta.get("group_frac_bits", 16)) - self.GROUP_ACC_FRAC_BITS  # 16: files before session 3
+        if K.int8_gemm_backend() == "avx2":  # all groups, rounding and bias in one pass
+            packed = self._prep.get("grpc:" + name)
+            if packed is None:
+                pk = cgemm.pack(self._linear_params(name, x.z)[0], gs, ratios)
+                post = torch.zeros(pk.np_, dtype=torch.int64)  # padded to the kernel's column count
+                post[:pk.n] = self._group_bias(name, ratios, shift, pk.n)
+                packed = self._prep["grpc:" + name] = (pk, post)
+            return cgemm.mm(xc, packed[0], x.z, rshift=shift, post=packed[1]).view(*lead, ratios.shape[0])
+        else:  # one int32 GEMM per group
+            groups = self._prep.get("grp:" + name)
+            if groups is None:  # per group: contiguous [gs, N] weight slice, its column sums, the int64 ratios
+                w_t = self._linear_params(name, x.z)[0]
+                groups = self._prep["grp:" + name] = [
+                    (w_t[g * gs:(g + 1) * gs].contiguous(), w_t[g * gs:(g + 1) * gs].int().sum(0),
+                     ratios[:, g].long()) for g in range(ratios.shape[1])]
+            total = torch.zeros(xc.shape[0], groups[0][0].shape[1], dtype=torch.int64)
+            for g, (w_g, colsum, ratio) in enumerate(groups):
+                part = K.linear_int(xc[:, g * gs:(g + 1) * gs].contiguous(), w_g, -x.z * colsum if x.z else None)
+                total += part.long() * ratio
         acc = (total + (1 << (shift - 1))) >> shift
+        acc += self._group_bias(name, ratios, shift, acc.shape[-1])
+        return acc.view(*lead, acc.shape[-1])
+
+    def _group_bias(self, name: str, ratios: Tensor, shift: int, n: int) -> Tensor:
+        """The grouped Linear's bias on its accumulator grid (int64 per output channel; zeros without a bias)."""
         bias = self.t.get("b:" + name)
         if bias is not None and self.meta.get("bias_grid:" + name) == "finest_group":
             # the fake model's bias grid is s_in * min_g s_g (its finest group), i.e. ratio min_g gk of the row's
             # accumulator grid s_in * max_g s_g: the same fixed-point ratio as the finest group's GEMM
-            kmin = self._prep.get("gkmin:" + name)
-            if kmin is None:
-                kmin = self._prep["gkmin:" + name] = ratios.amin(dim=1).long()
-            acc += (bias.long() * kmin + (1 << (shift - 1))) >> shift
-        elif bias is not None:
-            acc += bias.long() << self.GROUP_ACC_FRAC_BITS
-        return acc.view(*lead, total.shape[1])
+            return (bias.long() * ratios.amin(dim=1).long() + (1 << (shift - 1))) >> shift
+        if bias is not None:
+            return bias.long() << self.GROUP_ACC_FRAC_BITS
+        return torch.zeros(n, dtype=torch.int64)
 
     def _row_scale(self, name: str) -> Tensor:
         """Per-output-channel scale of the accumulator: the weight scale, or for per-group weights the
@@ -443,7 +458,14 @@ class IntegerEngine:
     def matmul(self, name: str, a, b) -> Acc:
         qa, qb = self.requant(a, name + ".in_q.0"), self.requant(b, name + ".in_q.1")
         wide = qa.c.dtype != torch.int8 or qb.c.dtype != torch.int8  # 16-bit codes: int64 accumulator
-        if not wide and qa.c.shape[-2] <= K.SMALL_M and qb.aux is not None:  # decoder step on cached keys/values
+        if K.int8_gemm_backend() == "avx2":
+            packs = None
+            if qb.aux is not None:  # cross-attention keys/values: packed once per decode
+                packs = qb.aux.get("cpacks")
+                if packs is None:
+                    packs = qb.aux["cpacks"] = K.pack_batched(qb.c, wide)
+            acc = K.matmul_int(qa.c, qa.z, qb.c, qb.z, packs)
+        elif not wide and qa.c.shape[-2] <= K.SMALL_M and qb.aux is not None:  # decoder step on cached keys/values
             if "b32" not in qb.aux:
                 qb.aux["b32"] = qb.c.int()
                 qb.aux["colsum"] = qb.aux["b32"].sum(-2, keepdim=True)
@@ -534,6 +556,10 @@ class IntegerEngine:
         qs = self.requant(qs, name + ".matmul_0.in_q.0")
         qs.c = qs.c.view(b, tq, heads, hd).transpose(1, 2)
         tk = kc.c.shape[-1]
+        if not self.compiling and self.hook is None and tq > K.SMALL_M and not causal and \
+                (mask is None or not bool(mask.any())) and self._c_attention_ok(name, qs, kc):
+            out = self._c_attention(name, qs, kc, vc)
+            return self.linear(name + ".out_proj", self.requant(out, name + ".out_proj.in_q.0"))
         if self.fused and not self.compiling and self.hook is None and tq > K.SMALL_M and not causal and \
                 (mask is None or not bool(mask.any())) and self._fusable_attention(name):
             out = self._fused_attention(name, qs, kc, vc)
@@ -552,6 +578,34 @@ class IntegerEngine:
         out = self.matmul(name + ".matmul_1", probs, vc)
         out.t = out.t.transpose(1, 2).reshape(b, tq, d)
         return self.linear(name + ".out_proj", self.requant(out, name + ".out_proj.in_q.0"))
+
+    def _c_attention_ok(self, name: str, qs: QT, kc: QT) -> bool:
+        """The one-pass C attention (:func:`cgemm.attention`) runs here: AVX2 kernel available, int8 query/key
+        codes, an even head dimension."""
+        return K.int8_gemm_backend() == "avx2" and qs.c.dtype == torch.int8 and kc.c.dtype == torch.int8 and \
+            qs.c.shape[-1] % 2 == 0
+
+    def _c_attention(self, name: str, qs: QT, kc: QT, vc: QT) -> Acc:
+        """QK^T, softmax input requantization, integer softmax, requantization onto the AV grid and AV in one C
+        pass per (head, 16 query rows): the same integers as the unfused path (no [Tq, Tk] tensor in memory)."""
+        sm, av = name + ".softmax_0", name + ".matmul_1"
+
+        def rq(key: str) -> Tuple[int, int, int, int, int]:
+            m, sh = self._mult("rq:" + key)
+            zp, qmin, qmax = self._qinfo(key)
+            off, _ = _storage(qmin, qmax)
+            return int(m), int(sh), zp + off, qmin + off, qmax + off
+
+        ozp, oqmin, oqmax = self._qinfo(sm + ".out_q")
+        ooff, _ = _storage(oqmin, oqmax)
+        f = self.meta["sm:" + sm]
+        rb = K.recip_bits(f["mult"])
+        softmax = (f["mult"] << rb, rb + f["shift"], ozp + ooff, oqmin + ooff, oqmax + ooff)
+        b, h, tq, d = qs.c.shape
+        out = cgemm.attention(qs.c.reshape(b * h, tq, d), qs.z, kc.c.reshape(b * h, d, -1), kc.z, rq(sm + ".in_q.0"),
+                              self.t["sm:" + sm + ".exp"], softmax, rq(av + ".in_q.0"), vc.c.reshape(b * h, -1, d),
+                              vc.z)
+        return Acc(out.view(b, h, tq, d).transpose(1, 2).reshape(b, tq, h * d))
 
     def _fusable_attention(self, name: str) -> bool:
         """The fused kernel takes int8 codes on every attention grid (QK^T and AV operands, softmax input and

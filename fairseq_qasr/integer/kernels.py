@@ -14,7 +14,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import numba_kernels
+from . import cgemm, numba_kernels
 
 INT8_MIN, INT8_MAX = -128, 127
 
@@ -58,7 +58,7 @@ def shorten_multiplier(m: Tensor, shift: Tensor, bits: int) -> Tuple[Tensor, Ten
 def requantize(acc: Tensor, m: Tensor, shift: Tensor, zp: int, qmin: int, qmax: int, out_dtype=torch.int8) -> Tensor:
     """``clamp(round(acc * m * 2^-shift) + zp, qmin, qmax)``: int32/int64 accumulator -> integer codes (one pass
     in :mod:`.numba_kernels` where it applies, else these torch ops)."""
-    if ONE_PASS:
+    if ONE_PASS and acc.numel() >= SMALL_TENSOR:  # (a parallel numba call costs ~0.1 ms to start)
         out = numba_kernels.requantize(acc, m, shift, zp, qmin, qmax, out_dtype)
         if out is not None:
             return out
@@ -73,21 +73,23 @@ def rescale(acc: Tensor, m: Tensor, shift: Tensor) -> Tensor:
 
 # --- GEMMs ----------------------------------------------------------------------------------------
 ONE_PASS = numba_kernels.AVAILABLE and os.environ.get("QASR_CPU_KERNELS", "1") != "0"  # numba requant/softmax
+SMALL_TENSOR = 4096  # fewer elements: torch ops beat starting a parallel numba kernel (decoder steps)
 SMALL_M = 16  # at most this many rows (decoder steps): an int32 GEMV-like matmul beats _int_mm's overhead
 _BACKEND: Optional[str] = None
 
 
 def int8_gemm_backend() -> str:
-    """How int8 x int8 -> int32 GEMMs run here: ``"int_mm"`` (``torch._int_mm``), ``"numba"``
-    (:mod:`.numba_kernels`, int16 operands) or ``"int32"`` (an int32 matmul of the widened codes). All are exact
-    integer arithmetic; which is fastest depends on the CPU: ``_int_mm`` is fast where the CPU has int8
-    dot-product instructions (measured on such a machine: 2.6 ms against 10.2 ms for fp32 ``mm`` on
-    1500x384 @ 384x1536), but on an AVX2 CPU without VNNI it took 1376 ms, the int32 matmul 148 ms and the numba
-    kernel 56 ms (fp32: 35 ms). Probed once per process on a small product; ``QASR_INT_GEMM`` overrides."""
+    """How int8 x int8 -> int32 GEMMs run here: ``"int_mm"`` (``torch._int_mm``), ``"avx2"`` (:mod:`.cgemm`, C,
+    ``vpmaddwd``), ``"numba"`` (:mod:`.numba_kernels`, int16 operands) or ``"int32"`` (an int32 matmul of the
+    widened codes). All are exact integer arithmetic; which is fastest depends on the CPU: ``_int_mm`` is fast where
+    the CPU has int8 dot-product instructions (measured on such a machine: 2.6 ms against 10.2 ms for fp32 ``mm`` on
+    1500x384 @ 384x1536), but on an AVX2 CPU without VNNI it took 1376 ms, the int32 matmul 148 ms, the numba
+    kernel 56 ms, the C kernel 10-17 ms (fp32 MKL: 20-35 ms). Probed once per process on a small product;
+    ``QASR_INT_GEMM`` overrides."""
     global _BACKEND
     if _BACKEND is None:
         forced = os.environ.get("QASR_INT_GEMM")
-        if forced in GEMM_BACKENDS and (forced != "numba" or numba_kernels.AVAILABLE):
+        if forced in GEMM_BACKENDS and _backend_available(forced):
             _BACKEND = forced
         else:
             g = torch.Generator().manual_seed(0)
@@ -95,7 +97,7 @@ def int8_gemm_backend() -> str:
             b = torch.randint(-128, 128, (384, 384), generator=g, dtype=torch.int8)
             timings = {}
             for name in GEMM_BACKENDS:
-                if name == "numba" and not numba_kernels.AVAILABLE:
+                if not _backend_available(name):
                     continue
                 prepared = prepare_weight(b, name)
                 _gemm(a, b, prepared, name)  # warm-up (numba: compile or load from its cache)
@@ -106,25 +108,42 @@ def int8_gemm_backend() -> str:
                     runs.append(time.perf_counter() - t)
                 timings[name] = min(runs)
             _BACKEND = min(timings, key=timings.get)
+            if "avx2" in timings and timings["avx2"] <= 2 * timings[_BACKEND]:
+                _BACKEND = "avx2"  # also runs 16-bit codes and weight groups in one pass: keep it unless 2x slower
     return _BACKEND
 
 
-GEMM_BACKENDS = ("int_mm", "numba", "int32")
+GEMM_BACKENDS = ("int_mm", "avx2", "numba", "int32")
 
 
-def prepare_weight(b: Tensor, backend: Optional[str] = None) -> Tensor:
+def _backend_available(name: str) -> bool:
+    return {"numba": numba_kernels.AVAILABLE, "avx2": name == "avx2" and cgemm.available()}.get(name, True)
+
+
+def prepare_weight(b: Tensor, backend: Optional[str] = None):
     """The int8 right operand ``[K, N]`` in the layout the backend reads (cache it for weights)."""
     backend = backend or int8_gemm_backend()
+    if backend == "avx2":
+        return cgemm.pack(b)
     if backend == "numba":
         return numba_kernels.prepare(b)
     return b.int() if backend == "int32" else b.contiguous()
 
 
-def _gemm(a: Tensor, b: Tensor, prepared: Optional[Tensor], backend: str) -> Tensor:
+def _prepared_for(prepared, backend: str) -> bool:
+    if backend == "avx2":
+        return isinstance(prepared, cgemm.Packed) and not prepared.out64
+    return isinstance(prepared, Tensor) and prepared.dtype == {"numba": torch.int16, "int32": torch.int32}.get(
+        backend, torch.int8)
+
+
+def _gemm(a: Tensor, b: Tensor, prepared, backend: str) -> Tensor:
     if backend == "int_mm":
         return torch._int_mm(a.contiguous(), b.contiguous())
     if prepared is None:
         prepared = prepare_weight(b, backend)
+    if backend == "avx2":
+        return cgemm.mm(a, prepared)
     if backend == "numba":
         return numba_kernels.mm(a, prepared)
     return torch.matmul(a.int(), prepared)
@@ -136,12 +155,10 @@ def int_mm(a: Tensor, b: Tensor, prepared: Tensor | None = None) -> Tensor:
     (decoder steps) take the int32 matmul. Wider codes (16-bit grids, stored as int32): see :func:`wide_mm`."""
     if a.dtype != torch.int8 or b.dtype != torch.int8:
         return wide_mm(a, b)
-    if a.shape[0] <= SMALL_M:
-        return torch.matmul(a.int(), prepared if prepared is not None and prepared.dtype == torch.int32 else b.int())
     backend = int8_gemm_backend()
-    if prepared is not None and prepared.dtype != {"numba": torch.int16, "int32": torch.int32}.get(backend, torch.int8):
-        prepared = None
-    return _gemm(a, b, prepared, backend)
+    if a.shape[0] <= SMALL_M and not (backend == "avx2" and _prepared_for(prepared, backend)):
+        return torch.matmul(a.int(), prepared if _prepared_for(prepared, "int32") else b.int())
+    return _gemm(a, b, prepared if _prepared_for(prepared, backend) else None, backend)
 
 
 def _bytes(x: Tensor) -> Tuple[Tensor, Tensor]:
@@ -150,10 +167,17 @@ def _bytes(x: Tensor) -> Tuple[Tensor, Tensor]:
     return x >> 8, x & 255
 
 
-def wide_mm(a: Tensor, b: Tensor) -> Tensor:
-    """Exact ``a @ b`` (batched) for integer codes of up to 16 bits (|code| < 2^15, or unsigned < 2^16) as int64:
-    each operand wider than 8 bits is split into bytes and the byte products run as int32 matmuls (each sum
-    stays below 2^31 for ``K < 2^15``), recombined in int64 — an int64 matmul was 19x slower than int32 here."""
+def wide_mm(a: Tensor, b: Tensor, prepared: Optional["cgemm.Packed"] = None) -> Tensor:
+    """Exact ``a @ b`` (batched) for integer codes of up to 16 bits (|code| < 2^15, or unsigned < 2^16) as int64.
+    With the AVX2 kernel (:mod:`.cgemm`) and an int8 right operand (``prepared``: ``cgemm.pack(b, wide=True)``,
+    cached by the caller for weights): one pass, int32 partial sums flushed to int64. Otherwise each operand wider
+    than 8 bits is split into bytes and the byte products run as int32 matmuls (each sum stays below 2^31 for
+    ``K < 2^15``), recombined in int64 — an int64 matmul was 19x slower than int32 here."""
+    if int8_gemm_backend() == "avx2":
+        if a.dim() == 2:
+            usable = isinstance(prepared, cgemm.Packed) and prepared.out64 and prepared.ratio is None
+            return cgemm.mm(a, prepared if usable else cgemm.pack(b, wide=True))
+        return _batched_cgemm(a, 0, b, 0, wide=True)
     if a.shape[-1] >= 2 ** 15:
         raise ValueError(f"wide_mm: reduction length {a.shape[-1]} >= 2^15 may overflow the int32 byte products")
     pa = _bytes(a) if a.dtype != torch.int8 else (None, a.int())
@@ -170,24 +194,45 @@ def wide_mm(a: Tensor, b: Tensor) -> Tensor:
     return out
 
 
+def pack_batched(b: Tensor, wide: bool) -> list:
+    """:func:`cgemm.pack` of each ``b [..., K, N]`` matrix (flattened leading dims)."""
+    b2 = b.reshape(-1, *b.shape[-2:])
+    return [cgemm.pack(b2[i], wide=wide) for i in range(b2.shape[0])]
+
+
+def _batched_cgemm(a: Tensor, za: int, b: Tensor, zb: int, wide: bool, packs: Optional[list] = None) -> Tensor:
+    """``(a[i] - za) @ (b[i] - zb)`` for each leading index, through :mod:`.cgemm`, written in place."""
+    batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    a2 = a.expand(*batch, *a.shape[-2:]).reshape(-1, *a.shape[-2:])
+    b2 = b.expand(*batch, *b.shape[-2:]).reshape(-1, *b.shape[-2:])
+    out = torch.empty(a2.shape[0], a2.shape[1], b2.shape[2], dtype=torch.int64 if wide else torch.int32)
+    for i in range(a2.shape[0]):
+        cgemm.mm(a2[i], packs[i] if packs is not None else cgemm.pack(b2[i], wide=wide), za, zb, out=out[i])
+    return out.view(*batch, a2.shape[1], b2.shape[2])
+
+
 def linear_int(x: Tensor, w_t: Tensor, bias_eff: Tensor | None, prepared: Tensor | None = None) -> Tensor:
     """``x [..., K]`` integer codes times ``w_t [K, N]`` int8 weights (symmetric, zero point 0), plus the
     folded bias ``bias - z_x * colsum(w_t)``: the exact accumulator of ``(x - z_x) @ w`` — int32 for int8 codes,
     int64 for wider ones (then ``bias_eff`` must be int64 too)."""
     lead = x.shape[:-1]
-    acc = int_mm(x.reshape(-1, x.shape[-1]), w_t, prepared)
+    x2 = x.reshape(-1, x.shape[-1])
+    acc = int_mm(x2, w_t, prepared) if x.dtype == torch.int8 else wide_mm(x2, w_t, prepared)
     if bias_eff is not None:
         acc += bias_eff
     return acc.view(*lead, w_t.shape[1])
 
 
-def matmul_int(a: Tensor, za: int, b: Tensor, zb: int) -> Tensor:
+def matmul_int(a: Tensor, za: int, b: Tensor, zb: int, packs: Optional[list] = None) -> Tensor:
     """Exact ``(a - za) @ (b - zb)`` for batched codes ``a [..., M, K]``, ``b [..., K, N]``: int32 for int8
-    codes, int64 for wider ones."""
+    codes, int64 for wider ones. ``packs``: ``b`` from :func:`pack_batched` (cached by the caller), AVX2 only."""
     batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
     a = a.expand(*batch, *a.shape[-2:]).reshape(-1, *a.shape[-2:])
     b = b.expand(*batch, *b.shape[-2:]).reshape(-1, *b.shape[-2:])
     M, K, N = a.shape[1], a.shape[2], b.shape[2]
+    if int8_gemm_backend() == "avx2":  # zero points folded into the kernel's epilogue
+        wide = a.dtype != torch.int8 or b.dtype != torch.int8
+        return _batched_cgemm(a, za, b, zb, wide, packs).view(*batch, M, N)
     if a.dtype == torch.int8 and b.dtype == torch.int8 and M > SMALL_M and int8_gemm_backend() != "int32":
         out = torch.empty(a.shape[0], M, N, dtype=torch.int32)
         for i in range(a.shape[0]):
@@ -207,7 +252,10 @@ def matmul_int(a: Tensor, za: int, b: Tensor, zb: int) -> Tensor:
 
 # --- integer nonlinearities ------------------------------------------------------------------------
 def isqrt(v: Tensor) -> Tensor:
-    """Floor integer square root of a non-negative int64 tensor (bitwise, 32 steps, no float)."""
+    """Floor integer square root of a non-negative int64 tensor (bitwise, 32 steps, no float; in C where the AVX2
+    kernels are built, bit for bit)."""
+    if cgemm.available() and bool((v < 2 ** 62).all()):
+        return cgemm.isqrt(v)
     v = v.long()
     res = torch.zeros_like(v)
     for b in range(31, -1, -1):

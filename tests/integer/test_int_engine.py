@@ -85,11 +85,13 @@ def test_no_float_op_between_features_and_tokens(compiled):
     tokens, mode = run_integer_only(run)
     assert tokens.dtype == torch.int64
     assert not mode.violations, f"float ops: {mode.violations[:5]}"
-    gemms = {(name, dtypes) for name, dtypes in mode.ops if name in ("_int_mm", "mm", "bmm", "int16_gemm")}
-    # int8 x int8 -> int32 GEMMs, on whichever integer backend is faster here (K.int8_gemm_backend())
-    assert gemms and all(set(d) <= {"int8", "int16", "int32"} for _, d in gemms), gemms
+    gemm_ops = ("_int_mm", "mm", "bmm", "int16_gemm", "qgemm_avx2", "attention_avx2")
+    gemms = {(name, dtypes) for name, dtypes in mode.ops if name in gemm_ops}
+    # integer GEMMs (int32/int64 accumulators), on whichever backend is fastest here (K.int8_gemm_backend())
+    assert gemms and all(set(d) <= {"int8", "int16", "int32", "int64"} for _, d in gemms), gemms
     big = {name for name, _ in gemms} - {"mm", "bmm"}  # encoder GEMMs on the probed backend, seen by the check
-    assert big == ({"_int_mm"} if K.int8_gemm_backend() == "int_mm" else {"int16_gemm"} if K.int8_gemm_backend() == "numba" else set())
+    expected = {"int_mm": {"_int_mm"}, "numba": {"int16_gemm"}, "avx2": {"qgemm_avx2"}}.get(K.int8_gemm_backend(), set())
+    assert expected <= big <= expected | {"attention_avx2"}, big
 
 
 def test_int8_gemm_backends_agree_and_wide_codes_are_exact(monkeypatch):

@@ -56,7 +56,7 @@ def test_softmax_equals_torch(seed, with_mask, out_grid):
 def test_kernels_are_seen_by_the_integer_only_check():
     from fairseq_qasr.integer.honesty import run_integer_only
 
-    acc = torch.randint(-1000, 1000, (4, 8), dtype=torch.int32)
+    acc = torch.randint(-1000, 1000, (64, 128), dtype=torch.int32)
     m, sh = K.quantize_multiplier(torch.tensor([0.01]))
     _, mode = run_integer_only(lambda: K.requantize(acc, m.long().reshape(()), sh.long().reshape(()), 0, -128, 127))
     names = {name: dtypes for (name, dtypes) in mode.ops}

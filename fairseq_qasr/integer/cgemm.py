@@ -1,0 +1,342 @@
+"""Exact integer GEMM in C for AVX2 CPUs (``csrc/qgemm_avx2.c``): int16 x int8-range codes, ``vpmaddwd`` into int32,
+optional per-group int32 partial sums combined with integer ratios in int64 (per-group weight scales).
+
+Why: ``torch._int_mm`` is fast only with int8 dot-product instructions (VNNI/AMX). Without them the fastest exact
+integer GEMM here had been the numba kernel (one horizontal reduction per output); this one is register-blocked
+(4 rows x 16 columns per tile, B packed into 16-column panels) and handles 16-bit codes and weight groups in the
+same pass, where the torch path split 16-bit codes into bytes and ran one GEMM per weight group.
+
+Built on first use with the system C compiler into a cache directory (``QASR_CACHE``, default
+``~/.cache/fairseq_qasr``), keyed by the source's hash; unavailable (``available()`` False, callers take the other
+backends) where the CPU lacks AVX2, no compiler is found, or ``QASR_CGEMM=0``. Registered as the torch op
+``qasr::qgemm_avx2`` on integer tensors, so the engine's integer-only dispatch check sees it run.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+SRC = Path(__file__).parent / "csrc" / "qgemm_avx2.c"
+FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-fPIC", "-shared"]
+NR = 16  # columns per packed panel (the C tile width)
+MR = 4  # rows per C tile: the left operand is padded to a multiple
+B_MAX = 255  # right operand codes in [-255, 255]: a byte of a 16-bit code, or int8 codes
+WIDE_GROUP = 256  # k per int32 partial sum for 16-bit left codes: 256 x 2^15 x 255 < 2^31
+_LIB: Optional[ctypes.CDLL] = None
+_TRIED = False
+
+
+def _cpu_has_avx2() -> bool:
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and " avx2" in line for line in f)
+    except OSError:
+        return False
+
+
+def _build() -> Optional[ctypes.CDLL]:
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        return None
+    src = SRC.read_bytes()
+    key = hashlib.sha256(src + " ".join(FLAGS).encode()).hexdigest()[:16]
+    cache = Path(os.environ.get("QASR_CACHE", Path.home() / ".cache" / "fairseq_qasr"))
+    lib = cache / f"qgemm_avx2-{key}.so"
+    if not lib.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
+        os.close(fd)
+        res = subprocess.run([cc, *FLAGS, str(SRC), "-o", tmp], capture_output=True, text=True)
+        if res.returncode != 0:
+            os.unlink(tmp)
+            warnings.warn(f"fairseq_qasr: could not build {SRC.name} ({cc}): {res.stderr.strip()[:500]}")
+            return None
+        os.replace(tmp, lib)  # atomic: concurrent processes never load a half-written library
+    dll = ctypes.CDLL(str(lib))
+    i64, i32, ptr = ctypes.c_int64, ctypes.c_int32, ctypes.c_void_p
+    dll.qasr_pack.argtypes = [ptr, ctypes.c_int, i64, i64, i64, i64, ctypes.c_int, ptr, i64, i64, ptr]
+    dll.qasr_pack.restype = None
+    dll.qasr_qgemm.argtypes = [ptr, ctypes.c_int, i64, i32, ctypes.c_int, i64, i64, ptr, i64, i64, i64, i64, ptr, ptr,
+                               i64, ctypes.c_int, ptr, ptr, ptr, i64, ctypes.c_int]
+    dll.qasr_qgemm.restype = None
+    dll.qasr_attention.argtypes = [ptr, i64, i64, i64, ptr, i64, i64, i64, ptr, i64, i64, ctypes.c_int, i64, i64, i64,
+                                   ptr, i64, ctypes.c_int, i64, i64, i64, i64, ctypes.c_int, i64, i64, i64, i32,
+                                   ptr, i64, i64, ctypes.c_int, i64, ptr, ptr, i64, i64, ptr, ctypes.c_int]
+    dll.qasr_attention.restype = None
+    dll.qasr_isqrt.argtypes = [ptr, ptr, i64]
+    dll.qasr_isqrt.restype = None
+    if dll.qasr_mr() != MR:
+        raise RuntimeError(f"{lib}: tile height {dll.qasr_mr()} != {MR}")
+    return dll
+
+
+def available() -> bool:
+    """Whether the AVX2 kernel runs here (built and loaded once per process)."""
+    global _LIB, _TRIED
+    if not _TRIED:
+        _TRIED = True
+        if os.environ.get("QASR_CGEMM", "1") != "0" and _cpu_has_avx2():
+            _LIB = _build()
+    return _LIB is not None
+
+
+_TYPES = {torch.int8: 0, torch.int16: 1, torch.int32: 2}
+# torch ops (seen by the integer-only dispatch check); Library.impl costs ~15 us a call, custom_op ~55 us
+_OPS = torch.library.Library("qasr", "FRAGMENT")
+
+
+def _op(schema: str):
+    """Register the decorated function as the CPU kernel of ``qasr::<schema>``; returns the op."""
+    name = schema.split("(", 1)[0]
+
+    def deco(fn):
+        _OPS.define(schema)
+        _OPS.impl(name, fn, "CPU")
+        return getattr(torch.ops.qasr, name)
+    return deco
+
+
+@dataclass
+class Packed:
+    """A right operand ``[K, N]`` in the kernel's layout, with what the product needs besides it."""
+
+    bp: Tensor  # int16 [Np/16, Kp/2, 16, 2]
+    k: int
+    n: int
+    gs: int  # k per int32 partial sum (a weight group, WIDE_GROUP, or Kp: one int32 accumulator)
+    ratio: Optional[Tensor]  # int32 [groups, Np] or None
+    colsum: Tensor  # int64 [N]: sum_g ratio_g * colsum_g (plain column sums without ratios)
+    out64: bool  # int64 output (per-group ratios, 16-bit codes), else int32
+    reps: int = 1  # the left operand repeated along K this many times (16-bit right operands: high, low byte)
+    inits: dict = field(default_factory=dict)  # (off - za, zb) -> the kernel's int64 column term, cached
+
+    def init(self, d: int, zb: int) -> Tensor:
+        """Column term ``d * colsum - zb * K * d`` (``d = off - za``), zero padded to ``Np``; cached per key."""
+        t = self.inits.get((d, zb))
+        if t is None:
+            t = torch.zeros(self.np_, dtype=torch.int64)
+            t[:self.n] = d * self.colsum - zb * self.k * d
+            if len(self.inits) < 64:
+                self.inits[(d, zb)] = t
+        return t
+
+    @property
+    def kp(self) -> int:
+        return self.bp.shape[1] * 2
+
+    @property
+    def np_(self) -> int:
+        return self.bp.shape[0] * NR
+
+
+def _codes(t: Tensor) -> Tensor:
+    if t.dtype not in _TYPES:
+        t = t.int()
+    return t
+
+
+@_op("pack_avx2(Tensor b, Tensor(a!) bp, Tensor(b!) colsum, int[] ints) -> ()")
+def _pack_op(b: Tensor, bp: Tensor, colsum: Tensor, ints: List[int]) -> None:
+    part, k0 = ints
+    k, n = b.shape
+    _LIB.qasr_pack(b.data_ptr(), _TYPES[b.dtype], b.stride(0), b.stride(1), k, n, part,
+                   bp.data_ptr() + 2 * k0 * NR, bp.shape[1] * 2, bp.shape[0] * NR, colsum.data_ptr())
+
+
+def _pack_into(b: Tensor, part: int, bp: Tensor, k0: int, colsum: Tensor) -> None:
+    """``b`` (a 2-D view of integer codes, any strides) packed into rows ``k0..`` (even) of every panel of ``bp``."""
+    _pack_op(_codes(b), bp, colsum, [part, k0])
+
+
+def pack(b: Tensor, group_size: int = 0, ratio: Optional[Tensor] = None, wide: bool = False,
+         split: Optional[bool] = None) -> Packed:
+    """Pack codes ``b [K, N]`` (any strides). Codes within [-255, 255] are packed as they are; wider (16-bit) codes
+    as their high and low bytes (two stacked halves combined by ratios 256 and 1, int64 out). ``group_size`` +
+    ``ratio [N, groups]`` (int32): per-group products combined as ``sum_g ratio[n, g] * partial_g``; ``wide``: the
+    left operand has 16-bit codes (int64 out, int32 partial sums over ``WIDE_GROUP`` k)."""
+    if not available():
+        raise RuntimeError("cgemm: the AVX2 integer GEMM is not available on this machine (see cgemm.available)")
+    if b.dtype not in (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64) or b.dim() != 2:
+        raise TypeError(f"cgemm.pack: expected 2-D integer codes, got {b.dtype} {tuple(b.shape)}")
+    k, n = b.shape
+    np_ = -(-n // NR) * NR
+    if split is None:
+        split = b.dtype != torch.int8 and b.numel() > 0 and (int(b.min()) < -B_MAX or int(b.max()) > B_MAX)
+    if split:
+        if ratio is not None:
+            raise ValueError("cgemm.pack: per-group ratios need right operand codes in [-255, 255]")
+        if int(b.min()) < -(2 ** 15) or int(b.max()) > 2 ** 15 - 1:
+            raise ValueError("cgemm.pack: right operand codes beyond 16 bits")
+        kh = -(-k // WIDE_GROUP) * WIDE_GROUP
+        bp = torch.zeros(np_ // NR, kh, NR, 2, dtype=torch.int16)  # [high bytes; low bytes] along K
+        hi, lo = torch.zeros(n, dtype=torch.int64), torch.zeros(n, dtype=torch.int64)
+        _pack_into(b, 1, bp, 0, hi)  # (high, low) = (v >> 8, v & 255) of the stored codes
+        _pack_into(b, 2, bp, kh, lo)
+        groups = 2 * kh // WIDE_GROUP
+        rt = torch.ones(groups, np_, dtype=torch.int32)
+        rt[: groups // 2] = 256
+        return Packed(bp, k, n, WIDE_GROUP, rt, hi * 256 + lo, True, reps=2)
+    if not wide and ratio is None and k >= 2 ** 16:
+        raise ValueError(f"cgemm.pack: K={k} too long for one int32 accumulator; pack with wide=True")
+    kp = k + (k % 2)
+    if ratio is not None:
+        if not group_size or group_size % 2 or k % group_size or tuple(ratio.shape) != (n, k // group_size):
+            raise ValueError(f"cgemm.pack: ratios {tuple(ratio.shape)} do not match K={k}, group size {group_size}")
+        gs = group_size
+    else:
+        gs = WIDE_GROUP if wide else kp
+    bp = torch.zeros(np_ // NR, kp // 2, NR, 2, dtype=torch.int16)
+    colsum = torch.zeros(n, dtype=torch.int64)
+    _pack_into(b, 0, bp, 0, colsum)
+    rt = None
+    if ratio is not None:
+        rt = torch.zeros(k // gs, np_, dtype=torch.int32)
+        rt[:, :n] = ratio.t()
+        colsum = (_codes(b).long().view(k // gs, gs, n).sum(1) * ratio.t().long()).sum(0)
+    return Packed(bp, k, n, gs, rt, colsum, wide or ratio is not None)
+
+
+@_op("qgemm_avx2(Tensor a, Tensor bp, Tensor ratio, Tensor init, Tensor post, Tensor(a!) out, int[] ints) -> ()")
+def _qgemm_op(a: Tensor, bp: Tensor, ratio: Tensor, init: Tensor, post: Tensor, out: Tensor, ints: List[int]) -> None:
+    off, reps, k, n, gs, bz, rshift = ints
+    out64 = out.dtype == torch.int64
+    _LIB.qasr_qgemm(a.data_ptr(), _TYPES[a.dtype], a.stride(0), off, reps, a.shape[0], k, bp.data_ptr(),
+                    bp.shape[1] * 2, bp.shape[0] * NR, n, gs, ratio.data_ptr() if ratio.numel() else None,
+                    init.data_ptr() if init.numel() else None, bz, rshift, post.data_ptr() if post.numel() else None,
+                    None if out64 else out.data_ptr(), out.data_ptr() if out64 else None, out.stride(0),
+                    torch.get_num_threads())
+
+
+_NONE32 = torch.empty(0, dtype=torch.int32)
+
+
+def mm(a: Tensor, p: Packed, za: int = 0, zb: int = 0, out: Optional[Tensor] = None, rshift: int = 0,
+       post: Optional[Tensor] = None) -> Tensor:
+    """Exact ``sum_g ratio_g * ((a - za)_g @ (b - zb)_g)`` (plain ``(a - za) @ (b - zb)`` without ratios; ``zb``
+    must be 0 with them) for integer codes ``a [M, K]`` of up to 16 bits (int8, or int16/int32 storage spanning at
+    most 2^16 values; rows may be strided): int32 when one int32 accumulator holds the whole sum (int8 codes, no
+    groups), else int64. ``out``: a preallocated ``[M, N]`` tensor of that dtype (rows may be strided). int64 only:
+    ``rshift`` rounds the result down by ``2^rshift`` (half up), then ``post [N]`` (int64; or padded to ``Np``) is
+    added."""
+    if not available():
+        raise RuntimeError("cgemm: the AVX2 integer GEMM is not available on this machine (see cgemm.available)")
+    if a.dim() != 2 or a.shape[1] != p.k:
+        raise ValueError(f"cgemm.mm: left operand {tuple(a.shape)} does not match K={p.k}")
+    if zb and p.ratio is not None and p.reps == 1:
+        raise ValueError("cgemm.mm: a right-operand zero point with per-group ratios")
+    a = _codes(a)
+    if a.stride(1) != 1:
+        a = a.contiguous()
+    off = 0
+    if a.dtype != torch.int8 and a.numel():
+        lo, hi = (int(v) for v in torch.aminmax(a))
+        if hi - lo > 2 ** 16 - 1:
+            raise ValueError(f"cgemm.mm: left operand spans {hi - lo + 1} values (more than 16 bits)")
+        if lo < -(2 ** 15) or hi > 2 ** 15 - 1:
+            off = lo + 2 ** 15  # shift into int16; init adds (off - za) * colsum back
+    if not p.out64 and a.dtype != torch.int8:
+        raise ValueError("cgemm.mm: 16-bit left operand needs a right operand packed with wide=True")
+    dtype = torch.int64 if p.out64 else torch.int32
+    if out is None:
+        out = torch.empty(a.shape[0], p.n, dtype=dtype)
+    elif out.dtype != dtype or tuple(out.shape) != (a.shape[0], p.n) or (out.numel() and out.stride(1) != 1):
+        raise ValueError(f"cgemm.mm: out must be a row-major {dtype} [{a.shape[0]}, {p.n}] view")
+    init = p.init(off - za, zb) if off != za or zb else _NONE64
+    if (rshift or post is not None) and not p.out64:
+        raise ValueError("cgemm.mm: rshift/post apply to int64 outputs only")
+    if post is not None and post.numel() != p.np_:  # (callers that repeat a post term pass it padded to Np)
+        post = torch.cat([post.long(), torch.zeros(p.np_ - p.n, dtype=torch.int64)]) if p.np_ > p.n else post.long()
+    _qgemm_op(a, p.bp, p.ratio if p.ratio is not None else _NONE32, init,
+              _NONE64 if post is None else post.contiguous(), out, [off, p.reps, p.k, p.n, p.gs, zb, rshift])
+    return out
+
+
+_NONE64 = torch.empty(0, dtype=torch.int64)
+
+
+def mm_wide_b(a: Tensor, b: Tensor) -> Tensor:
+    """Exact ``a @ b`` (int64) where ``b`` also has 16-bit codes (packed as bytes by :func:`pack`)."""
+    return mm(a, pack(b))
+
+
+def _stack(packs) -> Tensor:
+    return torch.stack([p.bp for p in packs]).contiguous()
+
+
+@_op("attention_avx2(Tensor q, Tensor kp, Tensor kinit, Tensor lut, Tensor vp, Tensor vratio, Tensor vinit, "
+     "Tensor(a!) out, int[] ints) -> ()")
+def _attention(q: Tensor, kp: Tensor, kinit: Tensor, lut: Tensor, vp: Tensor, vratio: Tensor, vinit: Tensor,
+               out: Tensor, ints: List[int]) -> None:
+    (tk, zk, m1, sh1, zp1, qmin1, qmax1, mult_r, sh, zpo, qmino, qmaxo, m2, sh2, zp2, qmin2, qmax2, off2, vreps,
+     vgs, zv) = ints
+    bh, tq, d = q.shape
+    _LIB.qasr_attention(q.data_ptr(), bh, tq, d, kp.data_ptr(), kp[0].numel(), tk, kp.shape[1] * NR,
+                        kinit.data_ptr(), zk, m1, sh1, zp1, qmin1, qmax1, lut.data_ptr(), mult_r, sh, zpo, qmino,
+                        qmaxo, m2, sh2, zp2, qmin2, qmax2, off2, vp.data_ptr(), vp[0].numel(), vp.shape[2] * 2,
+                        vreps, vgs, vratio.data_ptr() if vratio.numel() else None, vinit.data_ptr(), zv,
+                        vp.shape[1] * NR, out.data_ptr(), torch.get_num_threads())
+
+
+def attention(q: Tensor, zq: int, kt: Tensor, zk: int, scores_rq: Tuple[int, int, int, int, int], lut: Tensor,
+              softmax: Tuple[int, int, int, int, int], probs_rq: Tuple[int, int, int, int, int], v: Tensor,
+              zv: int) -> Tensor:
+    """Unmasked attention in one pass per (head, block of 16 query rows), bit for bit the engine's unfused
+    kernels: ``q [BH, Tq, d]`` int8 codes, ``kt [BH, d, Tk]`` int8 codes, ``v [BH, Tk, d]`` codes of up to 16 bits;
+    ``scores_rq`` / ``probs_rq`` = (multiplier, shift, zero point, qmin, qmax) onto the softmax input and AV input
+    grids (stored codes), ``softmax`` = (``out_mult << R``, ``R + out_shift``, zero point, qmin, qmax) of
+    :func:`kernels.softmax_int` with exp table ``lut`` (int32). Returns the int64 AV accumulators [BH, Tq, d]."""
+    if not available():
+        raise RuntimeError("cgemm: the AVX2 integer GEMM is not available on this machine (see cgemm.available)")
+    bh, tq, d = q.shape
+    tk = kt.shape[-1]
+    if q.dtype != torch.int8 or kt.dtype != torch.int8 or d % 2:
+        raise ValueError("cgemm.attention: int8 query/key codes and an even head dimension expected")
+    qmin2, qmax2 = probs_rq[3], probs_rq[4]
+    off2 = 0 if qmin2 >= -(2 ** 15) and qmax2 <= 2 ** 15 - 1 else qmin2 + 2 ** 15
+    if qmax2 - off2 > 2 ** 15 - 1:
+        raise ValueError("cgemm.attention: AV input grid wider than 16 bits")
+    kpacks = [pack(kt[h]) for h in range(bh)]
+    kinit = torch.zeros(bh, kpacks[0].np_, dtype=torch.int64)
+    for h, p in enumerate(kpacks):
+        kinit[h, :tk] = -zq * p.colsum + zk * d * zq
+    split = v.dtype != torch.int8 and v.numel() > 0 and (int(v.min()) < -B_MAX or int(v.max()) > B_MAX)
+    vpacks = [pack(v[h], wide=True, split=split) for h in range(bh)]
+    vinit = torch.zeros(bh, vpacks[0].np_, dtype=torch.int64)
+    for h, p in enumerate(vpacks):
+        vinit[h, :d] = (off2 - probs_rq[2]) * p.colsum - zv * tk * (off2 - probs_rq[2])
+    vp0 = vpacks[0]
+    out = torch.empty(bh, tq, d, dtype=torch.int64)
+    ints = [tk, zk, *scores_rq, *softmax, *probs_rq, off2, vp0.reps, vp0.gs, zv]
+    _attention(q.contiguous(), _stack(kpacks), kinit, lut.to(torch.int32).contiguous(), _stack(vpacks),
+               vp0.ratio if vp0.ratio is not None else _NONE32, vinit, out, [int(i) for i in ints])
+    return out
+
+
+@_op("isqrt_avx2(Tensor v) -> Tensor")
+def _isqrt(v: Tensor) -> Tensor:
+    out = torch.empty_like(v)
+    _LIB.qasr_isqrt(v.data_ptr(), out.data_ptr(), v.numel())
+    return out
+
+
+def isqrt(v: Tensor) -> Tensor:
+    """Floor integer square root of non-negative int64 values below 2^62 (:func:`kernels.isqrt`, in C)."""
+    if not available():
+        raise RuntimeError("cgemm: the AVX2 kernels are not available on this machine (see cgemm.available)")
+    if bool((v < 0).any()) or bool((v >= 2 ** 62).any()):
+        raise ValueError("cgemm.isqrt: values must lie in [0, 2^62)")
+    return _isqrt(v.long().contiguous())

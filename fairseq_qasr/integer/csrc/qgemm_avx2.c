@@ -1,0 +1,281 @@
+/* Exact integer GEMM for AVX2 CPUs without int8 dot-product instructions (no VNNI/AMX).
+ *
+ *   out[m, n] = init[n] - bz * rowsum[m] + sum_g ratio[g, n] * sum_{k in group g} a'[m, k] * b[k, n]
+ *
+ * a' = a - off: the left operand's codes (int8, int16 or int32 storage, row stride lda) shifted into int16, converted
+ * a block of rows at a time into a thread-local buffer (K padded to Kh = Kp / reps, repeated reps times: a product
+ * with a right operand stacked from reps parts, e.g. the two bytes of 16-bit codes); rowsum[m] = sum_k a'[m, k] (over
+ * one repetition). b: codes in [-255, 255] packed by qasr_pack into panels of 16 columns, [Np/16][Kp/2][16][2] int16.
+ * vpmaddwd multiplies int16 pairs into int32 exactly; each group's int32 partial sum (gs columns, gs <= 256 keeps
+ * |sum| < 256 * 2^15 * 255 < 2^31) is flushed into int64, times its ratio if given. One group and no ratio: int32
+ * out (the caller guarantees the result fits). int64 out may be rounded down by 2^rshift (half up) and get post[n]
+ * added: the grouped Linear's epilogue. Integer arithmetic only. Built on first use by cgemm.py. */
+#include <immintrin.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define MR 4
+#define NR 16
+#define MB 48 /* rows per thread block: a' [MB, Kp] stays in L2 while the column panels stream past */
+
+int qasr_mr(void) { return MR; }
+
+static int64_t code(const void *a, int type, int64_t i) {
+    return type == 0 ? ((const int8_t *)a)[i] : type == 1 ? ((const int16_t *)a)[i] : ((const int32_t *)a)[i];
+}
+
+/* b [K, N] (element (k, n) at k * ldk + n * ldn; part 0: the code, 1: its high byte v >> 8, 2: its low byte v & 255)
+ * -> rows 0..K-1 of the panels at bp (panel stride Kp * 16; the caller zeroes bp and offsets it to an even row),
+ * colsum[n] = sum_k of the packed values (n < N). */
+void qasr_pack(const void *b, int type, int64_t ldk, int64_t ldn, int64_t K, int64_t N, int part, int16_t *bp,
+               int64_t Kp, int64_t Np, int64_t *colsum) {
+    (void)Np;
+    for (int64_t n = 0; n < N; n++) colsum[n] = 0;
+    for (int64_t k = 0; k < K; k++) {
+        int16_t *row = bp + (k / 2) * 2 * NR + (k & 1);
+        for (int64_t n = 0; n < N; n++) {
+            int64_t v = code(b, type, k * ldk + n * ldn);
+            v = part == 1 ? v >> 8 : part == 2 ? v & 255 : v;
+            row[(n / NR) * Kp * NR + (n % NR) * 2] = (int16_t)v;
+            colsum[n] += v;
+        }
+    }
+}
+
+static void load_rows(const void *a, int type, int64_t lda, int32_t off, int64_t M, int64_t K, int64_t Kh, int reps,
+                      int64_t m0, int64_t rows, int16_t *buf, int64_t *rowsum) {
+    const int64_t Kp = Kh * reps;
+    for (int64_t r = 0; r < rows; r++) {
+        int16_t *dst = buf + r * Kp;
+        int64_t s = 0;
+        if (m0 + r < M) {
+            const int64_t base = (m0 + r) * lda;
+            if (type == 0) {
+                const int8_t *src = (const int8_t *)a + base;
+                for (int64_t k = 0; k < K; k++) { dst[k] = (int16_t)(src[k] - off); s += dst[k]; }
+            } else if (type == 1) {
+                const int16_t *src = (const int16_t *)a + base;
+                for (int64_t k = 0; k < K; k++) { dst[k] = (int16_t)(src[k] - off); s += dst[k]; }
+            } else {
+                const int32_t *src = (const int32_t *)a + base;
+                for (int64_t k = 0; k < K; k++) { dst[k] = (int16_t)(src[k] - off); s += dst[k]; }
+            }
+            memset(dst + K, 0, (size_t)(Kh - K) * sizeof(int16_t));
+        } else {
+            memset(dst, 0, (size_t)Kh * sizeof(int16_t));
+        }
+        for (int rep = 1; rep < reps; rep++) memcpy(dst + rep * Kh, dst, (size_t)Kh * sizeof(int16_t));
+        rowsum[r] = s;
+    }
+}
+
+/* MR x NR tile over k pairs [p0, p1): acc[2r], acc[2r+1] = columns 0-7, 8-15 of row r */
+static inline void tile(const int16_t *a, int64_t lda, const int16_t *bp, int64_t p0, int64_t p1, __m256i *acc) {
+    for (int i = 0; i < 2 * MR; i++) acc[i] = _mm256_setzero_si256();
+    for (int64_t p = p0; p < p1; p++) {
+        __m256i b0 = _mm256_loadu_si256((const __m256i *)(bp + p * 32));
+        __m256i b1 = _mm256_loadu_si256((const __m256i *)(bp + p * 32 + 16));
+        for (int r = 0; r < MR; r++) {
+            __m256i x = _mm256_set1_epi32(*(const int32_t *)(a + r * lda + 2 * p));
+            acc[2 * r] = _mm256_add_epi32(acc[2 * r], _mm256_madd_epi16(x, b0));
+            acc[2 * r + 1] = _mm256_add_epi32(acc[2 * r + 1], _mm256_madd_epi16(x, b1));
+        }
+    }
+}
+
+static inline void flush(int64_t *t, __m256i acc, const int32_t *ratio) {
+    __m256i lo = _mm256_cvtepi32_epi64(_mm256_castsi256_si128(acc));
+    __m256i hi = _mm256_cvtepi32_epi64(_mm256_extracti128_si256(acc, 1));
+    if (ratio) {
+        lo = _mm256_mul_epi32(lo, _mm256_cvtepi32_epi64(_mm_loadu_si128((const __m128i *)ratio)));
+        hi = _mm256_mul_epi32(hi, _mm256_cvtepi32_epi64(_mm_loadu_si128((const __m128i *)(ratio + 4))));
+    }
+    _mm256_storeu_si256((__m256i *)t, _mm256_add_epi64(_mm256_loadu_si256((const __m256i *)t), lo));
+    _mm256_storeu_si256((__m256i *)(t + 4), _mm256_add_epi64(_mm256_loadu_si256((const __m256i *)(t + 4)), hi));
+}
+
+void qasr_qgemm(const void *a, int atype, int64_t lda, int32_t off, int reps, int64_t M, int64_t K,
+                const int16_t *bp, int64_t Kp, int64_t Np, int64_t N, int64_t gs, const int32_t *ratio,
+                const int64_t *init, int64_t bz, int rshift, const int64_t *post, int32_t *out32, int64_t *out64,
+                int64_t ldo, int nthreads) {
+    const int64_t panels = Np / NR, groups = (Kp + gs - 1) / gs, gp = gs / 2, pairs = Kp / 2, Kh = Kp / reps;
+#pragma omp parallel num_threads(nthreads)
+    {
+        const int64_t brows = M < MB ? (M + MR - 1) / MR * MR : MB; /* small M (decoder steps): a small buffer */
+        int16_t *buf = aligned_alloc(64, (size_t)((brows * Kp * sizeof(int16_t) + 63) / 64 * 64));
+        int64_t rowsum[MB];
+        int32_t t32[MR * NR];
+        int64_t t64[MR * NR];
+        __m256i acc[2 * MR];
+#pragma omp for schedule(static)
+        for (int64_t mb = 0; mb < M; mb += MB) {
+            const int64_t rows = mb + MB < M ? MB : M - mb, rows4 = (rows + MR - 1) / MR * MR;
+            load_rows(a, atype, lda, off, M, K, Kh, reps, mb, rows4, buf, rowsum);
+            for (int64_t pn = 0; pn < panels; pn++) {
+                const int16_t *b = bp + pn * Kp * NR;
+                const int64_t n0 = pn * NR, nc = N - n0 < NR ? N - n0 : NR;
+                for (int64_t i = 0; i < rows4; i += MR) {
+                    const int16_t *arow = buf + i * Kp;
+                    const int64_t rc = rows - i < MR ? rows - i : MR;
+                    if (out32) {
+                        tile(arow, Kp, b, 0, pairs, acc);
+                        for (int r = 0; r < MR; r++) {
+                            _mm256_storeu_si256((__m256i *)(t32 + r * NR), acc[2 * r]);
+                            _mm256_storeu_si256((__m256i *)(t32 + r * NR + 8), acc[2 * r + 1]);
+                        }
+                        for (int64_t r = 0; r < rc; r++) {
+                            int32_t *o = out32 + (mb + i + r) * ldo + n0;
+                            const int64_t rs = bz * rowsum[i + r];
+                            for (int64_t c = 0; c < nc; c++)
+                                o[c] = (int32_t)(t32[r * NR + c] + (init ? init[n0 + c] : 0) - rs);
+                        }
+                        continue;
+                    }
+                    memset(t64, 0, sizeof(t64));
+                    for (int64_t g = 0; g < groups; g++) {
+                        tile(arow, Kp, b, g * gp, (g + 1) * gp < pairs ? (g + 1) * gp : pairs, acc);
+                        const int32_t *rg = ratio ? ratio + g * Np + n0 : 0;
+                        for (int r = 0; r < MR; r++) {
+                            flush(t64 + r * NR, acc[2 * r], rg);
+                            flush(t64 + r * NR + 8, acc[2 * r + 1], rg ? rg + 8 : 0);
+                        }
+                    }
+                    for (int64_t r = 0; r < rc; r++) {
+                        int64_t *o = out64 + (mb + i + r) * ldo + n0;
+                        const int64_t rs = bz * rowsum[i + r];
+                        for (int64_t c = 0; c < nc; c++) {
+                            int64_t v = t64[r * NR + c] + (init ? init[n0 + c] : 0) - rs;
+                            if (rshift) v = (v + ((int64_t)1 << (rshift - 1))) >> rshift;
+                            o[c] = v + (post ? post[n0 + c] : 0);
+                        }
+                    }
+                }
+            }
+        }
+        free(buf);
+    }
+}
+
+/* Fused unmasked attention, per (batch x head, block of AB query rows), no [Tq, Tk] tensor in memory:
+ *   s = (q - zq) . (k - zk)                        int32 (kinit, zk fold the zero points, as in qasr_qgemm)
+ *   c = clamp(round(s * m1 / 2^sh1) + zp1)         softmax input codes
+ *   p = clamp(((lut[max - c] * r) + 2^(sh-1)) >> sh) + zpo),  r = floor(mult_r / sum lut[max - c])   (softmax)
+ *   p2 = clamp(round((p - zpo) * m2 / 2^sh2) + zp2) codes on the AV input grid
+ *   out = (p2 - zp2) . (v - zv)                    int64 (V packed as qasr_pack, reps parts, groups with ratios)
+ * Each step is the integer arithmetic of the engine's unfused kernels (kernels.py), bit for bit. */
+#define AB 16
+
+static inline int64_t clamp64(int64_t v, int64_t lo, int64_t hi) { return v < lo ? lo : v > hi ? hi : v; }
+
+void qasr_attention(const int8_t *q, int64_t BH, int64_t Tq, int64_t d,
+                    const int16_t *kp, int64_t kstride, int64_t Tk, int64_t Tkp, const int64_t *kinit, int64_t zk,
+                    int64_t m1, int sh1, int64_t zp1, int64_t qmin1, int64_t qmax1,
+                    const int32_t *lut, int64_t mult_r, int sh, int64_t zpo, int64_t qmino, int64_t qmaxo,
+                    int64_t m2, int sh2, int64_t zp2, int64_t qmin2, int64_t qmax2, int32_t off2,
+                    const int16_t *vp, int64_t vstride, int64_t vKp, int vreps, int64_t vgs, const int32_t *vratio,
+                    const int64_t *vinit, int64_t zv, int64_t dp, int64_t *out, int nthreads) {
+    const int64_t blocks = (Tq + AB - 1) / AB, Kh = vKp / vreps, vpairs = vKp / 2, vgp = vgs / 2;
+    const int64_t vgroups = (vKp + vgs - 1) / vgs;
+#pragma omp parallel num_threads(nthreads)
+    {
+        int16_t *qb = aligned_alloc(64, (size_t)((AB * d * 2 + 63) / 64 * 64));
+        int32_t *sc = aligned_alloc(64, (size_t)((AB * Tkp * 4 + 63) / 64 * 64));
+        int16_t *pb = aligned_alloc(64, (size_t)((AB * vKp * 2 + 63) / 64 * 64));
+        int64_t qsum[AB], psum[AB], t64[MR * NR];
+        int32_t t32[MR * NR];
+        __m256i acc[2 * MR];
+#pragma omp for schedule(static) collapse(2)
+        for (int64_t h = 0; h < BH; h++) {
+            for (int64_t blk = 0; blk < blocks; blk++) {
+                const int64_t r0 = blk * AB, rows = r0 + AB < Tq ? AB : Tq - r0;
+                for (int64_t r = 0; r < AB; r++) { /* q rows r0.. as int16, zero rows past Tq */
+                    int64_t s = 0;
+                    for (int64_t k = 0; k < d; k++) {
+                        int16_t v = r < rows ? q[(h * Tq + r0 + r) * d + k] : 0;
+                        qb[r * d + k] = v;
+                        s += v;
+                    }
+                    qsum[r] = s;
+                }
+                const int16_t *kb = kp + h * kstride;
+                const int64_t *ki = kinit + h * Tkp;
+                for (int64_t pn = 0; pn < Tkp / NR; pn++) {
+                    for (int64_t i = 0; i < AB; i += MR) {
+                        tile(qb + i * d, d, kb + pn * d * NR, 0, d / 2, acc);
+                        for (int r = 0; r < MR; r++) {
+                            _mm256_storeu_si256((__m256i *)(t32 + r * NR), acc[2 * r]);
+                            _mm256_storeu_si256((__m256i *)(t32 + r * NR + 8), acc[2 * r + 1]);
+                        }
+                        for (int r = 0; r < MR; r++)
+                            for (int c = 0; c < NR; c++) {
+                                int64_t s = t32[r * NR + c] + ki[pn * NR + c] - zk * qsum[i + r];
+                                sc[(i + r) * Tkp + pn * NR + c] =
+                                    (int32_t)clamp64(((s * m1 + ((int64_t)1 << (sh1 - 1))) >> sh1) + zp1, qmin1, qmax1);
+                            }
+                    }
+                }
+                for (int64_t r = 0; r < AB; r++) { /* softmax, then the AV grid; rows past Tq: zeros */
+                    int16_t *dst = pb + r * vKp;
+                    const int32_t *row = sc + r * Tkp;
+                    int64_t s2 = 0;
+                    if (r < rows) {
+                        int64_t mx = row[0], total = 0;
+                        for (int64_t j = 1; j < Tk; j++) mx = row[j] > mx ? row[j] : mx;
+                        for (int64_t j = 0; j < Tk; j++) total += lut[mx - row[j]];
+                        total = total > 1 ? total : 1;
+                        const int64_t recip = mult_r / total, half = (int64_t)1 << (sh - 1);
+                        for (int64_t j = 0; j < Tk; j++) {
+                            int64_t p = clamp64(((lut[mx - row[j]] * recip + half) >> sh) + zpo, qmino, qmaxo);
+                            int64_t p2 = clamp64(((((p - zpo) * m2) + ((int64_t)1 << (sh2 - 1))) >> sh2) + zp2,
+                                                 qmin2, qmax2);
+                            dst[j] = (int16_t)(p2 - off2);
+                            s2 += dst[j];
+                        }
+                        memset(dst + Tk, 0, (size_t)(Kh - Tk) * sizeof(int16_t));
+                    } else {
+                        memset(dst, 0, (size_t)Kh * sizeof(int16_t));
+                    }
+                    for (int rep = 1; rep < vreps; rep++) memcpy(dst + rep * Kh, dst, (size_t)Kh * sizeof(int16_t));
+                    psum[r] = s2;
+                }
+                const int16_t *vb = vp + h * vstride;
+                const int64_t *vi = vinit + h * dp;
+                for (int64_t pn = 0; pn < dp / NR; pn++) {
+                    for (int64_t i = 0; i < AB; i += MR) {
+                        memset(t64, 0, sizeof(t64));
+                        for (int64_t g = 0; g < vgroups; g++) {
+                            tile(pb + i * vKp, vKp, vb + pn * vKp * NR, g * vgp, (g + 1) * vgp < vpairs ? (g + 1) * vgp : vpairs,
+                                 acc);
+                            const int32_t *rg = vratio ? vratio + g * dp + pn * NR : 0;
+                            for (int r = 0; r < MR; r++) {
+                                flush(t64 + r * NR, acc[2 * r], rg);
+                                flush(t64 + r * NR + 8, acc[2 * r + 1], rg ? rg + 8 : 0);
+                            }
+                        }
+                        for (int64_t r = 0; r < MR && i + r < rows; r++) {
+                            int64_t *o = out + (h * Tq + r0 + i + r) * d + pn * NR;
+                            for (int c = 0; c < NR && pn * NR + c < d; c++)
+                                o[c] = t64[r * NR + c] + vi[pn * NR + c] - zv * psum[i + r];
+                        }
+                    }
+                }
+            }
+        }
+        free(qb);
+        free(sc);
+        free(pb);
+    }
+}
+
+/* floor(sqrt(v)) of non-negative int64 values below 2^62, bitwise (kernels.isqrt, bit for bit) */
+void qasr_isqrt(const int64_t *v, int64_t *out, int64_t n) {
+    for (int64_t i = 0; i < n; i++) {
+        uint64_t res = 0, x = (uint64_t)v[i];
+        for (int b = 31; b >= 0; b--) {
+            uint64_t cand = res | ((uint64_t)1 << b);
+            if (cand * cand <= x) res = cand;
+        }
+        out[i] = (int64_t)res;
+    }
+}

@@ -1,0 +1,139 @@
+"""The AVX2 C kernels (``fairseq_qasr/integer/cgemm.py``): exact against int64 references, never wrapping at the
+extremes of their operand ranges; the engine's one-pass C attention and grouped GEMMs give the same integers as the
+torch paths."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import int_helpers as H
+from fairseq_qasr.integer import cgemm
+from fairseq_qasr.integer import kernels as K
+from fairseq_qasr.integer.honesty import run_integer_only
+
+pytestmark = pytest.mark.skipif(not cgemm.available(), reason="AVX2 C kernels not built here (no AVX2 CPU or no C "
+                                                              "compiler, or QASR_CGEMM=0)")
+
+
+def ref(a, b, za=0, zb=0, gs=None, ratio=None):
+    a, b = a.long() - za, b.long() - zb
+    if ratio is None:
+        return a @ b
+    return sum((a[:, g * gs:(g + 1) * gs] @ b[g * gs:(g + 1) * gs]) * ratio[:, g].long()
+               for g in range(b.shape[0] // gs))
+
+
+def rnd(lo, hi, shape, gen, dtype=torch.int32):
+    return torch.randint(lo, hi, shape, generator=gen, dtype=dtype)
+
+
+RANGES = {"s8": (-128, 128, torch.int8), "u16": (0, 2 ** 16, torch.int32), "s16": (-(2 ** 15), 2 ** 15, torch.int32)}
+
+
+@settings(max_examples=40, deadline=None)
+@given(m=st.integers(1, 40), k=st.integers(1, 300), n=st.integers(1, 40), a_kind=st.sampled_from(sorted(RANGES)),
+       b_kind=st.sampled_from(["s8", "s16"]), za=st.integers(-40000, 40000), zb=st.integers(-200, 200),
+       seed=st.integers(0, 2 ** 16))
+def test_mm_equals_int64_reference(m, k, n, a_kind, b_kind, za, zb, seed):
+    g = torch.Generator().manual_seed(seed)
+    lo, hi, dt = RANGES[a_kind]
+    a = rnd(lo, hi, (m, k), g, dt)
+    b = rnd(*RANGES[b_kind][:2], (k, n), g, RANGES[b_kind][2])
+    if a_kind == "s8":
+        za = max(-128, min(127, za))
+    wide = a_kind != "s8"
+    out = cgemm.mm(a, cgemm.pack(b, wide=wide), za, zb)
+    assert out.dtype == (torch.int64 if wide or b_kind != "s8" else torch.int32)
+    assert torch.equal(out.long(), ref(a, b, za, zb))
+
+
+@pytest.mark.parametrize("a_kind", sorted(RANGES))
+def test_grouped_ratios_rounding_and_bias_epilogue(a_kind):
+    g = torch.Generator().manual_seed(1)
+    lo, hi, dt = RANGES[a_kind]
+    a, b = rnd(lo, hi, (37, 384), g, dt), rnd(-128, 128, (384, 50), g, torch.int8)
+    ratio = rnd(0, 2 ** 24 + 1, (50, 6), g)
+    post = rnd(-(2 ** 20), 2 ** 20, (50,), g).long()
+    p = cgemm.pack(b, 64, ratio)
+    expect = ref(a, b, 5, 0, 64, ratio)
+    assert torch.equal(cgemm.mm(a, p, 5), expect)
+    assert torch.equal(cgemm.mm(a, p, 5, rshift=16, post=post), ((expect + 2 ** 15) >> 16) + post)
+
+
+def test_operand_extremes_do_not_wrap():
+    k = 1536  # the longest reduction of tiny.en (fc2); int32 partial sums must be flushed in time
+    for a_val, b_val in [(2 ** 16 - 1, -128), (-(2 ** 15), -128), (-(2 ** 15), -(2 ** 15)), (2 ** 15 - 1, 2 ** 15 - 1)]:
+        a = torch.full((5, k), a_val, dtype=torch.int32)
+        b = torch.full((k, 17), b_val, dtype=torch.int32 if b_val < -128 or b_val > 127 else torch.int8)
+        out = cgemm.mm(a, cgemm.pack(b, wide=True))
+        assert torch.equal(out, ref(a, b)), (a_val, b_val)
+        assert int(out.abs().max()) > 2 ** 31  # beyond any int32 accumulator
+    a8, b8 = torch.full((5, k), -128, dtype=torch.int8), torch.full((k, 3), -128, dtype=torch.int8)
+    assert torch.equal(cgemm.mm(a8, cgemm.pack(b8)).long(), ref(a8, b8))
+
+
+def test_strided_operands_and_out_view():
+    g = torch.Generator().manual_seed(2)
+    a = rnd(-128, 128, (64, 40), g, torch.int8)
+    bt = rnd(-128, 128, (30, 64), g, torch.int8)
+    out = torch.zeros(40, 30 + 7, dtype=torch.int32)
+    cgemm.mm(a.t(), cgemm.pack(bt.t()), 3, -2, out=out[:, :30])  # a transposed view, b a transposed view
+    assert torch.equal(out[:, :30].long(), ref(a.t(), bt.t(), 3, -2)) and not out[:, 30:].any()
+
+
+def test_bad_operands_are_rejected_with_clear_errors():
+    b = torch.randint(-128, 128, (64, 8), dtype=torch.int8)
+    with pytest.raises(TypeError, match="integer codes"):
+        cgemm.pack(b.float())
+    with pytest.raises(ValueError, match="do not match"):
+        cgemm.pack(b, 16, torch.ones(8, 3, dtype=torch.int32))
+    with pytest.raises(ValueError, match="does not match K"):
+        cgemm.mm(torch.zeros(2, 63, dtype=torch.int8), cgemm.pack(b))
+    with pytest.raises(ValueError, match="more than 16 bits"):
+        cgemm.mm(torch.tensor([[0, 70000] * 32]), cgemm.pack(b, wide=True))
+    with pytest.raises(ValueError, match="wide=True"):
+        cgemm.mm(torch.zeros(2, 64, dtype=torch.int32), cgemm.pack(b))
+    with pytest.raises(ValueError, match="beyond 16 bits"):
+        cgemm.pack(torch.full((4, 4), 2 ** 16))
+
+
+def test_isqrt_is_floor_sqrt():
+    g = torch.Generator().manual_seed(3)
+    v = torch.cat([torch.tensor([0, 1, 2, 3, 4, 2 ** 62 - 1, (2 ** 31 - 1) ** 2, 2 ** 62 - 2 ** 32]),
+                   torch.randint(0, 2 ** 62, (2000,), generator=g)])
+    assert [int(x) for x in cgemm.isqrt(v)] == [math.isqrt(int(x)) for x in v]
+    with pytest.raises(ValueError, match="2\\^62"):
+        cgemm.isqrt(torch.tensor([-1]))
+
+
+@pytest.mark.parametrize("param", ["w8a8", H.GROUPED_16BIT + "-whisper_layout", "w8a8_r16-whisper_layout"])
+def test_engine_c_kernels_equal_torch_paths(param, monkeypatch):
+    """Encoder output and teacher-forced logits: the C paths (one-pass attention, grouped GEMMs with their epilogue,
+    16-bit codes, zero points folded into the kernel) against the int32-matmul torch paths, bit for bit."""
+    recipe, model, cfg, inp, eng = H.quantized_engine(param)
+    feats = torch.randn(1, 160, 80, generator=torch.Generator().manual_seed(4))  # > SMALL_M encoder frames
+    lengths = torch.tensor([160])
+    prev = torch.randint(4, 20, (1, 20), generator=torch.Generator().manual_seed(5))  # > SMALL_M target tokens
+
+    x = eng.quantize_input(feats)  # the input quantizer: the one float -> int step
+
+    def run():
+        enc = eng.encode(x, lengths)
+        out = enc["out"]
+        return getattr(out, "t", None) if hasattr(out, "t") else out.c, eng.decode_step(prev, enc, None)
+
+    monkeypatch.setattr(K, "_BACKEND", "avx2")
+    (enc_c, logits_c), mode = run_integer_only(run)
+    assert not mode.violations
+    ran = {name for name, _ in mode.ops}
+    assert {"qgemm_avx2", "attention_avx2", "pack_avx2"} <= ran, ran
+    monkeypatch.setattr(K, "_BACKEND", "int32")
+    eng._prep.clear()
+    enc_t, logits_t = run()
+    eng._prep.clear()
+    assert torch.equal(enc_c, enc_t)
+    assert torch.equal(logits_c, logits_t)
