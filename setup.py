@@ -11,6 +11,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["fairseq_qasr", "fairseq_qasr.*"]),
     include_package_data=True,
+    package_data={"fairseq_qasr.integer": ["csrc/*.c"]},  # the AVX2 kernels, compiled on first use
     install_requires=[
         "torch>=2.6",
         "torchaudio>=2.6",

@@ -78,7 +78,12 @@ def _build() -> Optional[ctypes.CDLL]:
                                    ptr, i64, i64, ctypes.c_int, i64, ptr, ptr, i64, i64, ptr, ctypes.c_int]
     dll.qasr_attention.restype = None
     dll.qasr_isqrt.argtypes = [ptr, ptr, i64]
-    dll.qasr_isqrt.restype = None
+    dll.qasr_layer_norm.argtypes = [ptr, ctypes.c_int, i64, i64, ptr, ptr, i64, ctypes.c_int, ptr, ctypes.c_int]
+    dll.qasr_lut.argtypes = [ptr, ctypes.c_int, i64, i64, ptr, ctypes.c_int, i64, ptr]
+    dll.qasr_lut.restype = i64
+    dll.qasr_add.argtypes = [ptr, ctypes.c_int, i64, i64, ptr, ctypes.c_int, i64, i64, i64, ptr]
+    for f in (dll.qasr_isqrt, dll.qasr_layer_norm, dll.qasr_add):
+        f.restype = None
     if dll.qasr_mr() != MR:
         raise RuntimeError(f"{lib}: tile height {dll.qasr_mr()} != {MR}")
     return dll
@@ -313,6 +318,9 @@ def attention(q: Tensor, zq: int, kt: Tensor, zk: int, scores_rq: Tuple[int, int
     kinit = torch.zeros(bh, kpacks[0].np_, dtype=torch.int64)
     for h, p in enumerate(kpacks):
         kinit[h, :tk] = -zq * p.colsum + zk * d * zq
+    if d > 2 ** 14 or abs(zk) > 255 or abs(zq) > 255:  # the kernel adds the zero-point terms in int32
+        raise ValueError("cgemm.attention: head dimension or zero points too large for int32 score terms")
+    kinit = kinit.int()
     split = v.dtype != torch.int8 and v.numel() > 0 and (int(v.min()) < -B_MAX or int(v.max()) > B_MAX)
     vpacks = [pack(v[h], wide=True, split=split) for h in range(bh)]
     vinit = torch.zeros(bh, vpacks[0].np_, dtype=torch.int64)
@@ -340,3 +348,62 @@ def isqrt(v: Tensor) -> Tensor:
     if bool((v < 0).any()) or bool((v >= 2 ** 62).any()):
         raise ValueError("cgemm.isqrt: values must lie in [0, 2^62)")
     return _isqrt(v.long().contiguous())
+
+
+def _need() -> None:
+    if not available():
+        raise RuntimeError("cgemm: the AVX2 kernels are not available on this machine (see cgemm.available)")
+
+
+@_op("layer_norm_avx2(Tensor x, Tensor gain, Tensor bias, int[] ints) -> Tensor")
+def _layer_norm(x: Tensor, gain: Tensor, bias: Tensor, ints: List[int]) -> Tensor:
+    eps_term, k = ints
+    out = torch.empty(x.shape, dtype=torch.int64)
+    n = x.shape[-1]
+    _LIB.qasr_layer_norm(x.data_ptr(), _TYPES[x.dtype], x.numel() // n, n, gain.data_ptr(),
+                         bias.data_ptr() if bias.numel() else None, eps_term, k, out.data_ptr(), torch.get_num_threads())
+    return out
+
+
+def layer_norm(x: Tensor, gain: Tensor, bias: Optional[Tensor], eps_term: int, k: int) -> Tensor:
+    """:func:`kernels.layer_norm_int` in one pass per row (int64 out), bit for bit."""
+    _need()
+    if gain.dtype != torch.int8 or (bias is not None and bias.dtype != torch.int32) or gain.numel() != x.shape[-1]:
+        raise ValueError("cgemm.layer_norm: int8 gain codes and int32 bias of the row length expected")
+    return _layer_norm(_codes(x).contiguous(), gain.contiguous(),
+                       bias.contiguous() if bias is not None else _NONE32, [int(eps_term), int(k)])
+
+
+@_op("lut_avx2(Tensor x, Tensor table, Tensor(a!) out, int base) -> int")
+def _lut(x: Tensor, table: Tensor, out: Tensor, base: int) -> int:
+    return _LIB.qasr_lut(x.data_ptr(), _TYPES[x.dtype], x.numel(), base, table.data_ptr(), _TYPES[table.dtype],
+                         table.numel(), out.data_ptr())
+
+
+def lut(table: Tensor, x: Tensor, base: int) -> Tensor:
+    """``table[x - base]`` for integer codes ``x`` within the table (int8/int16/int32 table)."""
+    _need()
+    if table.dtype not in _TYPES:
+        raise TypeError(f"cgemm.lut: table dtype {table.dtype}")
+    out = torch.empty(x.shape, dtype=table.dtype)
+    bad = _lut(_codes(x).contiguous(), table.contiguous(), out, int(base))
+    if bad:
+        raise ValueError(f"cgemm.lut: {bad} codes outside the table")
+    return out
+
+
+@_op("add_avx2(Tensor a, Tensor b, int[] ints) -> Tensor")
+def _add(a: Tensor, b: Tensor, ints: List[int]) -> Tensor:
+    za, ka, zb, kb = ints
+    out = torch.empty(a.shape, dtype=torch.int64)
+    _LIB.qasr_add(a.data_ptr(), _TYPES[a.dtype], za, ka, b.data_ptr(), _TYPES[b.dtype], zb, kb, a.numel(),
+                  out.data_ptr())
+    return out
+
+
+def add(a: Tensor, za: int, ka: int, b: Tensor, zb: int, kb: int) -> Tensor:
+    """``(a - za) * ka + (b - zb) * kb`` as int64, one pass (same shapes)."""
+    _need()
+    if a.shape != b.shape:
+        raise ValueError(f"cgemm.add: shapes {tuple(a.shape)} and {tuple(b.shape)} differ")
+    return _add(_codes(a).contiguous(), _codes(b).contiguous(), [int(za), int(ka), int(zb), int(kb)])

@@ -136,10 +136,10 @@ class IntegerEngine:
         off, dtype = _storage(qmin, qmax)
         if isinstance(x, Acc):
             acc = x
-        elif self.fused and not self.compiling:
-            acc = None  # the fused kernel subtracts the zero point itself
-        else:
+        elif self.compiling:
             acc = Acc((x.c.int() - x.z) if x.z else x.c, x.scale)
+        else:
+            acc = None  # codes: the kernels subtract the zero point themselves
         key = "rq:" + qpath
         if self.compiling and key + ".m" not in self.t:
             M = torch.as_tensor(acc.scale, dtype=torch.float64) / self._scale(qpath).reshape(())
@@ -153,9 +153,10 @@ class IntegerEngine:
                 c = fused.requant(x.c, m, sh, zp + off, qmin + off, qmax + off, sub=x.z)
             else:
                 c = fused.requant(acc.t, m, sh, zp + off, qmin + off, qmax + off)
+        elif isinstance(x, QT):  # codes minus their zero point, inside the kernel
+            c = K.requantize(x.c, m, sh, zp + off, qmin + off, qmax + off, dtype, sub=x.z)
         else:
-            t = acc.t if acc is not None else (x.c.int() - x.z)
-            c = K.requantize(t, m, sh, zp + off, qmin + off, qmax + off, dtype)
+            c = K.requantize(acc.t, m, sh, zp + off, qmin + off, qmax + off, dtype)
         out = QT(c, zp + off, self._scale(qpath).reshape(()) if self.compiling else None, qpath)
         self._emit(qpath, out, masked)
         return out
@@ -377,7 +378,10 @@ class IntegerEngine:
         f = self.meta[key]
         scale = torch.tensor(self.scales[name + ".out"], dtype=torch.float64) if self.compiling else None
         if wide:  # 16-bit codes x 2^22 factors: int64, consumers' multipliers shortened by the headroom
-            acc = (qa.c.long() - qa.z) * f["ka"] + (qb.c.long() - qb.z) * f["kb"]
+            if cgemm.available() and qa.c.shape == qb.c.shape:
+                acc = cgemm.add(qa.c, qa.z, f["ka"], qb.c, qb.z, f["kb"])
+            else:
+                acc = (qa.c.long() - qa.z) * f["ka"] + (qb.c.long() - qb.z) * f["kb"]
             return Acc(acc, scale, 17 + frac - 31)
         if self.fused and not self.compiling:
             from . import fused
@@ -409,7 +413,9 @@ class IntegerEngine:
         f = self.meta[key]
         gain = self.t["lng:" + name]
         bias = self.t.get("b:" + name)
-        if self.fused and not self.compiling:
+        if cgemm.available():
+            y = cgemm.layer_norm(q.c, gain, bias, f["eps_term"], f["k"])
+        elif self.fused and not self.compiling:
             from . import fused
             y = fused.layer_norm(q.c, gain, bias, f["eps_term"], f["k"])
         else:
@@ -442,7 +448,9 @@ class IntegerEngine:
             return (torch.clamp(torch.round(y / s_c) + czp, cqmin, cqmax) + coff).to(cdtype)
 
         table = self._store(key, build)
-        if self.fused and not self.compiling:
+        if cgemm.available():
+            c = cgemm.lut(table, q.c, qmin + off)
+        elif self.fused and not self.compiling:
             from . import fused
             c = fused.lut(table, q.c, qmin + off)
         else:

@@ -55,14 +55,16 @@ def shorten_multiplier(m: Tensor, shift: Tensor, bits: int) -> Tuple[Tensor, Ten
     return short.to(m.dtype), (shift.long() - bits).to(shift.dtype)  # stored as compactly as before
 
 
-def requantize(acc: Tensor, m: Tensor, shift: Tensor, zp: int, qmin: int, qmax: int, out_dtype=torch.int8) -> Tensor:
-    """``clamp(round(acc * m * 2^-shift) + zp, qmin, qmax)``: int32/int64 accumulator -> integer codes (one pass
-    in :mod:`.numba_kernels` where it applies, else these torch ops)."""
+def requantize(acc: Tensor, m: Tensor, shift: Tensor, zp: int, qmin: int, qmax: int, out_dtype=torch.int8,
+               sub: int = 0) -> Tensor:
+    """``clamp(round((acc - sub) * m * 2^-shift) + zp, qmin, qmax)``: int32/int64 accumulator (or codes minus their
+    zero point ``sub``) -> integer codes (one pass in :mod:`.numba_kernels` where it applies, else torch ops)."""
     if ONE_PASS and acc.numel() >= SMALL_TENSOR:  # (a parallel numba call costs ~0.1 ms to start)
-        out = numba_kernels.requantize(acc, m, shift, zp, qmin, qmax, out_dtype)
+        out = numba_kernels.requantize(acc, m, shift, zp, qmin, qmax, out_dtype, sub)
         if out is not None:
             return out
-    y = rshift_round(acc.long() * m.long(), shift) + zp
+    a = acc.long() - sub if sub else acc.long()
+    y = rshift_round(a * m.long(), shift) + zp
     return y.clamp_(qmin, qmax).to(out_dtype)
 
 

@@ -45,15 +45,15 @@ def _kernels() -> SimpleNamespace:
                     out[m, n] = acc
 
     @njit(parallel=True, cache=True, nogil=True)
-    def requant(acc, mult, shift, zp, qmin, qmax, out):  # pragma: no cover - compiled
-        # acc [R, C] int32/int64; mult/shift [C] (or [1]) int64: out = clamp(((acc*m + 2^(sh-1)) >> sh) + zp)
+    def requant(acc, sub, mult, shift, zp, qmin, qmax, out):  # pragma: no cover - compiled
+        # acc [R, C] integer; mult/shift [C] (or [1]) int64: out = clamp((((acc-sub)*m + 2^(sh-1)) >> sh) + zp)
         rows, cols = acc.shape
         per_col = mult.size > 1
         for r in prange(rows):
             for c in range(cols):
                 j = c if per_col else 0
                 sh = shift[j]
-                y = ((np.int64(acc[r, c]) * mult[j] + (np.int64(1) << (sh - 1))) >> sh) + zp
+                y = (((np.int64(acc[r, c]) - sub) * mult[j] + (np.int64(1) << (sh - 1))) >> sh) + zp
                 out[r, c] = min(max(y, qmin), qmax)
 
     @njit(parallel=True, cache=True, nogil=True)
@@ -110,24 +110,27 @@ def mm(a: Tensor, b_prepared: Tensor) -> Tensor:
 
 # --- requantization ----------------------------------------------------------------------------------
 @torch.library.custom_op("qasr::requantize", mutates_args=())
-def _requantize(acc: Tensor, mult: Tensor, shift: Tensor, zp: int, qmin: int, qmax: int, like: Tensor) -> Tensor:
+def _requantize(acc: Tensor, mult: Tensor, shift: Tensor, zp: int, qmin: int, qmax: int, like: Tensor,
+                sub: int = 0) -> Tensor:
     out = torch.empty(acc.shape, dtype=like.dtype)
-    _kernels().requant(acc.numpy(), mult.numpy(), shift.numpy(), zp, qmin, qmax, out.numpy())
+    _kernels().requant(acc.numpy(), sub, mult.numpy(), shift.numpy(), zp, qmin, qmax, out.numpy())
     return out
 
 
-def requantize(acc: Tensor, m: Tensor, shift: Tensor, zp: int, qmin: int, qmax: int, out_dtype) -> Optional[Tensor]:
+def requantize(acc: Tensor, m: Tensor, shift: Tensor, zp: int, qmin: int, qmax: int, out_dtype,
+               sub: int = 0) -> Optional[Tensor]:
     """:func:`kernels.requantize` in one pass, or None where this kernel does not apply (the caller then runs
-    the torch version): ``m``/``shift`` one value, or one per element of the last dim."""
+    the torch version): ``m``/``shift`` one value, or one per element of the last dim; ``sub`` is subtracted from
+    ``acc`` first (codes minus their zero point)."""
     cols = acc.shape[-1] if acc.dim() else 1
-    if not usable(acc) or acc.dtype not in (torch.int32, torch.int64) or m.numel() not in (1, cols) \
+    if not usable(acc) or acc.dtype not in (torch.int8, torch.int32, torch.int64) or m.numel() not in (1, cols) \
             or (m.dim() > 1 and m.shape[-1] != m.numel()):
         return None
     a2 = acc.reshape(-1, cols).contiguous()
     mult = m.reshape(-1).long().contiguous()
     sh = shift.reshape(-1).long().expand(mult.numel()).contiguous()
     like = torch.empty(0, dtype=out_dtype)
-    return _requantize(a2, mult, sh, int(zp), int(qmin), int(qmax), like).view(acc.shape)
+    return _requantize(a2, mult, sh, int(zp), int(qmin), int(qmax), like, int(sub)).view(acc.shape)
 
 
 # --- softmax -------------------------------------------------------------------------------------------

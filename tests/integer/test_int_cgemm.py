@@ -110,6 +110,26 @@ def test_isqrt_is_floor_sqrt():
         cgemm.isqrt(torch.tensor([-1]))
 
 
+@pytest.mark.parametrize("bits", [8, 16])
+def test_layer_norm_lut_add_equal_torch_versions(bits, monkeypatch):
+    g = torch.Generator().manual_seed(6)
+    lo, hi = (-128, 128) if bits == 8 else (-(2 ** 15), 2 ** 15)
+    x = rnd(lo, hi, (7, 3, 384), g, torch.int8 if bits == 8 else torch.int32)
+    x[0, 0] = 5  # a constant row: variance 0, eps only
+    gain, bias = rnd(-128, 128, (384,), g, torch.int8), rnd(-(2 ** 20), 2 ** 20, (384,), g)
+    k = K.ln_shift_bits(384, bits)
+    table = rnd(-128, 128, (hi - lo,), g, torch.int8)
+    y = rnd(lo, hi, (7, 3, 384), g, x.dtype)
+    got = (cgemm.layer_norm(x, gain, bias, 12345, k), cgemm.lut(table, x, lo), cgemm.add(x, 3, 1 << 22, y, -7, 12345))
+    with pytest.raises(ValueError, match="outside the table"):
+        cgemm.lut(table[:10], x, lo)
+    monkeypatch.setattr(cgemm, "available", lambda: False)
+    want = (K.layer_norm_int(x, gain, bias, 12345, k), table[x.long() - lo],
+            (x.long() - 3) * (1 << 22) + (y.long() + 7) * 12345)
+    for a, b in zip(got, want):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+
+
 @pytest.mark.parametrize("param", ["w8a8", H.GROUPED_16BIT + "-whisper_layout", "w8a8_r16-whisper_layout"])
 def test_engine_c_kernels_equal_torch_paths(param, monkeypatch):
     """Encoder output and teacher-forced logits: the C paths (one-pass attention, grouped GEMMs with their epilogue,
@@ -130,8 +150,9 @@ def test_engine_c_kernels_equal_torch_paths(param, monkeypatch):
     (enc_c, logits_c), mode = run_integer_only(run)
     assert not mode.violations
     ran = {name for name, _ in mode.ops}
-    assert {"qgemm_avx2", "attention_avx2", "pack_avx2"} <= ran, ran
+    assert {"qgemm_avx2", "attention_avx2", "pack_avx2", "layer_norm_avx2"} <= ran, ran
     monkeypatch.setattr(K, "_BACKEND", "int32")
+    monkeypatch.setattr(cgemm, "available", lambda: False)  # LayerNorm, tables, adds, isqrt: the torch versions
     eng._prep.clear()
     enc_t, logits_t = run()
     eng._prep.clear()

@@ -168,8 +168,25 @@ void qasr_qgemm(const void *a, int atype, int64_t lda, int32_t off, int reps, in
 
 static inline int64_t clamp64(int64_t v, int64_t lo, int64_t hi) { return v < lo ? lo : v > hi ? hi : v; }
 
+/* clamp(((s * m + 2^(sh-1)) >> sh) + zp, lo, hi) for 4 int64 lanes holding int32 values s (|s| < 2^31, 0 <= m < 2^31):
+ * the arithmetic shift as a logical one on s * m + 2^62 + 2^(sh-1) (= bias, the sum >= 0), minus fix = 2^(62-sh) - zp */
+static inline __m256i rq4(__m256i s, __m256i m, __m256i bias, __m128i shv, __m256i fix, __m256i lo, __m256i hi) {
+    __m256i y = _mm256_sub_epi64(_mm256_srl_epi64(_mm256_add_epi64(_mm256_mul_epi32(s, m), bias), shv), fix);
+    y = _mm256_blendv_epi8(y, lo, _mm256_cmpgt_epi64(lo, y));
+    return _mm256_blendv_epi8(y, hi, _mm256_cmpgt_epi64(y, hi));
+}
+
+/* 8 int32 scores -> 8 int32 codes (rq4 on each half, low dwords gathered back) */
+static inline __m256i rq8(__m256i s, __m256i m, __m256i bias, __m128i shv, __m256i fix, __m256i lo, __m256i hi) {
+    const __m256i even = _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6);
+    __m256i a = rq4(_mm256_cvtepi32_epi64(_mm256_castsi256_si128(s)), m, bias, shv, fix, lo, hi);
+    __m256i b = rq4(_mm256_cvtepi32_epi64(_mm256_extracti128_si256(s, 1)), m, bias, shv, fix, lo, hi);
+    return _mm256_set_m128i(_mm256_castsi256_si128(_mm256_permutevar8x32_epi32(b, even)),
+                            _mm256_castsi256_si128(_mm256_permutevar8x32_epi32(a, even)));
+}
+
 void qasr_attention(const int8_t *q, int64_t BH, int64_t Tq, int64_t d,
-                    const int16_t *kp, int64_t kstride, int64_t Tk, int64_t Tkp, const int64_t *kinit, int64_t zk,
+                    const int16_t *kp, int64_t kstride, int64_t Tk, int64_t Tkp, const int32_t *kinit, int64_t zk,
                     int64_t m1, int sh1, int64_t zp1, int64_t qmin1, int64_t qmax1,
                     const int32_t *lut, int64_t mult_r, int sh, int64_t zpo, int64_t qmino, int64_t qmaxo,
                     int64_t m2, int sh2, int64_t zp2, int64_t qmin2, int64_t qmax2, int32_t off2,
@@ -182,9 +199,15 @@ void qasr_attention(const int8_t *q, int64_t BH, int64_t Tq, int64_t d,
         int16_t *qb = aligned_alloc(64, (size_t)((AB * d * 2 + 63) / 64 * 64));
         int32_t *sc = aligned_alloc(64, (size_t)((AB * Tkp * 4 + 63) / 64 * 64));
         int16_t *pb = aligned_alloc(64, (size_t)((AB * vKp * 2 + 63) / 64 * 64));
+        const int64_t span = qmax1 - qmin1 + 1;
+        int32_t *hist = span <= 4096 ? malloc((size_t)span * sizeof(int32_t)) : 0;
+        int16_t *tab = span <= 4096 ? malloc((size_t)span * sizeof(int16_t)) : 0;
         int64_t qsum[AB], psum[AB], t64[MR * NR];
-        int32_t t32[MR * NR];
         __m256i acc[2 * MR];
+        const __m256i vm1 = _mm256_set1_epi64x(m1), vfix1 = _mm256_set1_epi64x(((int64_t)1 << (62 - sh1)) - zp1);
+        const __m256i vb1 = _mm256_set1_epi64x(((int64_t)1 << 62) + ((int64_t)1 << (sh1 - 1)));
+        const __m256i vlo1 = _mm256_set1_epi64x(qmin1), vhi1 = _mm256_set1_epi64x(qmax1);
+        const __m128i vsh1 = _mm_cvtsi32_si128(sh1);
 #pragma omp for schedule(static) collapse(2)
         for (int64_t h = 0; h < BH; h++) {
             for (int64_t blk = 0; blk < blocks; blk++) {
@@ -199,20 +222,20 @@ void qasr_attention(const int8_t *q, int64_t BH, int64_t Tq, int64_t d,
                     qsum[r] = s;
                 }
                 const int16_t *kb = kp + h * kstride;
-                const int64_t *ki = kinit + h * Tkp;
+                const int32_t *ki = kinit + h * Tkp;
                 for (int64_t pn = 0; pn < Tkp / NR; pn++) {
+                    const __m256i k0 = _mm256_loadu_si256((const __m256i *)(ki + pn * NR));
+                    const __m256i k1 = _mm256_loadu_si256((const __m256i *)(ki + pn * NR + 8));
                     for (int64_t i = 0; i < AB; i += MR) {
                         tile(qb + i * d, d, kb + pn * d * NR, 0, d / 2, acc);
-                        for (int r = 0; r < MR; r++) {
-                            _mm256_storeu_si256((__m256i *)(t32 + r * NR), acc[2 * r]);
-                            _mm256_storeu_si256((__m256i *)(t32 + r * NR + 8), acc[2 * r + 1]);
+                        for (int r = 0; r < MR; r++) { /* exact int32 scores, then their codes */
+                            const __m256i rs = _mm256_set1_epi32((int32_t)(zk * qsum[i + r]));
+                            int32_t *o = sc + (i + r) * Tkp + pn * NR;
+                            __m256i s0 = _mm256_sub_epi32(_mm256_add_epi32(acc[2 * r], k0), rs);
+                            __m256i s1 = _mm256_sub_epi32(_mm256_add_epi32(acc[2 * r + 1], k1), rs);
+                            _mm256_storeu_si256((__m256i *)o, rq8(s0, vm1, vb1, vsh1, vfix1, vlo1, vhi1));
+                            _mm256_storeu_si256((__m256i *)(o + 8), rq8(s1, vm1, vb1, vsh1, vfix1, vlo1, vhi1));
                         }
-                        for (int r = 0; r < MR; r++)
-                            for (int c = 0; c < NR; c++) {
-                                int64_t s = t32[r * NR + c] + ki[pn * NR + c] - zk * qsum[i + r];
-                                sc[(i + r) * Tkp + pn * NR + c] =
-                                    (int32_t)clamp64(((s * m1 + ((int64_t)1 << (sh1 - 1))) >> sh1) + zp1, qmin1, qmax1);
-                            }
                     }
                 }
                 for (int64_t r = 0; r < AB; r++) { /* softmax, then the AV grid; rows past Tq: zeros */
@@ -222,15 +245,32 @@ void qasr_attention(const int8_t *q, int64_t BH, int64_t Tq, int64_t d,
                     if (r < rows) {
                         int64_t mx = row[0], total = 0;
                         for (int64_t j = 1; j < Tk; j++) mx = row[j] > mx ? row[j] : mx;
-                        for (int64_t j = 0; j < Tk; j++) total += lut[mx - row[j]];
+                        if (hist) { /* k-bit input: sums and outputs per code value, not per lane */
+                            memset(hist, 0, (size_t)span * sizeof(int32_t));
+                            for (int64_t j = 0; j < Tk; j++) hist[row[j] - qmin1]++;
+                            for (int64_t c = 0; c <= mx - qmin1; c++) total += hist[c] * (int64_t)lut[mx - qmin1 - c];
+                        } else {
+                            for (int64_t j = 0; j < Tk; j++) total += lut[mx - row[j]];
+                        }
                         total = total > 1 ? total : 1;
                         const int64_t recip = mult_r / total, half = (int64_t)1 << (sh - 1);
-                        for (int64_t j = 0; j < Tk; j++) {
-                            int64_t p = clamp64(((lut[mx - row[j]] * recip + half) >> sh) + zpo, qmino, qmaxo);
-                            int64_t p2 = clamp64(((((p - zpo) * m2) + ((int64_t)1 << (sh2 - 1))) >> sh2) + zp2,
-                                                 qmin2, qmax2);
-                            dst[j] = (int16_t)(p2 - off2);
-                            s2 += dst[j];
+                        if (hist) {
+                            for (int64_t c = 0; c <= mx - qmin1; c++) {
+                                if (!hist[c]) continue;
+                                int64_t p = clamp64(((lut[mx - qmin1 - c] * recip + half) >> sh) + zpo, qmino, qmaxo);
+                                tab[c] = (int16_t)(clamp64(((((p - zpo) * m2) + ((int64_t)1 << (sh2 - 1))) >> sh2) + zp2,
+                                                           qmin2, qmax2) - off2);
+                                s2 += hist[c] * (int64_t)tab[c];
+                            }
+                            for (int64_t j = 0; j < Tk; j++) dst[j] = tab[row[j] - qmin1];
+                        } else {
+                            for (int64_t j = 0; j < Tk; j++) {
+                                int64_t p = clamp64(((lut[mx - row[j]] * recip + half) >> sh) + zpo, qmino, qmaxo);
+                                int64_t p2 = clamp64(((((p - zpo) * m2) + ((int64_t)1 << (sh2 - 1))) >> sh2) + zp2,
+                                                     qmin2, qmax2);
+                                dst[j] = (int16_t)(p2 - off2);
+                                s2 += dst[j];
+                            }
                         }
                         memset(dst + Tk, 0, (size_t)(Kh - Tk) * sizeof(int16_t));
                     } else {
@@ -265,6 +305,8 @@ void qasr_attention(const int8_t *q, int64_t BH, int64_t Tq, int64_t d,
         free(qb);
         free(sc);
         free(pb);
+        free(hist);
+        free(tab);
     }
 }
 
@@ -278,4 +320,58 @@ void qasr_isqrt(const int64_t *v, int64_t *out, int64_t n) {
         }
         out[i] = (int64_t)res;
     }
+}
+
+/* --- element-wise integer ops of the engine (kernels.py twins, bit for bit) ----------------------------------- */
+static inline int64_t floordiv(int64_t a, int64_t b) { /* b > 0 */
+    int64_t q = a / b;
+    return (a % b != 0 && a < 0) ? q - 1 : q;
+}
+
+/* kernels.layer_norm_int over rows of n codes: c = n x - sum x, D = max(isqrt((sum c^2 << 2k) / n + eps), 1),
+ * xhat = floor((c 2^(17+k) + D) / 2D), out = xhat * gain + bias (int64) */
+void qasr_layer_norm(const void *x, int type, int64_t rows, int64_t n, const int8_t *gain, const int32_t *bias,
+                     int64_t eps_term, int k, int64_t *out, int nthreads) {
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
+        int64_t s = 0, ss = 0;
+        for (int64_t i = 0; i < n; i++) s += code(x, type, r * n + i);
+        for (int64_t i = 0; i < n; i++) {
+            int64_t c = n * code(x, type, r * n + i) - s;
+            ss += c * c;
+        }
+        uint64_t v = (uint64_t)(((ss * ((int64_t)1 << (2 * k))) / n) + eps_term), d = 0;
+        for (int b = 31; b >= 0; b--) {
+            uint64_t cand = d | ((uint64_t)1 << b);
+            if (cand * cand <= v) d = cand;
+        }
+        const int64_t dd = d ? (int64_t)d : 1, mul = (int64_t)1 << (17 + k);
+        for (int64_t i = 0; i < n; i++) {
+            int64_t c = n * code(x, type, r * n + i) - s;
+            out[r * n + i] = floordiv(c * mul + dd, 2 * dd) * gain[i] + (bias ? bias[i] : 0);
+        }
+    }
+}
+
+/* out[i] = table[x[i] - base] (x, table and out: int8 / int16 / int32); returns how many codes fell outside the
+ * table (their outputs are left unset: the caller raises) */
+#define LUT_LOOP(XT, TT)                                                                                       \
+    for (int64_t i = 0; i < n; i++) {                                                                          \
+        int64_t j = (int64_t)((const XT *)x)[i] - base;                                                        \
+        if ((uint64_t)j < (uint64_t)size) ((TT *)out)[i] = ((const TT *)table)[j]; else bad++;                \
+    }
+#define LUT_TABLE(XT)                                                                                          \
+    if (ttype == 0) { LUT_LOOP(XT, int8_t) } else if (ttype == 1) { LUT_LOOP(XT, int16_t) } else { LUT_LOOP(XT, int32_t) }
+
+int64_t qasr_lut(const void *x, int type, int64_t n, int64_t base, const void *table, int ttype, int64_t size,
+                 void *out) {
+    int64_t bad = 0;
+    if (type == 0) { LUT_TABLE(int8_t) } else if (type == 1) { LUT_TABLE(int16_t) } else { LUT_TABLE(int32_t) }
+    return bad;
+}
+
+/* out[i] = (a[i] - za) * ka + (b[i] - zb) * kb (int64) */
+void qasr_add(const void *a, int atype, int64_t za, int64_t ka, const void *b, int btype, int64_t zb, int64_t kb,
+              int64_t n, int64_t *out) {
+    for (int64_t i = 0; i < n; i++) out[i] = (code(a, atype, i) - za) * ka + (code(b, btype, i) - zb) * kb;
 }
