@@ -36,15 +36,18 @@ WHISPER_TINY = dict(input_feat_per_channel=80, encoder_frontend="conv1d_gelu", e
                     max_source_positions=3000, max_target_positions=448)
 
 
-def timeit(fn, repeat: int, warmup: int = 1) -> float:
+def interleaved(fns, repeat: int, warmup: int = 1):
+    """Seconds per call of each function, ``repeat`` rounds that call every function once (after ``warmup``)."""
     for _ in range(warmup):
-        fn()
-    ts = []
+        for fn in fns.values():
+            fn()
+    ts = {name: [] for name in fns}
     for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            ts[name].append(time.perf_counter() - t)
+    return ts
 
 
 def random_models(vocab: int):
@@ -217,13 +220,18 @@ def main() -> None:
                                                     lambda: ort_greedy(sess["int8"], feats, args.max_tokens))
             runs["integer_engine_w8a8"] = (lambda: eng.encode(eng.quantize_input(feats), lengths),
                                            lambda: eng.greedy(feats, lengths, max_len=args.max_tokens)[0])
-            for name, (enc_fn, dec_fn) in runs.items():
-                t_enc = timeit(enc_fn, args.repeat)
-                toks = dec_fn()
-                t_dec = timeit(dec_fn, max(1, args.repeat // 2), warmup=0)
-                res[name] = {"encoder_ms": 1000 * t_enc, "decode_ms": 1000 * t_dec, "tokens": len(toks)}
+            # round robin: each round times every runtime once, so drifts of this shared VM's speed hit all alike
+            enc_t = interleaved({k: v[0] for k, v in runs.items()}, args.repeat)
+            toks = {k: v[1]() for k, v in runs.items()}  # (also the decoders' warm-up)
+            dec_t = interleaved({k: v[1] for k, v in runs.items()}, max(1, args.repeat // 2), warmup=0)
+            for name in runs:
+                t_enc, t_dec = statistics.median(enc_t[name]), statistics.median(dec_t[name])
+                res[name] = {"encoder_ms": 1000 * t_enc, "decode_ms": 1000 * t_dec, "tokens": len(toks[name]),
+                             "encoder_ms_all": [round(1000 * t, 1) for t in enc_t[name]],
+                             "decode_ms_all": [round(1000 * t, 1) for t in dec_t[name]]}
                 print(f"{name:28s} encoder {1000 * t_enc:8.1f} ms   full decode {1000 * t_dec:8.1f} ms "
-                      f"({len(toks)} tokens)", flush=True)
+                      f"({len(toks[name])} tokens; medians of {len(enc_t[name])} / {len(dec_t[name])} interleaved runs)",
+                      flush=True)
     base = res["integer_engine_w8a8"]
     print("\nratios (other / integer engine; >1 = engine faster):")
     for name in runs:

@@ -82,7 +82,9 @@ def _build() -> Optional[ctypes.CDLL]:
     dll.qasr_lut.argtypes = [ptr, ctypes.c_int, i64, i64, ptr, ctypes.c_int, i64, ptr]
     dll.qasr_lut.restype = i64
     dll.qasr_add.argtypes = [ptr, ctypes.c_int, i64, i64, ptr, ctypes.c_int, i64, i64, i64, ptr]
-    for f in (dll.qasr_isqrt, dll.qasr_layer_norm, dll.qasr_add):
+    dll.qasr_requant.argtypes = [ptr, ctypes.c_int, i64, i64, i64, ptr, ptr, ctypes.c_int, i64, i64, i64, ptr,
+                                 ctypes.c_int, ctypes.c_int]
+    for f in (dll.qasr_isqrt, dll.qasr_layer_norm, dll.qasr_add, dll.qasr_requant):
         f.restype = None
     if dll.qasr_mr() != MR:
         raise RuntimeError(f"{lib}: tile height {dll.qasr_mr()} != {MR}")
@@ -407,3 +409,30 @@ def add(a: Tensor, za: int, ka: int, b: Tensor, zb: int, kb: int) -> Tensor:
     if a.shape != b.shape:
         raise ValueError(f"cgemm.add: shapes {tuple(a.shape)} and {tuple(b.shape)} differ")
     return _add(_codes(a).contiguous(), _codes(b).contiguous(), [int(za), int(ka), int(zb), int(kb)])
+
+
+_ACC_TYPES = {**_TYPES, torch.int64: 3}
+
+
+@_op("requantize_avx2(Tensor acc, Tensor mult, Tensor shift, Tensor(a!) out, int[] ints) -> ()")
+def _requant(acc: Tensor, mult: Tensor, shift: Tensor, out: Tensor, ints: List[int]) -> None:
+    sub, zp, qmin, qmax = ints
+    cols = acc.shape[-1] if acc.dim() else 1
+    _LIB.qasr_requant(acc.data_ptr(), _ACC_TYPES[acc.dtype], acc.numel() // max(cols, 1), cols, sub, mult.data_ptr(),
+                      shift.data_ptr(), int(mult.numel() > 1), zp, qmin, qmax, out.data_ptr(), _TYPES[out.dtype],
+                      torch.get_num_threads())
+
+
+def requantize(acc: Tensor, m: Tensor, shift: Tensor, zp: int, qmin: int, qmax: int, out_dtype,
+               sub: int = 0) -> Optional[Tensor]:
+    """:func:`kernels.requantize` in one pass (OpenMP over rows), or None where it does not apply (multipliers
+    neither one value nor one per element of the last dim)."""
+    cols = acc.shape[-1] if acc.dim() else 1
+    if not available() or acc.dtype not in _ACC_TYPES or out_dtype not in _TYPES or m.numel() not in (1, cols) \
+            or (m.dim() > 1 and m.shape[-1] != m.numel()):
+        return None
+    mult = m.reshape(-1).long().contiguous()
+    sh = shift.reshape(-1).long().expand(mult.numel()).contiguous()
+    out = torch.empty(acc.shape, dtype=out_dtype)
+    _requant(acc.contiguous(), mult, sh, out, [int(sub), int(zp), int(qmin), int(qmax)])
+    return out

@@ -195,8 +195,25 @@ class IntegerEngine:
         if "input.scale" not in self.meta:
             self.meta["input.scale"] = float(self._scale(first + ".in_q.0"))
         s = torch.tensor(self.meta["input.scale"], dtype=feats.dtype)
-        c = torch.clamp(torch.round(feats / s) + zp, qmin, qmax)
+        if self._input_rounding() == "reciprocal":  # PyTorch's fused fake-quantize: nearbyint(x * (1.0f / s))
+            c = torch.round(feats * (torch.tensor(1.0, dtype=feats.dtype) / s))
+        else:  # the numba fake-quantize kernel: rint(x / s), true division
+            c = torch.round(feats / s.expand_as(feats))
+        c = torch.clamp(c + zp, qmin, qmax)
         return QT((c + off).to(dtype), zp + off, s.double() if self.compiling else None, first + ".in_q.0")
+
+    def _input_rounding(self) -> str:
+        """How the fake model's input quantizer computes codes, so that the engine rounds every input like it: the
+        conv1d front-end quantizes a transposed (non-contiguous) view, which takes PyTorch's fused kernel (multiply
+        by the float32 reciprocal); the vgg2d front-end's contiguous input takes the numba kernel (true division)
+        where numba is installed. The two differ on rare ties (1 of 240 000 dev-clean input codes, then 17 LSB of
+        the 16-bit grid after conv1)."""
+        mode = self.meta.get("input.rounding")
+        if mode is None:
+            from fairseq_qasr.quant import cpu_kernels
+            mode = "divide" if self.cfg["encoder_frontend"] == "vgg2d" and cpu_kernels.enabled() else "reciprocal"
+            self.meta["input.rounding"] = mode
+        return mode
 
     def _first_op(self) -> str:
         if self.cfg["encoder_frontend"] == "vgg2d":

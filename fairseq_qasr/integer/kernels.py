@@ -58,7 +58,12 @@ def shorten_multiplier(m: Tensor, shift: Tensor, bits: int) -> Tuple[Tensor, Ten
 def requantize(acc: Tensor, m: Tensor, shift: Tensor, zp: int, qmin: int, qmax: int, out_dtype=torch.int8,
                sub: int = 0) -> Tensor:
     """``clamp(round((acc - sub) * m * 2^-shift) + zp, qmin, qmax)``: int32/int64 accumulator (or codes minus their
-    zero point ``sub``) -> integer codes (one pass in :mod:`.numba_kernels` where it applies, else torch ops)."""
+    zero point ``sub``) -> integer codes (one pass in C (:mod:`.cgemm`) or :mod:`.numba_kernels` where it applies,
+    else torch ops)."""
+    if cgemm.available():
+        out = cgemm.requantize(acc, m, shift, zp, qmin, qmax, out_dtype, sub)
+        if out is not None:
+            return out
     if ONE_PASS and acc.numel() >= SMALL_TENSOR:  # (a parallel numba call costs ~0.1 ms to start)
         out = numba_kernels.requantize(acc, m, shift, zp, qmin, qmax, out_dtype, sub)
         if out is not None:

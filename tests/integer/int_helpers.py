@@ -16,7 +16,8 @@ for p in (ROOT, os.path.join(ROOT, "tests", "quant")):
 
 import quant_tiny_models as tm  # noqa: E402
 
-from fairseq_qasr.integer.engine import QT, _storage  # noqa: E402
+from fairseq_qasr.integer.engine import QT, _storage  # noqa: E402,F401
+from fairseq_qasr.integer.equivalence import fake_codes, forced_run, to_engine_layout  # noqa: E402,F401
 from fairseq_qasr.quant import Quantizer, calibrate, quantize_model  # noqa: E402
 
 
@@ -68,81 +69,6 @@ def quantized_engine(param: str):
     recipe, _, layout = param.partition("-")
     model, d, cfg, inp = quantized_xs(recipe, **(WHISPER_LAYOUT if layout else {}))
     return recipe, model, cfg, inp, IntegerEngine.from_quantized(model, cfg)
-
-
-def fake_codes(model, inputs) -> Tuple[Dict[str, Tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
-    """Codes (round(x/s)+z) of every activation quantizer of the fake model on ``inputs``, and its logits."""
-    fake: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def hook(name):
-        def h(mod, args, out):
-            s, z = mod.qparams(out.dim())
-            x = out.detach()
-            fin = torch.isfinite(x)
-            fake[name] = (torch.round(torch.where(fin, x, torch.zeros_like(x)) / s) + z, fin)
-        return h
-
-    hs = [m.register_forward_hook(hook(n)) for n, m in model.named_modules()
-          if isinstance(m, Quantizer) and (".in_q." in n or n.endswith(".out_q"))]
-    try:
-        with torch.no_grad():
-            logits, _ = model(**inputs)
-    finally:
-        for h in hs:
-            h.remove()
-    return fake, logits
-
-
-def to_engine_layout(path: str, q: torch.Tensor, shape) -> torch.Tensor:
-    """The fake model's codes of quantizer ``path`` in the engine's tensor layout."""
-    if "encoder.frontend.blocks" in path:
-        return q.permute(0, 2, 3, 1)
-    if path.startswith(("encoder.frontend.conv", "encoder.frontend.gelu")):  # conv1d front-end: (B, C, T)
-        return q.transpose(1, 2)
-    if path.endswith("mul_0.in_q.0") or path.endswith("matmul_0.in_q.0"):
-        return q.transpose(1, 2).reshape(shape)
-    if path.endswith("matmul_0.in_q.1"):
-        return q.permute(0, 3, 1, 2).reshape(shape)
-    if path.endswith("matmul_1.in_q.1"):
-        return q.transpose(1, 2).reshape(shape)
-    if "conv_context.convs." in path:
-        return q[:, :, q.shape[2] - shape[1]:].transpose(1, 2)
-    if q.dim() == len(shape) and q.shape[0] == 1 and shape[0] != 1:  # batch-broadcast tables (positions)
-        q = q.expand(shape[0], *q.shape[1:])
-    if q.dim() == len(shape) - 1:
-        q = q.unsqueeze(0).expand(shape)
-    return q.reshape(shape)
-
-
-def forced_run(engine, model, inputs) -> Tuple[Dict[str, Dict[str, float]], torch.Tensor, torch.Tensor]:
-    """Layer by layer: every op of the engine gets exactly the fake model's input codes (teacher forcing);
-    returns per-quantizer stats {max_lsb, frac_diff, n}, the engine's logits and the fake logits."""
-    fake, ref = fake_codes(model, inputs)
-    stats: Dict[str, Dict[str, float]] = {}
-
-    def hook(path: str, out: QT, masked):
-        if path not in fake:
-            raise AssertionError(f"engine quantizer {path} never ran in the fake model")
-        q, fin = fake[path]
-        m = engine.meta["q:" + path]
-        off, dtype = _storage(m["qmin"], m["qmax"])
-        want = to_engine_layout(path, q + off, out.c.shape).to(out.c.dtype)
-        ok = to_engine_layout(path, fin, out.c.shape)
-        if masked is not None:
-            ok = ok & ~masked
-        diff = (out.c.long() - want.long()).abs()[ok]
-        stats[path] = dict(max_lsb=int(diff.max()) if diff.numel() else 0,
-                           frac_diff=float((diff > 0).float().mean()) if diff.numel() else 0.0, n=int(diff.numel()))
-        out.c = torch.where(ok, want, out.c).contiguous()
-
-    engine.hook = hook
-    try:
-        with torch.no_grad():
-            enc = engine.encode(engine.quantize_input(inputs["src_tokens"]), inputs["src_lengths"])
-            logits = engine.decode_step(inputs["prev_output_tokens"], enc, None)
-    finally:
-        engine.hook = None
-    return stats, logits, ref
 
 
 def real_features(prepared, split: str = "test-clean", n: int = 4, max_frames: int = 400):

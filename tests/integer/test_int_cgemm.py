@@ -130,6 +130,25 @@ def test_layer_norm_lut_add_equal_torch_versions(bits, monkeypatch):
         assert a.dtype == b.dtype and torch.equal(a, b)
 
 
+@pytest.mark.parametrize("acc_dtype", [torch.int8, torch.int32, torch.int64])
+@pytest.mark.parametrize("per_col", [False, True])
+def test_requantize_equals_torch_version(acc_dtype, per_col, monkeypatch):
+    g = torch.Generator().manual_seed(7)
+    hi = {torch.int8: 127, torch.int32: 2 ** 31 - 1, torch.int64: 2 ** 31}[acc_dtype]  # (the engine keeps acc * m in int64)
+    acc = torch.randint(-hi - 1, hi, (300, 256), generator=g, dtype=acc_dtype)
+    M = torch.rand(256 if per_col else 1, generator=g, dtype=torch.float64) * 1e-3 + 1e-6
+    m, sh = K.quantize_multiplier(M)
+    m, sh = (m.long(), sh.long()) if per_col else (m.long().reshape(()), sh.long().reshape(()))
+    for zp, qmin, qmax, dt, sub in [(3, -128, 127, torch.int8, 0), (-32768, -32768, 32767, torch.int32, 17),
+                                    (0, 0, 65535, torch.int32, -5)]:
+        got = cgemm.requantize(acc, m, sh, zp, qmin, qmax, dt, sub)
+        monkeypatch.setattr(cgemm, "available", lambda: False)
+        monkeypatch.setattr(K, "ONE_PASS", False)
+        want = K.requantize(acc, m, sh, zp, qmin, qmax, dt, sub)
+        monkeypatch.undo()
+        assert got.dtype == want.dtype and torch.equal(got, want)
+
+
 @pytest.mark.parametrize("param", ["w8a8", H.GROUPED_16BIT + "-whisper_layout", "w8a8_r16-whisper_layout"])
 def test_engine_c_kernels_equal_torch_paths(param, monkeypatch):
     """Encoder output and teacher-forced logits: the C paths (one-pass attention, grouped GEMMs with their epilogue,

@@ -43,3 +43,17 @@ def test_export_script_and_generate(prepared_sample: Path, quantized_ckpt: Path,
     assert gen.returncode == 0, gen.stderr[-3000:]
     assert "WER:" in gen.stdout
     assert gen.stdout.count("\nH-") + gen.stdout.startswith("H-") == 8  # every dev-clean utterance decoded
+
+
+def test_compare_engine_script_on_real_audio(prepared_sample: Path, quantized_ckpt: Path, tmp_path: Path):
+    """Teacher-forced, op by op, on the bundled dev-clean audio: no quantizer beyond 1 LSB, figures written."""
+    out = tmp_path / "cmp.json"
+    proc = subprocess.run([sys.executable, "scripts/compare_engine.py", str(quantized_ckpt), "--data",
+                           str(prepared_sample), "--split", "dev-clean", "--utts", "2", "--json", str(out),
+                           "--no-progress"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    total = res["total"]
+    assert total["utterances"] == 2 and len(res["utterances"]) == 2 and total["quantizers"] > 100
+    assert not total["beyond_1lsb"] and total["bit_exact"] > 0.99 and total["logits_max_lsb"] <= 1.0
+    assert "bit-exact codes" in proc.stdout

@@ -219,3 +219,30 @@ def test_integer_layer_norm_on_16_bit_codes():
     ref = torch.nn.functional.layer_norm(x.double(), (n,)) * gain.double()
     assert ((y - ref).abs() <= 1e-3 * gain.abs().max()).all()
     assert K.ln_shift_bits(n, 16) < K.ln_shift_bits(n, 8)
+
+
+@pytest.mark.parametrize("param", ["w8a8", "w8a8-whisper_layout"])
+def test_input_codes_equal_the_fake_input_quantizer(param):
+    """The one float -> int step rounds every input exactly as the fake model's input quantizer does (ties included:
+    about 1 input in 240 000 falls where dividing by the scale and multiplying by its float32 reciprocal differ)."""
+    recipe, model, cfg, inp, eng = H.quantized_engine(param)
+    first = eng._first_op() + ".in_q.0"
+    # values within a few float32 ulps of the input grid's rounding ties, where x / s and x * (1 / s) can disagree
+    s = torch.tensor(float(eng.scales[first]), dtype=torch.float64)
+    ties = ((torch.arange(-100, 100, dtype=torch.float64) + 0.5) * s).float()
+    near = [ties]
+    for _ in range(3):
+        near += [torch.nextafter(near[-1], torch.tensor(float("inf"))), torch.nextafter(near[-2 if len(near) > 1 else -1],
+                                                                                        torch.tensor(float("-inf")))]
+    vals = torch.cat(near)
+    g = torch.Generator().manual_seed(11)
+    feats = vals[torch.randint(0, vals.numel(), (8, 400, 80), generator=g)]
+    batch = {"src_tokens": feats, "src_lengths": torch.full((8,), 400),
+             "prev_output_tokens": inp["prev_output_tokens"][:1].expand(8, -1)}
+    fake, _ = H.fake_codes(model, batch)
+    q, _ = fake[first]
+    x = eng.quantize_input(feats)
+    m = eng.meta["q:" + first]
+    off, _ = H._storage(m["qmin"], m["qmax"])
+    want = (q.squeeze(1) if q.dim() == 4 else q.transpose(1, 2)) + off  # vgg2d (B, 1, T, F) / conv1d (B, F, T)
+    assert int((x.c.long() != want.long()).sum()) == 0

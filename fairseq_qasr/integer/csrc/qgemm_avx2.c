@@ -375,3 +375,22 @@ void qasr_add(const void *a, int atype, int64_t za, int64_t ka, const void *b, i
               int64_t n, int64_t *out) {
     for (int64_t i = 0; i < n; i++) out[i] = (code(a, atype, i) - za) * ka + (code(b, btype, i) - zb) * kb;
 }
+
+/* kernels.requantize: out = clamp((((acc - sub) * m[j] + 2^(sh[j]-1)) >> sh[j]) + zp, qmin, qmax), j = the column
+ * (per-column multipliers) or 0; acc int8/int16/int32 or int64 (type 3), out int8 / int16 / int32 */
+void qasr_requant(const void *acc, int type, int64_t rows, int64_t cols, int64_t sub, const int64_t *mult,
+                  const int64_t *shift, int per_col, int64_t zp, int64_t qmin, int64_t qmax, void *out, int otype,
+                  int nthreads) {
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (rows * cols >= 65536)
+    for (int64_t r = 0; r < rows; r++) {
+        for (int64_t c = 0; c < cols; c++) {
+            const int64_t i = r * cols + c, j = per_col ? c : 0;
+            const int64_t a = type == 3 ? ((const int64_t *)acc)[i] : code(acc, type, i);
+            int64_t y = (((a - sub) * mult[j] + ((int64_t)1 << (shift[j] - 1))) >> shift[j]) + zp;
+            y = y < qmin ? qmin : y > qmax ? qmax : y;
+            if (otype == 0) ((int8_t *)out)[i] = (int8_t)y;
+            else if (otype == 1) ((int16_t *)out)[i] = (int16_t)y;
+            else ((int32_t *)out)[i] = (int32_t)y;
+        }
+    }
+}
