@@ -44,6 +44,7 @@ def interleaved(fns, repeat: int, warmup: int = 1):
     ts = {name: [] for name in fns}
     for _ in range(repeat):
         for name, fn in fns.items():
+            time.sleep(0.2)  # let the previous runtime's spinning worker threads park (they steal cores otherwise)
             t = time.perf_counter()
             fn()
             ts[name].append(time.perf_counter() - t)

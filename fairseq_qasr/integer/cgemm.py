@@ -1,120 +1,25 @@
-"""Exact integer GEMM in C for AVX2 CPUs (``csrc/qgemm_avx2.c``): int16 x int8-range codes, ``vpmaddwd`` into int32,
-optional per-group int32 partial sums combined with integer ratios in int64 (per-group weight scales).
+"""Exact integer GEMMs on the C kernels (:mod:`.cbuild`): int8 or 16-bit codes, ``vpmaddwd`` into int32, optional
+per-group partial sums combined with integer ratios in int64 (per-group weight scales), zero points and a rounding
+shift + bias folded into the epilogue; and the one-pass attention (QK^T, softmax, AV per head and 16 query rows).
 
 Why: ``torch._int_mm`` is fast only with int8 dot-product instructions (VNNI/AMX). Without them the fastest exact
-integer GEMM here had been the numba kernel (one horizontal reduction per output); this one is register-blocked
-(4 rows x 16 columns per tile, B packed into 16-column panels) and handles 16-bit codes and weight groups in the
-same pass, where the torch path split 16-bit codes into bytes and ran one GEMM per weight group.
-
-Built on first use with the system C compiler into a cache directory (``QASR_CACHE``, default
-``~/.cache/fairseq_qasr``), keyed by the source's hash; unavailable (``available()`` False, callers take the other
-backends) where the CPU lacks AVX2, no compiler is found, or ``QASR_CGEMM=0``. Registered as the torch op
-``qasr::qgemm_avx2`` on integer tensors, so the engine's integer-only dispatch check sees it run.
+integer GEMM had been the numba kernel (one horizontal reduction per output); this one is register-blocked (4 rows x
+16 columns per tile, B packed into 16-column panels) and runs 16-bit codes and weight groups in the same pass, where
+the torch path split 16-bit codes into bytes and ran one GEMM per weight group.
 """
 from __future__ import annotations
 
-import ctypes
-import hashlib
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
-import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-SRC = Path(__file__).parent / "csrc" / "qgemm_avx2.c"
-FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-fPIC", "-shared"]
-NR = 16  # columns per packed panel (the C tile width)
-MR = 4  # rows per C tile: the left operand is padded to a multiple
+from . import cbuild
+from .cbuild import NR
+
 B_MAX = 255  # right operand codes in [-255, 255]: a byte of a 16-bit code, or int8 codes
 WIDE_GROUP = 256  # k per int32 partial sum for 16-bit left codes: 256 x 2^15 x 255 < 2^31
-_LIB: Optional[ctypes.CDLL] = None
-_TRIED = False
-
-
-def _cpu_has_avx2() -> bool:
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return False
-    try:
-        with open("/proc/cpuinfo") as f:
-            return any(line.startswith("flags") and " avx2" in line for line in f)
-    except OSError:
-        return False
-
-
-def _build() -> Optional[ctypes.CDLL]:
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if cc is None:
-        return None
-    src = SRC.read_bytes()
-    key = hashlib.sha256(src + " ".join(FLAGS).encode()).hexdigest()[:16]
-    cache = Path(os.environ.get("QASR_CACHE", Path.home() / ".cache" / "fairseq_qasr"))
-    lib = cache / f"qgemm_avx2-{key}.so"
-    if not lib.exists():
-        cache.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
-        os.close(fd)
-        res = subprocess.run([cc, *FLAGS, str(SRC), "-o", tmp], capture_output=True, text=True)
-        if res.returncode != 0:
-            os.unlink(tmp)
-            warnings.warn(f"fairseq_qasr: could not build {SRC.name} ({cc}): {res.stderr.strip()[:500]}")
-            return None
-        os.replace(tmp, lib)  # atomic: concurrent processes never load a half-written library
-    dll = ctypes.CDLL(str(lib))
-    i64, i32, ptr = ctypes.c_int64, ctypes.c_int32, ctypes.c_void_p
-    dll.qasr_pack.argtypes = [ptr, ctypes.c_int, i64, i64, i64, i64, ctypes.c_int, ptr, i64, i64, ptr]
-    dll.qasr_pack.restype = None
-    dll.qasr_qgemm.argtypes = [ptr, ctypes.c_int, i64, i32, ctypes.c_int, i64, i64, ptr, i64, i64, i64, i64, ptr, ptr,
-                               i64, ctypes.c_int, ptr, ptr, ptr, i64, ctypes.c_int]
-    dll.qasr_qgemm.restype = None
-    dll.qasr_attention.argtypes = [ptr, i64, i64, i64, ptr, i64, i64, i64, ptr, i64, i64, ctypes.c_int, i64, i64, i64,
-                                   ptr, i64, ctypes.c_int, i64, i64, i64, i64, ctypes.c_int, i64, i64, i64, i32,
-                                   ptr, i64, i64, ctypes.c_int, i64, ptr, ptr, i64, i64, ptr, ctypes.c_int]
-    dll.qasr_attention.restype = None
-    dll.qasr_isqrt.argtypes = [ptr, ptr, i64]
-    dll.qasr_layer_norm.argtypes = [ptr, ctypes.c_int, i64, i64, ptr, ptr, i64, ctypes.c_int, ptr, ctypes.c_int]
-    dll.qasr_lut.argtypes = [ptr, ctypes.c_int, i64, i64, ptr, ctypes.c_int, i64, ptr]
-    dll.qasr_lut.restype = i64
-    dll.qasr_add.argtypes = [ptr, ctypes.c_int, i64, i64, ptr, ctypes.c_int, i64, i64, i64, ptr]
-    dll.qasr_requant.argtypes = [ptr, ctypes.c_int, i64, i64, i64, ptr, ptr, ctypes.c_int, i64, i64, i64, ptr,
-                                 ctypes.c_int, ctypes.c_int]
-    for f in (dll.qasr_isqrt, dll.qasr_layer_norm, dll.qasr_add, dll.qasr_requant):
-        f.restype = None
-    if dll.qasr_mr() != MR:
-        raise RuntimeError(f"{lib}: tile height {dll.qasr_mr()} != {MR}")
-    return dll
-
-
-def available() -> bool:
-    """Whether the AVX2 kernel runs here (built and loaded once per process)."""
-    global _LIB, _TRIED
-    if not _TRIED:
-        _TRIED = True
-        if os.environ.get("QASR_CGEMM", "1") != "0" and _cpu_has_avx2():
-            _LIB = _build()
-    return _LIB is not None
-
-
-_TYPES = {torch.int8: 0, torch.int16: 1, torch.int32: 2}
-# torch ops (seen by the integer-only dispatch check); Library.impl costs ~15 us a call, custom_op ~55 us
-_OPS = torch.library.Library("qasr", "FRAGMENT")
-
-
-def _op(schema: str):
-    """Register the decorated function as the CPU kernel of ``qasr::<schema>``; returns the op."""
-    name = schema.split("(", 1)[0]
-
-    def deco(fn):
-        _OPS.define(schema)
-        _OPS.impl(name, fn, "CPU")
-        return getattr(torch.ops.qasr, name)
-    return deco
 
 
 @dataclass
@@ -150,23 +55,17 @@ class Packed:
         return self.bp.shape[0] * NR
 
 
-def _codes(t: Tensor) -> Tensor:
-    if t.dtype not in _TYPES:
-        t = t.int()
-    return t
-
-
-@_op("pack_avx2(Tensor b, Tensor(a!) bp, Tensor(b!) colsum, int[] ints) -> ()")
+@cbuild.op("pack_avx2(Tensor b, Tensor(a!) bp, Tensor(b!) colsum, int[] ints) -> ()")
 def _pack_op(b: Tensor, bp: Tensor, colsum: Tensor, ints: List[int]) -> None:
     part, k0 = ints
     k, n = b.shape
-    _LIB.qasr_pack(b.data_ptr(), _TYPES[b.dtype], b.stride(0), b.stride(1), k, n, part,
+    cbuild.dll().qasr_pack(b.data_ptr(), cbuild.TYPES[b.dtype], b.stride(0), b.stride(1), k, n, part,
                    bp.data_ptr() + 2 * k0 * NR, bp.shape[1] * 2, bp.shape[0] * NR, colsum.data_ptr())
 
 
 def _pack_into(b: Tensor, part: int, bp: Tensor, k0: int, colsum: Tensor) -> None:
     """``b`` (a 2-D view of integer codes, any strides) packed into rows ``k0..`` (even) of every panel of ``bp``."""
-    _pack_op(_codes(b), bp, colsum, [part, k0])
+    _pack_op(cbuild.codes(b), bp, colsum, [part, k0])
 
 
 def pack(b: Tensor, group_size: int = 0, ratio: Optional[Tensor] = None, wide: bool = False,
@@ -175,8 +74,7 @@ def pack(b: Tensor, group_size: int = 0, ratio: Optional[Tensor] = None, wide: b
     as their high and low bytes (two stacked halves combined by ratios 256 and 1, int64 out). ``group_size`` +
     ``ratio [N, groups]`` (int32): per-group products combined as ``sum_g ratio[n, g] * partial_g``; ``wide``: the
     left operand has 16-bit codes (int64 out, int32 partial sums over ``WIDE_GROUP`` k)."""
-    if not available():
-        raise RuntimeError("cgemm: the AVX2 integer GEMM is not available on this machine (see cgemm.available)")
+    cbuild.dll()  # (a clear error where the kernels are not available)
     if b.dtype not in (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64) or b.dim() != 2:
         raise TypeError(f"cgemm.pack: expected 2-D integer codes, got {b.dtype} {tuple(b.shape)}")
     k, n = b.shape
@@ -213,22 +111,21 @@ def pack(b: Tensor, group_size: int = 0, ratio: Optional[Tensor] = None, wide: b
     if ratio is not None:
         rt = torch.zeros(k // gs, np_, dtype=torch.int32)
         rt[:, :n] = ratio.t()
-        colsum = (_codes(b).long().view(k // gs, gs, n).sum(1) * ratio.t().long()).sum(0)
+        colsum = (cbuild.codes(b).long().view(k // gs, gs, n).sum(1) * ratio.t().long()).sum(0)
     return Packed(bp, k, n, gs, rt, colsum, wide or ratio is not None)
 
 
-@_op("qgemm_avx2(Tensor a, Tensor bp, Tensor ratio, Tensor init, Tensor post, Tensor(a!) out, int[] ints) -> ()")
+@cbuild.op("qgemm_avx2(Tensor a, Tensor bp, Tensor ratio, Tensor init, Tensor post, Tensor(a!) out, int[] ints) -> ()")
 def _qgemm_op(a: Tensor, bp: Tensor, ratio: Tensor, init: Tensor, post: Tensor, out: Tensor, ints: List[int]) -> None:
     off, reps, k, n, gs, bz, rshift = ints
     out64 = out.dtype == torch.int64
-    _LIB.qasr_qgemm(a.data_ptr(), _TYPES[a.dtype], a.stride(0), off, reps, a.shape[0], k, bp.data_ptr(),
+    cbuild.dll().qasr_qgemm(a.data_ptr(), cbuild.TYPES[a.dtype], a.stride(0), off, reps, a.shape[0], k, bp.data_ptr(),
                     bp.shape[1] * 2, bp.shape[0] * NR, n, gs, ratio.data_ptr() if ratio.numel() else None,
                     init.data_ptr() if init.numel() else None, bz, rshift, post.data_ptr() if post.numel() else None,
                     None if out64 else out.data_ptr(), out.data_ptr() if out64 else None, out.stride(0),
                     torch.get_num_threads())
 
 
-_NONE32 = torch.empty(0, dtype=torch.int32)
 
 
 def mm(a: Tensor, p: Packed, za: int = 0, zb: int = 0, out: Optional[Tensor] = None, rshift: int = 0,
@@ -239,13 +136,12 @@ def mm(a: Tensor, p: Packed, za: int = 0, zb: int = 0, out: Optional[Tensor] = N
     groups), else int64. ``out``: a preallocated ``[M, N]`` tensor of that dtype (rows may be strided). int64 only:
     ``rshift`` rounds the result down by ``2^rshift`` (half up), then ``post [N]`` (int64; or padded to ``Np``) is
     added."""
-    if not available():
-        raise RuntimeError("cgemm: the AVX2 integer GEMM is not available on this machine (see cgemm.available)")
+    cbuild.dll()  # (a clear error where the kernels are not available)
     if a.dim() != 2 or a.shape[1] != p.k:
         raise ValueError(f"cgemm.mm: left operand {tuple(a.shape)} does not match K={p.k}")
     if zb and p.ratio is not None and p.reps == 1:
         raise ValueError("cgemm.mm: a right-operand zero point with per-group ratios")
-    a = _codes(a)
+    a = cbuild.codes(a)
     if a.stride(1) != 1:
         a = a.contiguous()
     off = 0
@@ -262,17 +158,16 @@ def mm(a: Tensor, p: Packed, za: int = 0, zb: int = 0, out: Optional[Tensor] = N
         out = torch.empty(a.shape[0], p.n, dtype=dtype)
     elif out.dtype != dtype or tuple(out.shape) != (a.shape[0], p.n) or (out.numel() and out.stride(1) != 1):
         raise ValueError(f"cgemm.mm: out must be a row-major {dtype} [{a.shape[0]}, {p.n}] view")
-    init = p.init(off - za, zb) if off != za or zb else _NONE64
+    init = p.init(off - za, zb) if off != za or zb else cbuild.NONE64
     if (rshift or post is not None) and not p.out64:
         raise ValueError("cgemm.mm: rshift/post apply to int64 outputs only")
     if post is not None and post.numel() != p.np_:  # (callers that repeat a post term pass it padded to Np)
         post = torch.cat([post.long(), torch.zeros(p.np_ - p.n, dtype=torch.int64)]) if p.np_ > p.n else post.long()
-    _qgemm_op(a, p.bp, p.ratio if p.ratio is not None else _NONE32, init,
-              _NONE64 if post is None else post.contiguous(), out, [off, p.reps, p.k, p.n, p.gs, zb, rshift])
+    _qgemm_op(a, p.bp, p.ratio if p.ratio is not None else cbuild.NONE32, init,
+              cbuild.NONE64 if post is None else post.contiguous(), out, [off, p.reps, p.k, p.n, p.gs, zb, rshift])
     return out
 
 
-_NONE64 = torch.empty(0, dtype=torch.int64)
 
 
 def mm_wide_b(a: Tensor, b: Tensor) -> Tensor:
@@ -284,14 +179,14 @@ def _stack(packs) -> Tensor:
     return torch.stack([p.bp for p in packs]).contiguous()
 
 
-@_op("attention_avx2(Tensor q, Tensor kp, Tensor kinit, Tensor lut, Tensor vp, Tensor vratio, Tensor vinit, "
+@cbuild.op("attention_avx2(Tensor q, Tensor kp, Tensor kinit, Tensor lut, Tensor vp, Tensor vratio, Tensor vinit, "
      "Tensor(a!) out, int[] ints) -> ()")
 def _attention(q: Tensor, kp: Tensor, kinit: Tensor, lut: Tensor, vp: Tensor, vratio: Tensor, vinit: Tensor,
                out: Tensor, ints: List[int]) -> None:
     (tk, zk, m1, sh1, zp1, qmin1, qmax1, mult_r, sh, zpo, qmino, qmaxo, m2, sh2, zp2, qmin2, qmax2, off2, vreps,
      vgs, zv) = ints
     bh, tq, d = q.shape
-    _LIB.qasr_attention(q.data_ptr(), bh, tq, d, kp.data_ptr(), kp[0].numel(), tk, kp.shape[1] * NR,
+    cbuild.dll().qasr_attention(q.data_ptr(), bh, tq, d, kp.data_ptr(), kp[0].numel(), tk, kp.shape[1] * NR,
                         kinit.data_ptr(), zk, m1, sh1, zp1, qmin1, qmax1, lut.data_ptr(), mult_r, sh, zpo, qmino,
                         qmaxo, m2, sh2, zp2, qmin2, qmax2, off2, vp.data_ptr(), vp[0].numel(), vp.shape[2] * 2,
                         vreps, vgs, vratio.data_ptr() if vratio.numel() else None, vinit.data_ptr(), zv,
@@ -306,8 +201,7 @@ def attention(q: Tensor, zq: int, kt: Tensor, zk: int, scores_rq: Tuple[int, int
     ``scores_rq`` / ``probs_rq`` = (multiplier, shift, zero point, qmin, qmax) onto the softmax input and AV input
     grids (stored codes), ``softmax`` = (``out_mult << R``, ``R + out_shift``, zero point, qmin, qmax) of
     :func:`kernels.softmax_int` with exp table ``lut`` (int32). Returns the int64 AV accumulators [BH, Tq, d]."""
-    if not available():
-        raise RuntimeError("cgemm: the AVX2 integer GEMM is not available on this machine (see cgemm.available)")
+    cbuild.dll()  # (a clear error where the kernels are not available)
     bh, tq, d = q.shape
     tk = kt.shape[-1]
     if q.dtype != torch.int8 or kt.dtype != torch.int8 or d % 2:
@@ -332,107 +226,5 @@ def attention(q: Tensor, zq: int, kt: Tensor, zk: int, scores_rq: Tuple[int, int
     out = torch.empty(bh, tq, d, dtype=torch.int64)
     ints = [tk, zk, *scores_rq, *softmax, *probs_rq, off2, vp0.reps, vp0.gs, zv]
     _attention(q.contiguous(), _stack(kpacks), kinit, lut.to(torch.int32).contiguous(), _stack(vpacks),
-               vp0.ratio if vp0.ratio is not None else _NONE32, vinit, out, [int(i) for i in ints])
-    return out
-
-
-@_op("isqrt_avx2(Tensor v) -> Tensor")
-def _isqrt(v: Tensor) -> Tensor:
-    out = torch.empty_like(v)
-    _LIB.qasr_isqrt(v.data_ptr(), out.data_ptr(), v.numel())
-    return out
-
-
-def isqrt(v: Tensor) -> Tensor:
-    """Floor integer square root of non-negative int64 values below 2^62 (:func:`kernels.isqrt`, in C)."""
-    if not available():
-        raise RuntimeError("cgemm: the AVX2 kernels are not available on this machine (see cgemm.available)")
-    if bool((v < 0).any()) or bool((v >= 2 ** 62).any()):
-        raise ValueError("cgemm.isqrt: values must lie in [0, 2^62)")
-    return _isqrt(v.long().contiguous())
-
-
-def _need() -> None:
-    if not available():
-        raise RuntimeError("cgemm: the AVX2 kernels are not available on this machine (see cgemm.available)")
-
-
-@_op("layer_norm_avx2(Tensor x, Tensor gain, Tensor bias, int[] ints) -> Tensor")
-def _layer_norm(x: Tensor, gain: Tensor, bias: Tensor, ints: List[int]) -> Tensor:
-    eps_term, k = ints
-    out = torch.empty(x.shape, dtype=torch.int64)
-    n = x.shape[-1]
-    _LIB.qasr_layer_norm(x.data_ptr(), _TYPES[x.dtype], x.numel() // n, n, gain.data_ptr(),
-                         bias.data_ptr() if bias.numel() else None, eps_term, k, out.data_ptr(), torch.get_num_threads())
-    return out
-
-
-def layer_norm(x: Tensor, gain: Tensor, bias: Optional[Tensor], eps_term: int, k: int) -> Tensor:
-    """:func:`kernels.layer_norm_int` in one pass per row (int64 out), bit for bit."""
-    _need()
-    if gain.dtype != torch.int8 or (bias is not None and bias.dtype != torch.int32) or gain.numel() != x.shape[-1]:
-        raise ValueError("cgemm.layer_norm: int8 gain codes and int32 bias of the row length expected")
-    return _layer_norm(_codes(x).contiguous(), gain.contiguous(),
-                       bias.contiguous() if bias is not None else _NONE32, [int(eps_term), int(k)])
-
-
-@_op("lut_avx2(Tensor x, Tensor table, Tensor(a!) out, int base) -> int")
-def _lut(x: Tensor, table: Tensor, out: Tensor, base: int) -> int:
-    return _LIB.qasr_lut(x.data_ptr(), _TYPES[x.dtype], x.numel(), base, table.data_ptr(), _TYPES[table.dtype],
-                         table.numel(), out.data_ptr())
-
-
-def lut(table: Tensor, x: Tensor, base: int) -> Tensor:
-    """``table[x - base]`` for integer codes ``x`` within the table (int8/int16/int32 table)."""
-    _need()
-    if table.dtype not in _TYPES:
-        raise TypeError(f"cgemm.lut: table dtype {table.dtype}")
-    out = torch.empty(x.shape, dtype=table.dtype)
-    bad = _lut(_codes(x).contiguous(), table.contiguous(), out, int(base))
-    if bad:
-        raise ValueError(f"cgemm.lut: {bad} codes outside the table")
-    return out
-
-
-@_op("add_avx2(Tensor a, Tensor b, int[] ints) -> Tensor")
-def _add(a: Tensor, b: Tensor, ints: List[int]) -> Tensor:
-    za, ka, zb, kb = ints
-    out = torch.empty(a.shape, dtype=torch.int64)
-    _LIB.qasr_add(a.data_ptr(), _TYPES[a.dtype], za, ka, b.data_ptr(), _TYPES[b.dtype], zb, kb, a.numel(),
-                  out.data_ptr())
-    return out
-
-
-def add(a: Tensor, za: int, ka: int, b: Tensor, zb: int, kb: int) -> Tensor:
-    """``(a - za) * ka + (b - zb) * kb`` as int64, one pass (same shapes)."""
-    _need()
-    if a.shape != b.shape:
-        raise ValueError(f"cgemm.add: shapes {tuple(a.shape)} and {tuple(b.shape)} differ")
-    return _add(_codes(a).contiguous(), _codes(b).contiguous(), [int(za), int(ka), int(zb), int(kb)])
-
-
-_ACC_TYPES = {**_TYPES, torch.int64: 3}
-
-
-@_op("requantize_avx2(Tensor acc, Tensor mult, Tensor shift, Tensor(a!) out, int[] ints) -> ()")
-def _requant(acc: Tensor, mult: Tensor, shift: Tensor, out: Tensor, ints: List[int]) -> None:
-    sub, zp, qmin, qmax = ints
-    cols = acc.shape[-1] if acc.dim() else 1
-    _LIB.qasr_requant(acc.data_ptr(), _ACC_TYPES[acc.dtype], acc.numel() // max(cols, 1), cols, sub, mult.data_ptr(),
-                      shift.data_ptr(), int(mult.numel() > 1), zp, qmin, qmax, out.data_ptr(), _TYPES[out.dtype],
-                      torch.get_num_threads())
-
-
-def requantize(acc: Tensor, m: Tensor, shift: Tensor, zp: int, qmin: int, qmax: int, out_dtype,
-               sub: int = 0) -> Optional[Tensor]:
-    """:func:`kernels.requantize` in one pass (OpenMP over rows), or None where it does not apply (multipliers
-    neither one value nor one per element of the last dim)."""
-    cols = acc.shape[-1] if acc.dim() else 1
-    if not available() or acc.dtype not in _ACC_TYPES or out_dtype not in _TYPES or m.numel() not in (1, cols) \
-            or (m.dim() > 1 and m.shape[-1] != m.numel()):
-        return None
-    mult = m.reshape(-1).long().contiguous()
-    sh = shift.reshape(-1).long().expand(mult.numel()).contiguous()
-    out = torch.empty(acc.shape, dtype=out_dtype)
-    _requant(acc.contiguous(), mult, sh, out, [int(sub), int(zp), int(qmin), int(qmax)])
+               vp0.ratio if vp0.ratio is not None else cbuild.NONE32, vinit, out, [int(i) for i in ints])
     return out

@@ -26,7 +26,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import cgemm
+from . import cbuild, cgemm, cops
 from . import kernels as K
 
 NEG_LOGIT = -(2 ** 40)  # suppressed / forbidden logits (int64 grid)
@@ -395,8 +395,8 @@ class IntegerEngine:
         f = self.meta[key]
         scale = torch.tensor(self.scales[name + ".out"], dtype=torch.float64) if self.compiling else None
         if wide:  # 16-bit codes x 2^22 factors: int64, consumers' multipliers shortened by the headroom
-            if cgemm.available() and qa.c.shape == qb.c.shape:
-                acc = cgemm.add(qa.c, qa.z, f["ka"], qb.c, qb.z, f["kb"])
+            if cbuild.available() and qa.c.shape == qb.c.shape:
+                acc = cops.add(qa.c, qa.z, f["ka"], qb.c, qb.z, f["kb"])
             else:
                 acc = (qa.c.long() - qa.z) * f["ka"] + (qb.c.long() - qb.z) * f["kb"]
             return Acc(acc, scale, 17 + frac - 31)
@@ -430,8 +430,8 @@ class IntegerEngine:
         f = self.meta[key]
         gain = self.t["lng:" + name]
         bias = self.t.get("b:" + name)
-        if cgemm.available():
-            y = cgemm.layer_norm(q.c, gain, bias, f["eps_term"], f["k"])
+        if cbuild.available():
+            y = cops.layer_norm(q.c, gain, bias, f["eps_term"], f["k"])
         elif self.fused and not self.compiling:
             from . import fused
             y = fused.layer_norm(q.c, gain, bias, f["eps_term"], f["k"])
@@ -465,8 +465,8 @@ class IntegerEngine:
             return (torch.clamp(torch.round(y / s_c) + czp, cqmin, cqmax) + coff).to(cdtype)
 
         table = self._store(key, build)
-        if cgemm.available():
-            c = cgemm.lut(table, q.c, qmin + off)
+        if cbuild.available():
+            c = cops.lut(table, q.c, qmin + off)
         elif self.fused and not self.compiling:
             from . import fused
             c = fused.lut(table, q.c, qmin + off)

@@ -14,7 +14,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import cgemm, numba_kernels
+from . import cbuild, cgemm, cops, numba_kernels
 
 INT8_MIN, INT8_MAX = -128, 127
 
@@ -60,8 +60,8 @@ def requantize(acc: Tensor, m: Tensor, shift: Tensor, zp: int, qmin: int, qmax: 
     """``clamp(round((acc - sub) * m * 2^-shift) + zp, qmin, qmax)``: int32/int64 accumulator (or codes minus their
     zero point ``sub``) -> integer codes (one pass in C (:mod:`.cgemm`) or :mod:`.numba_kernels` where it applies,
     else torch ops)."""
-    if cgemm.available():
-        out = cgemm.requantize(acc, m, shift, zp, qmin, qmax, out_dtype, sub)
+    if cbuild.available():
+        out = cops.requantize(acc, m, shift, zp, qmin, qmax, out_dtype, sub)
         if out is not None:
             return out
     if ONE_PASS and acc.numel() >= SMALL_TENSOR:  # (a parallel numba call costs ~0.1 ms to start)
@@ -124,7 +124,7 @@ GEMM_BACKENDS = ("int_mm", "avx2", "numba", "int32")
 
 
 def _backend_available(name: str) -> bool:
-    return {"numba": numba_kernels.AVAILABLE, "avx2": name == "avx2" and cgemm.available()}.get(name, True)
+    return {"numba": numba_kernels.AVAILABLE, "avx2": name == "avx2" and cbuild.available()}.get(name, True)
 
 
 def prepare_weight(b: Tensor, backend: Optional[str] = None):
@@ -261,8 +261,8 @@ def matmul_int(a: Tensor, za: int, b: Tensor, zb: int, packs: Optional[list] = N
 def isqrt(v: Tensor) -> Tensor:
     """Floor integer square root of a non-negative int64 tensor (bitwise, 32 steps, no float; in C where the AVX2
     kernels are built, bit for bit)."""
-    if cgemm.available() and bool((v < 2 ** 62).all()):
-        return cgemm.isqrt(v)
+    if cbuild.available() and bool((v < 2 ** 62).all()):
+        return cops.isqrt(v)
     v = v.long()
     res = torch.zeros_like(v)
     for b in range(31, -1, -1):

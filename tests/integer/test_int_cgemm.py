@@ -1,6 +1,6 @@
-"""The AVX2 C kernels (``fairseq_qasr/integer/cgemm.py``): exact against int64 references, never wrapping at the
-extremes of their operand ranges; the engine's one-pass C attention and grouped GEMMs give the same integers as the
-torch paths."""
+"""The C kernels (``fairseq_qasr/integer/cgemm.py``, ``cops.py``): exact against int64 references, never wrapping
+at the extremes of their operand ranges; the engine's one-pass C attention and grouped GEMMs give the same integers as
+the torch paths."""
 from __future__ import annotations
 
 import math
@@ -11,12 +11,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import int_helpers as H
-from fairseq_qasr.integer import cgemm
+from fairseq_qasr.integer import cbuild, cgemm, cops
 from fairseq_qasr.integer import kernels as K
 from fairseq_qasr.integer.honesty import run_integer_only
 
-pytestmark = pytest.mark.skipif(not cgemm.available(), reason="AVX2 C kernels not built here (no AVX2 CPU or no C "
-                                                              "compiler, or QASR_CGEMM=0)")
+pytestmark = pytest.mark.skipif(not cbuild.available(), reason="C kernels not built here (no AVX2 CPU or no C "
+                                                                "compiler, or QASR_CGEMM=0)")
 
 
 def ref(a, b, za=0, zb=0, gs=None, ratio=None):
@@ -105,9 +105,9 @@ def test_isqrt_is_floor_sqrt():
     g = torch.Generator().manual_seed(3)
     v = torch.cat([torch.tensor([0, 1, 2, 3, 4, 2 ** 62 - 1, (2 ** 31 - 1) ** 2, 2 ** 62 - 2 ** 32]),
                    torch.randint(0, 2 ** 62, (2000,), generator=g)])
-    assert [int(x) for x in cgemm.isqrt(v)] == [math.isqrt(int(x)) for x in v]
+    assert [int(x) for x in cops.isqrt(v)] == [math.isqrt(int(x)) for x in v]
     with pytest.raises(ValueError, match="2\\^62"):
-        cgemm.isqrt(torch.tensor([-1]))
+        cops.isqrt(torch.tensor([-1]))
 
 
 @pytest.mark.parametrize("bits", [8, 16])
@@ -120,10 +120,10 @@ def test_layer_norm_lut_add_equal_torch_versions(bits, monkeypatch):
     k = K.ln_shift_bits(384, bits)
     table = rnd(-128, 128, (hi - lo,), g, torch.int8)
     y = rnd(lo, hi, (7, 3, 384), g, x.dtype)
-    got = (cgemm.layer_norm(x, gain, bias, 12345, k), cgemm.lut(table, x, lo), cgemm.add(x, 3, 1 << 22, y, -7, 12345))
+    got = (cops.layer_norm(x, gain, bias, 12345, k), cops.lut(table, x, lo), cops.add(x, 3, 1 << 22, y, -7, 12345))
     with pytest.raises(ValueError, match="outside the table"):
-        cgemm.lut(table[:10], x, lo)
-    monkeypatch.setattr(cgemm, "available", lambda: False)
+        cops.lut(table[:10], x, lo)
+    monkeypatch.setattr(cbuild, "available", lambda: False)
     want = (K.layer_norm_int(x, gain, bias, 12345, k), table[x.long() - lo],
             (x.long() - 3) * (1 << 22) + (y.long() + 7) * 12345)
     for a, b in zip(got, want):
@@ -134,15 +134,15 @@ def test_layer_norm_lut_add_equal_torch_versions(bits, monkeypatch):
 @pytest.mark.parametrize("per_col", [False, True])
 def test_requantize_equals_torch_version(acc_dtype, per_col, monkeypatch):
     g = torch.Generator().manual_seed(7)
-    hi = {torch.int8: 127, torch.int32: 2 ** 31 - 1, torch.int64: 2 ** 31}[acc_dtype]  # (the engine keeps acc * m in int64)
+    hi = {torch.int8: 127, torch.int32: 2 ** 31 - 1, torch.int64: 2 ** 31}[acc_dtype]  # (acc * m stays in int64)
     acc = torch.randint(-hi - 1, hi, (300, 256), generator=g, dtype=acc_dtype)
     M = torch.rand(256 if per_col else 1, generator=g, dtype=torch.float64) * 1e-3 + 1e-6
     m, sh = K.quantize_multiplier(M)
     m, sh = (m.long(), sh.long()) if per_col else (m.long().reshape(()), sh.long().reshape(()))
     for zp, qmin, qmax, dt, sub in [(3, -128, 127, torch.int8, 0), (-32768, -32768, 32767, torch.int32, 17),
                                     (0, 0, 65535, torch.int32, -5)]:
-        got = cgemm.requantize(acc, m, sh, zp, qmin, qmax, dt, sub)
-        monkeypatch.setattr(cgemm, "available", lambda: False)
+        got = cops.requantize(acc, m, sh, zp, qmin, qmax, dt, sub)
+        monkeypatch.setattr(cbuild, "available", lambda: False)
         monkeypatch.setattr(K, "ONE_PASS", False)
         want = K.requantize(acc, m, sh, zp, qmin, qmax, dt, sub)
         monkeypatch.undo()
@@ -171,7 +171,7 @@ def test_engine_c_kernels_equal_torch_paths(param, monkeypatch):
     ran = {name for name, _ in mode.ops}
     assert {"qgemm_avx2", "attention_avx2", "pack_avx2", "layer_norm_avx2"} <= ran, ran
     monkeypatch.setattr(K, "_BACKEND", "int32")
-    monkeypatch.setattr(cgemm, "available", lambda: False)  # LayerNorm, tables, adds, isqrt: the torch versions
+    monkeypatch.setattr(cbuild, "available", lambda: False)  # LayerNorm, tables, adds, isqrt: the torch versions
     eng._prep.clear()
     enc_t, logits_t = run()
     eng._prep.clear()

@@ -230,10 +230,10 @@ def test_input_codes_equal_the_fake_input_quantizer(param):
     # values within a few float32 ulps of the input grid's rounding ties, where x / s and x * (1 / s) can disagree
     s = torch.tensor(float(eng.scales[first]), dtype=torch.float64)
     ties = ((torch.arange(-100, 100, dtype=torch.float64) + 0.5) * s).float()
-    near = [ties]
-    for _ in range(3):
-        near += [torch.nextafter(near[-1], torch.tensor(float("inf"))), torch.nextafter(near[-2 if len(near) > 1 else -1],
-                                                                                        torch.tensor(float("-inf")))]
+    inf, up, down, near = torch.tensor(float("inf")), ties, ties, [ties]
+    for _ in range(3):  # up to 3 ulps either side
+        up, down = torch.nextafter(up, inf), torch.nextafter(down, -inf)
+        near += [up, down]
     vals = torch.cat(near)
     g = torch.Generator().manual_seed(11)
     feats = vals[torch.randint(0, vals.numel(), (8, 400, 80), generator=g)]

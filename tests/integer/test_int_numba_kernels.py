@@ -58,6 +58,7 @@ def test_kernels_are_seen_by_the_integer_only_check():
 
     acc = torch.randint(-1000, 1000, (64, 128), dtype=torch.int32)
     m, sh = K.quantize_multiplier(torch.tensor([0.01]))
-    _, mode = run_integer_only(lambda: N.requantize(acc, m.long().reshape(()), sh.long().reshape(()), 0, -128, 127, torch.int8))
+    m, sh = m.long().reshape(()), sh.long().reshape(())
+    _, mode = run_integer_only(lambda: N.requantize(acc, m, sh, 0, -128, 127, torch.int8))
     names = {name: dtypes for (name, dtypes) in mode.ops}
     assert "requantize" in names and not mode.violations

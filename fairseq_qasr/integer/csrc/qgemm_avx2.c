@@ -378,19 +378,23 @@ void qasr_add(const void *a, int atype, int64_t za, int64_t ka, const void *b, i
 
 /* kernels.requantize: out = clamp((((acc - sub) * m[j] + 2^(sh[j]-1)) >> sh[j]) + zp, qmin, qmax), j = the column
  * (per-column multipliers) or 0; acc int8/int16/int32 or int64 (type 3), out int8 / int16 / int32 */
+#define RQ_LOOP(AT, OT)                                                                                        \
+    _Pragma("omp parallel for num_threads(nthreads) schedule(static) if (rows * cols >= 65536)")               \
+    for (int64_t r = 0; r < rows; r++) {                                                                       \
+        const AT *a = (const AT *)acc + r * cols;                                                              \
+        OT *o = (OT *)out + r * cols;                                                                          \
+        for (int64_t c = 0; c < cols; c++) {                                                                   \
+            const int64_t j = per_col ? c : 0;                                                                 \
+            int64_t y = ((((int64_t)a[c] - sub) * mult[j] + ((int64_t)1 << (shift[j] - 1))) >> shift[j]) + zp; \
+            o[c] = (OT)(y < qmin ? qmin : y > qmax ? qmax : y);                                                \
+        }                                                                                                      \
+    }
+#define RQ_OUT(AT)                                                                                             \
+    if (otype == 0) { RQ_LOOP(AT, int8_t) } else if (otype == 1) { RQ_LOOP(AT, int16_t) } else { RQ_LOOP(AT, int32_t) }
+
 void qasr_requant(const void *acc, int type, int64_t rows, int64_t cols, int64_t sub, const int64_t *mult,
                   const int64_t *shift, int per_col, int64_t zp, int64_t qmin, int64_t qmax, void *out, int otype,
                   int nthreads) {
-#pragma omp parallel for num_threads(nthreads) schedule(static) if (rows * cols >= 65536)
-    for (int64_t r = 0; r < rows; r++) {
-        for (int64_t c = 0; c < cols; c++) {
-            const int64_t i = r * cols + c, j = per_col ? c : 0;
-            const int64_t a = type == 3 ? ((const int64_t *)acc)[i] : code(acc, type, i);
-            int64_t y = (((a - sub) * mult[j] + ((int64_t)1 << (shift[j] - 1))) >> shift[j]) + zp;
-            y = y < qmin ? qmin : y > qmax ? qmax : y;
-            if (otype == 0) ((int8_t *)out)[i] = (int8_t)y;
-            else if (otype == 1) ((int16_t *)out)[i] = (int16_t)y;
-            else ((int32_t *)out)[i] = (int32_t)y;
-        }
-    }
+    if (type == 0) { RQ_OUT(int8_t) } else if (type == 1) { RQ_OUT(int16_t) }
+    else if (type == 2) { RQ_OUT(int32_t) } else { RQ_OUT(int64_t) }
 }

@@ -1,0 +1,109 @@
+"""Element-wise integer ops of the engine on the C kernels (:mod:`.cbuild`): requantization, LayerNorm with an
+integer square root, table look-ups (GELU), 16-bit residual adds. Each is bit for bit its torch twin in
+:mod:`.kernels` (``tests/integer/test_int_cgemm.py``), one pass instead of a chain of int64 tensor ops."""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+from torch import Tensor
+
+from . import cbuild
+
+
+@cbuild.op("isqrt_avx2(Tensor v) -> Tensor")
+def _isqrt(v: Tensor) -> Tensor:
+    out = torch.empty_like(v)
+    cbuild.dll().qasr_isqrt(v.data_ptr(), out.data_ptr(), v.numel())
+    return out
+
+
+def isqrt(v: Tensor) -> Tensor:
+    """Floor integer square root of non-negative int64 values below 2^62 (:func:`kernels.isqrt`, in C)."""
+    cbuild.dll()  # (a clear error where the kernels are not available)
+    if bool((v < 0).any()) or bool((v >= 2 ** 62).any()):
+        raise ValueError("cops.isqrt: values must lie in [0, 2^62)")
+    return _isqrt(v.long().contiguous())
+
+
+@cbuild.op("layer_norm_avx2(Tensor x, Tensor gain, Tensor bias, int[] ints) -> Tensor")
+def _layer_norm(x: Tensor, gain: Tensor, bias: Tensor, ints: List[int]) -> Tensor:
+    eps_term, k = ints
+    out = torch.empty(x.shape, dtype=torch.int64)
+    n = x.shape[-1]
+    cbuild.dll().qasr_layer_norm(x.data_ptr(), cbuild.TYPES[x.dtype], x.numel() // n, n, gain.data_ptr(),
+                                 bias.data_ptr() if bias.numel() else None, eps_term, k, out.data_ptr(),
+                                 torch.get_num_threads())
+    return out
+
+
+def layer_norm(x: Tensor, gain: Tensor, bias: Optional[Tensor], eps_term: int, k: int) -> Tensor:
+    """:func:`kernels.layer_norm_int` in one pass per row (int64 out), bit for bit."""
+    cbuild.dll()
+    if gain.dtype != torch.int8 or (bias is not None and bias.dtype != torch.int32) or gain.numel() != x.shape[-1]:
+        raise ValueError("cops.layer_norm: int8 gain codes and int32 bias of the row length expected")
+    return _layer_norm(cbuild.codes(x).contiguous(), gain.contiguous(),
+                       bias.contiguous() if bias is not None else cbuild.NONE32, [int(eps_term), int(k)])
+
+
+@cbuild.op("lut_avx2(Tensor x, Tensor table, Tensor(a!) out, int base) -> int")
+def _lut(x: Tensor, table: Tensor, out: Tensor, base: int) -> int:
+    t = cbuild.TYPES
+    return cbuild.dll().qasr_lut(x.data_ptr(), t[x.dtype], x.numel(), base, table.data_ptr(), t[table.dtype],
+                                 table.numel(), out.data_ptr())
+
+
+def lut(table: Tensor, x: Tensor, base: int) -> Tensor:
+    """``table[x - base]`` for integer codes ``x`` within the table (int8/int16/int32 table)."""
+    cbuild.dll()
+    if table.dtype not in cbuild.TYPES:
+        raise TypeError(f"cops.lut: table dtype {table.dtype}")
+    out = torch.empty(x.shape, dtype=table.dtype)
+    bad = _lut(cbuild.codes(x).contiguous(), table.contiguous(), out, int(base))
+    if bad:
+        raise ValueError(f"cops.lut: {bad} codes outside the table")
+    return out
+
+
+@cbuild.op("add_avx2(Tensor a, Tensor b, int[] ints) -> Tensor")
+def _add(a: Tensor, b: Tensor, ints: List[int]) -> Tensor:
+    za, ka, zb, kb = ints
+    out = torch.empty(a.shape, dtype=torch.int64)
+    t = cbuild.TYPES
+    cbuild.dll().qasr_add(a.data_ptr(), t[a.dtype], za, ka, b.data_ptr(), t[b.dtype], zb, kb, a.numel(), out.data_ptr())
+    return out
+
+
+def add(a: Tensor, za: int, ka: int, b: Tensor, zb: int, kb: int) -> Tensor:
+    """``(a - za) * ka + (b - zb) * kb`` as int64, one pass (same shapes)."""
+    cbuild.dll()
+    if a.shape != b.shape:
+        raise ValueError(f"cops.add: shapes {tuple(a.shape)} and {tuple(b.shape)} differ")
+    return _add(cbuild.codes(a).contiguous(), cbuild.codes(b).contiguous(), [int(za), int(ka), int(zb), int(kb)])
+
+
+ACC_TYPES = {**cbuild.TYPES, torch.int64: 3}
+
+
+@cbuild.op("requantize_avx2(Tensor acc, Tensor mult, Tensor shift, Tensor(a!) out, int[] ints) -> ()")
+def _requant(acc: Tensor, mult: Tensor, shift: Tensor, out: Tensor, ints: List[int]) -> None:
+    sub, zp, qmin, qmax = ints
+    cols = acc.shape[-1] if acc.dim() else 1
+    cbuild.dll().qasr_requant(acc.data_ptr(), ACC_TYPES[acc.dtype], acc.numel() // max(cols, 1), cols, sub,
+                              mult.data_ptr(), shift.data_ptr(), int(mult.numel() > 1), zp, qmin, qmax, out.data_ptr(),
+                              cbuild.TYPES[out.dtype], torch.get_num_threads())
+
+
+def requantize(acc: Tensor, m: Tensor, shift: Tensor, zp: int, qmin: int, qmax: int, out_dtype,
+               sub: int = 0) -> Optional[Tensor]:
+    """:func:`kernels.requantize` in one pass (OpenMP over rows), or None where it does not apply (multipliers
+    neither one value nor one per element of the last dim)."""
+    cols = acc.shape[-1] if acc.dim() else 1
+    if not cbuild.available() or acc.dtype not in ACC_TYPES or out_dtype not in cbuild.TYPES \
+            or m.numel() not in (1, cols) or (m.dim() > 1 and m.shape[-1] != m.numel()):
+        return None
+    mult = m.reshape(-1).long().contiguous()
+    sh = shift.reshape(-1).long().expand(mult.numel()).contiguous()
+    out = torch.empty(acc.shape, dtype=out_dtype)
+    _requant(acc.contiguous(), mult, sh, out, [int(sub), int(zp), int(qmin), int(qmax)])
+    return out
