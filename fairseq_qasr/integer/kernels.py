@@ -58,7 +58,7 @@ def shorten_multiplier(m: Tensor, shift: Tensor, bits: int) -> Tuple[Tensor, Ten
 def requantize(acc: Tensor, m: Tensor, shift: Tensor, zp: int, qmin: int, qmax: int, out_dtype=torch.int8,
                sub: int = 0) -> Tensor:
     """``clamp(round((acc - sub) * m * 2^-shift) + zp, qmin, qmax)``: int32/int64 accumulator (or codes minus their
-    zero point ``sub``) -> integer codes (one pass in C (:mod:`.cgemm`) or :mod:`.numba_kernels` where it applies,
+    zero point ``sub``) -> integer codes (one pass in C (:mod:`.cops`) or :mod:`.numba_kernels` where it applies,
     else torch ops)."""
     if cbuild.available():
         out = cops.requantize(acc, m, shift, zp, qmin, qmax, out_dtype, sub)
