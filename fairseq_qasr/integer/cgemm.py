@@ -60,7 +60,7 @@ def _pack_op(b: Tensor, bp: Tensor, colsum: Tensor, ints: List[int]) -> None:
     part, k0 = ints
     k, n = b.shape
     cbuild.dll().qasr_pack(b.data_ptr(), cbuild.TYPES[b.dtype], b.stride(0), b.stride(1), k, n, part,
-                   bp.data_ptr() + 2 * k0 * NR, bp.shape[1] * 2, bp.shape[0] * NR, colsum.data_ptr())
+                           bp.data_ptr() + 2 * k0 * NR, bp.shape[1] * 2, bp.shape[0] * NR, colsum.data_ptr())
 
 
 def _pack_into(b: Tensor, part: int, bp: Tensor, k0: int, colsum: Tensor) -> None:
@@ -79,12 +79,13 @@ def pack(b: Tensor, group_size: int = 0, ratio: Optional[Tensor] = None, wide: b
         raise TypeError(f"cgemm.pack: expected 2-D integer codes, got {b.dtype} {tuple(b.shape)}")
     k, n = b.shape
     np_ = -(-n // NR) * NR
+    lo, hi = (int(v) for v in torch.aminmax(b)) if b.dtype != torch.int8 and b.numel() else (-128, 127)
     if split is None:
-        split = b.dtype != torch.int8 and b.numel() > 0 and (int(b.min()) < -B_MAX or int(b.max()) > B_MAX)
+        split = lo < -B_MAX or hi > B_MAX
     if split:
         if ratio is not None:
             raise ValueError("cgemm.pack: per-group ratios need right operand codes in [-255, 255]")
-        if int(b.min()) < -(2 ** 15) or int(b.max()) > 2 ** 15 - 1:
+        if lo < -(2 ** 15) or hi > 2 ** 15 - 1:
             raise ValueError("cgemm.pack: right operand codes beyond 16 bits")
         kh = -(-k // WIDE_GROUP) * WIDE_GROUP
         bp = torch.zeros(np_ // NR, kh, NR, 2, dtype=torch.int16)  # [high bytes; low bytes] along K
@@ -119,13 +120,12 @@ def pack(b: Tensor, group_size: int = 0, ratio: Optional[Tensor] = None, wide: b
 def _qgemm_op(a: Tensor, bp: Tensor, ratio: Tensor, init: Tensor, post: Tensor, out: Tensor, ints: List[int]) -> None:
     off, reps, k, n, gs, bz, rshift = ints
     out64 = out.dtype == torch.int64
-    cbuild.dll().qasr_qgemm(a.data_ptr(), cbuild.TYPES[a.dtype], a.stride(0), off, reps, a.shape[0], k, bp.data_ptr(),
-                    bp.shape[1] * 2, bp.shape[0] * NR, n, gs, ratio.data_ptr() if ratio.numel() else None,
-                    init.data_ptr() if init.numel() else None, bz, rshift, post.data_ptr() if post.numel() else None,
-                    None if out64 else out.data_ptr(), out.data_ptr() if out64 else None, out.stride(0),
-                    torch.get_num_threads())
-
-
+    cbuild.dll().qasr_qgemm(a.data_ptr(), cbuild.TYPES[a.dtype], a.stride(0), off, reps, a.shape[0], k,
+                            bp.data_ptr(), bp.shape[1] * 2, bp.shape[0] * NR, n, gs,
+                            ratio.data_ptr() if ratio.numel() else None, init.data_ptr() if init.numel() else None,
+                            bz, rshift, post.data_ptr() if post.numel() else None,
+                            None if out64 else out.data_ptr(), out.data_ptr() if out64 else None, out.stride(0),
+                            torch.get_num_threads())
 
 
 def mm(a: Tensor, p: Packed, za: int = 0, zb: int = 0, out: Optional[Tensor] = None, rshift: int = 0,
@@ -168,29 +168,22 @@ def mm(a: Tensor, p: Packed, za: int = 0, zb: int = 0, out: Optional[Tensor] = N
     return out
 
 
-
-
-def mm_wide_b(a: Tensor, b: Tensor) -> Tensor:
-    """Exact ``a @ b`` (int64) where ``b`` also has 16-bit codes (packed as bytes by :func:`pack`)."""
-    return mm(a, pack(b))
-
-
 def _stack(packs) -> Tensor:
     return torch.stack([p.bp for p in packs]).contiguous()
 
 
 @cbuild.op("attention_avx2(Tensor q, Tensor kp, Tensor kinit, Tensor lut, Tensor vp, Tensor vratio, Tensor vinit, "
-     "Tensor(a!) out, int[] ints) -> ()")
+           "Tensor(a!) out, int[] ints) -> ()")
 def _attention(q: Tensor, kp: Tensor, kinit: Tensor, lut: Tensor, vp: Tensor, vratio: Tensor, vinit: Tensor,
                out: Tensor, ints: List[int]) -> None:
     (tk, zk, m1, sh1, zp1, qmin1, qmax1, mult_r, sh, zpo, qmino, qmaxo, m2, sh2, zp2, qmin2, qmax2, off2, vreps,
      vgs, zv) = ints
     bh, tq, d = q.shape
     cbuild.dll().qasr_attention(q.data_ptr(), bh, tq, d, kp.data_ptr(), kp[0].numel(), tk, kp.shape[1] * NR,
-                        kinit.data_ptr(), zk, m1, sh1, zp1, qmin1, qmax1, lut.data_ptr(), mult_r, sh, zpo, qmino,
-                        qmaxo, m2, sh2, zp2, qmin2, qmax2, off2, vp.data_ptr(), vp[0].numel(), vp.shape[2] * 2,
-                        vreps, vgs, vratio.data_ptr() if vratio.numel() else None, vinit.data_ptr(), zv,
-                        vp.shape[1] * NR, out.data_ptr(), torch.get_num_threads())
+                                kinit.data_ptr(), zk, m1, sh1, zp1, qmin1, qmax1, lut.data_ptr(), mult_r, sh, zpo,
+                                qmino, qmaxo, m2, sh2, zp2, qmin2, qmax2, off2, vp.data_ptr(), vp[0].numel(),
+                                vp.shape[2] * 2, vreps, vgs, vratio.data_ptr() if vratio.numel() else None,
+                                vinit.data_ptr(), zv, vp.shape[1] * NR, out.data_ptr(), torch.get_num_threads())
 
 
 def attention(q: Tensor, zq: int, kt: Tensor, zk: int, scores_rq: Tuple[int, int, int, int, int], lut: Tensor,
@@ -210,14 +203,14 @@ def attention(q: Tensor, zq: int, kt: Tensor, zk: int, scores_rq: Tuple[int, int
     off2 = 0 if qmin2 >= -(2 ** 15) and qmax2 <= 2 ** 15 - 1 else qmin2 + 2 ** 15
     if qmax2 - off2 > 2 ** 15 - 1:
         raise ValueError("cgemm.attention: AV input grid wider than 16 bits")
-    kpacks = [pack(kt[h]) for h in range(bh)]
-    kinit = torch.zeros(bh, kpacks[0].np_, dtype=torch.int64)
-    for h, p in enumerate(kpacks):
-        kinit[h, :tk] = -zq * p.colsum + zk * d * zq
     if d > 2 ** 14 or abs(zk) > 255 or abs(zq) > 255:  # the kernel adds the zero-point terms in int32
         raise ValueError("cgemm.attention: head dimension or zero points too large for int32 score terms")
-    kinit = kinit.int()
-    split = v.dtype != torch.int8 and v.numel() > 0 and (int(v.min()) < -B_MAX or int(v.max()) > B_MAX)
+    kpacks = [pack(kt[h]) for h in range(bh)]
+    kinit = torch.zeros(bh, kpacks[0].np_, dtype=torch.int32)
+    for h, p in enumerate(kpacks):
+        kinit[h, :tk] = -zq * p.colsum + zk * d * zq
+    lo, hi = (int(x) for x in torch.aminmax(v)) if v.dtype != torch.int8 and v.numel() else (-128, 127)
+    split = lo < -B_MAX or hi > B_MAX  # one layout for every head
     vpacks = [pack(v[h], wide=True, split=split) for h in range(bh)]
     vinit = torch.zeros(bh, vpacks[0].np_, dtype=torch.int64)
     for h, p in enumerate(vpacks):

@@ -274,7 +274,7 @@ class IntegerEngine:
             if packed is None:
                 pk = cgemm.pack(self._linear_params(name, x.z)[0], gs, ratios)
                 post = torch.zeros(pk.np_, dtype=torch.int64)  # padded to the kernel's column count
-                post[:pk.n] = self._group_bias(name, ratios, shift, pk.n)
+                post[:pk.n] = self._group_bias(name, ratios, shift)
                 packed = self._prep["grpc:" + name] = (pk, post)
             return cgemm.mm(xc, packed[0], x.z, rshift=shift, post=packed[1]).view(*lead, ratios.shape[0])
         else:  # one int32 GEMM per group
@@ -289,19 +289,26 @@ class IntegerEngine:
                 part = K.linear_int(xc[:, g * gs:(g + 1) * gs].contiguous(), w_g, -x.z * colsum if x.z else None)
                 total += part.long() * ratio
         acc = (total + (1 << (shift - 1))) >> shift
-        acc += self._group_bias(name, ratios, shift, acc.shape[-1])
+        acc += self._group_bias(name, ratios, shift)
         return acc.view(*lead, acc.shape[-1])
 
-    def _group_bias(self, name: str, ratios: Tensor, shift: int, n: int) -> Tensor:
-        """The grouped Linear's bias on its accumulator grid (int64 per output channel; zeros without a bias)."""
-        bias = self.t.get("b:" + name)
-        if bias is not None and self.meta.get("bias_grid:" + name) == "finest_group":
-            # the fake model's bias grid is s_in * min_g s_g (its finest group), i.e. ratio min_g gk of the row's
-            # accumulator grid s_in * max_g s_g: the same fixed-point ratio as the finest group's GEMM
-            return (bias.long() * ratios.amin(dim=1).long() + (1 << (shift - 1))) >> shift
-        if bias is not None:
-            return bias.long() << self.GROUP_ACC_FRAC_BITS
-        return torch.zeros(n, dtype=torch.int64)
+    def _group_bias(self, name: str, ratios: Tensor, shift: int) -> Tensor:
+        """The grouped Linear's bias on its accumulator grid (int64 per output channel; zeros without a bias),
+        computed once per layer."""
+        key = "gbias:" + name
+        t = self._prep.get(key)
+        if t is None:
+            bias = self.t.get("b:" + name)
+            if bias is not None and self.meta.get("bias_grid:" + name) == "finest_group":
+                # the fake model's bias grid is s_in * min_g s_g (its finest group), i.e. ratio min_g gk of the row's
+                # accumulator grid s_in * max_g s_g: the same fixed-point ratio as the finest group's GEMM
+                t = (bias.long() * ratios.amin(dim=1).long() + (1 << (shift - 1))) >> shift
+            elif bias is not None:
+                t = bias.long() << self.GROUP_ACC_FRAC_BITS
+            else:
+                t = torch.zeros(ratios.shape[0], dtype=torch.int64)
+            self._prep[key] = t
+        return t
 
     def _row_scale(self, name: str) -> Tensor:
         """Per-output-channel scale of the accumulator: the weight scale, or for per-group weights the
@@ -582,7 +589,7 @@ class IntegerEngine:
         qs.c = qs.c.view(b, tq, heads, hd).transpose(1, 2)
         tk = kc.c.shape[-1]
         if not self.compiling and self.hook is None and tq > K.SMALL_M and not causal and \
-                (mask is None or not bool(mask.any())) and self._c_attention_ok(name, qs, kc):
+                (mask is None or not bool(mask.any())) and self._c_attention_ok(qs, kc):
             out = self._c_attention(name, qs, kc, vc)
             return self.linear(name + ".out_proj", self.requant(out, name + ".out_proj.in_q.0"))
         if self.fused and not self.compiling and self.hook is None and tq > K.SMALL_M and not causal and \
@@ -604,7 +611,7 @@ class IntegerEngine:
         out.t = out.t.transpose(1, 2).reshape(b, tq, d)
         return self.linear(name + ".out_proj", self.requant(out, name + ".out_proj.in_q.0"))
 
-    def _c_attention_ok(self, name: str, qs: QT, kc: QT) -> bool:
+    def _c_attention_ok(self, qs: QT, kc: QT) -> bool:
         """The one-pass C attention (:func:`cgemm.attention`) runs here: AVX2 kernel available, int8 query/key
         codes, an even head dimension."""
         return K.int8_gemm_backend() == "avx2" and qs.c.dtype == torch.int8 and kc.c.dtype == torch.int8 and \
