@@ -235,6 +235,8 @@ def main() -> None:
                 print(f"{name:28s} encoder {1000 * t_enc:8.1f} ms   full decode {1000 * t_dec:8.1f} ms "
                       f"({len(toks[name])} tokens; medians of {len(enc_t[name])} / {len(dec_t[name])} interleaved runs)",
                       flush=True)
+    if torch.get_num_threads() != args.threads:  # (a library that resets OpenMP's count would void the timings)
+        raise SystemExit(f"torch ran on {torch.get_num_threads()} threads, not --threads {args.threads}: timings void")
     base = res["integer_engine_w8a8"]
     print("\nratios (other / integer engine; >1 = engine faster):")
     for name in runs:

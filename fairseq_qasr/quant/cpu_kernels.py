@@ -31,12 +31,17 @@ def enabled() -> bool:
 
 def match_torch_threads() -> None:
     """numba's parallel loops use as many threads as torch does (``torch.set_num_threads``/``OMP_NUM_THREADS``),
-    not every core: several training processes on one machine must not oversubscribe it."""
+    not every core: several training processes on one machine must not oversubscribe it. Starting numba's OpenMP
+    pool sets the process's OpenMP thread count to ``NUMBA_NUM_THREADS`` (all cores), which is torch's count too:
+    torch's is put back, or a ``torch.set_num_threads(1)`` process would silently run on every core."""
     import numba
 
-    n = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
-    if numba.get_num_threads() != n:
+    wanted = torch.get_num_threads()
+    n = max(1, min(wanted, numba.config.NUMBA_NUM_THREADS))
+    if numba.get_num_threads() != n:  # (the first call starts the pool)
         numba.set_num_threads(n)
+    if torch.get_num_threads() != wanted:
+        torch.set_num_threads(wanted)
 
 
 def _kernels() -> SimpleNamespace:

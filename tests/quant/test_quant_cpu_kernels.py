@@ -60,3 +60,18 @@ def test_quantizer_same_output_with_and_without_kernel(monkeypatch, gran, axis, 
     monkeypatch.setenv("QASR_CPU_KERNELS", "0")
     assert q._kernel_block(x) is None
     assert torch.equal(q(x), with_kernel)
+
+
+def test_starting_the_numba_pool_keeps_torchs_thread_count():
+    """numba's OpenMP pool start sets the process's OpenMP thread count to every core; torch's (which the engine's C
+    kernels also use) must stay what the user set. A fresh process: this one may have started the pool already."""
+    import subprocess
+    import sys
+
+    code = ("import torch; torch.set_num_threads(1)\n"
+            "from fairseq_qasr.quant import cpu_kernels\n"
+            "cpu_kernels.fake_quantize_blocks(torch.randn(64), torch.ones(1), torch.zeros(1), 64, -8, 7)\n"
+            "print(torch.get_num_threads())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-1] == "1"
