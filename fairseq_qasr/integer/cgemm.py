@@ -172,18 +172,14 @@ def _stack(packs) -> Tensor:
     return torch.stack([p.bp for p in packs]).contiguous()
 
 
-@cbuild.op("attention_avx2(Tensor q, Tensor kp, Tensor kinit, Tensor lut, Tensor vp, Tensor vratio, Tensor vinit, "
-           "Tensor(a!) out, int[] ints) -> ()")
-def _attention(q: Tensor, kp: Tensor, kinit: Tensor, lut: Tensor, vp: Tensor, vratio: Tensor, vinit: Tensor,
-               out: Tensor, ints: List[int]) -> None:
-    (tk, zk, m1, sh1, zp1, qmin1, qmax1, mult_r, sh, zpo, qmino, qmaxo, m2, sh2, zp2, qmin2, qmax2, off2, vreps,
-     vgs, zv) = ints
+@cbuild.op("attention_avx2(Tensor q, Tensor kp, Tensor kinit, Tensor lut, Tensor vp, Tensor(a!) out, int[] ints) -> ()")
+def _attention(q: Tensor, kp: Tensor, kinit: Tensor, lut: Tensor, vp: Tensor, out: Tensor, ints: List[int]) -> None:
+    tk, zk, m1, sh1, zp1, qmin1, qmax1, mult_r, sh, zpo, qmino, qmaxo, m2, sh2, zp2, qmin2, qmax2, vo_zv = ints
     bh, tq, d = q.shape
     cbuild.dll().qasr_attention(q.data_ptr(), bh, tq, d, kp.data_ptr(), kp[0].numel(), tk, kp.shape[1] * NR,
                                 kinit.data_ptr(), zk, m1, sh1, zp1, qmin1, qmax1, lut.data_ptr(), mult_r, sh, zpo,
-                                qmino, qmaxo, m2, sh2, zp2, qmin2, qmax2, off2, vp.data_ptr(), vp[0].numel(),
-                                vp.shape[2] * 2, vreps, vgs, vratio.data_ptr() if vratio.numel() else None,
-                                vinit.data_ptr(), zv, vp.shape[1] * NR, out.data_ptr(), torch.get_num_threads())
+                                qmino, qmaxo, m2, sh2, zp2, qmin2, qmax2, vp.data_ptr(), vp[0].numel(),
+                                vp.shape[2] * 2, vo_zv, vp.shape[1] * NR, out.data_ptr(), torch.get_num_threads())
 
 
 def attention(q: Tensor, zq: int, kt: Tensor, zk: int, scores_rq: Tuple[int, int, int, int, int], lut: Tensor,
@@ -192,16 +188,16 @@ def attention(q: Tensor, zq: int, kt: Tensor, zk: int, scores_rq: Tuple[int, int
     """Unmasked attention in one pass per (head, block of 16 query rows), bit for bit the engine's unfused
     kernels: ``q [BH, Tq, d]`` int8 codes, ``kt [BH, d, Tk]`` int8 codes, ``v [BH, Tk, d]`` codes of up to 16 bits;
     ``scores_rq`` / ``probs_rq`` = (multiplier, shift, zero point, qmin, qmax) onto the softmax input and AV input
-    grids (stored codes), ``softmax`` = (``out_mult << R``, ``R + out_shift``, zero point, qmin, qmax) of
-    :func:`kernels.softmax_int` with exp table ``lut`` (int32). Returns the int64 AV accumulators [BH, Tq, d]."""
+    grids (stored codes, at most 16 bits), ``softmax`` = (``out_mult << R``, ``R + out_shift``, zero point, qmin,
+    qmax) of :func:`kernels.softmax_int` with exp table ``lut`` (int32). Probabilities go to the AV product as the
+    bytes of their offset from the zero point, so key pairs that are 0 in a whole 4-row tile are skipped. Returns the
+    int64 AV accumulators [BH, Tq, d]."""
     cbuild.dll()  # (a clear error where the kernels are not available)
     bh, tq, d = q.shape
     tk = kt.shape[-1]
     if q.dtype != torch.int8 or kt.dtype != torch.int8 or d % 2:
         raise ValueError("cgemm.attention: int8 query/key codes and an even head dimension expected")
-    qmin2, qmax2 = probs_rq[3], probs_rq[4]
-    off2 = 0 if qmin2 >= -(2 ** 15) and qmax2 <= 2 ** 15 - 1 else qmin2 + 2 ** 15
-    if qmax2 - off2 > 2 ** 15 - 1:
+    if not 0 <= probs_rq[4] - probs_rq[2] < 2 ** 16:  # probabilities as offsets from the zero point: 16 bits
         raise ValueError("cgemm.attention: AV input grid wider than 16 bits")
     if d > 2 ** 14 or abs(zk) > 255 or abs(zq) > 255:  # the kernel adds the zero-point terms in int32
         raise ValueError("cgemm.attention: head dimension or zero points too large for int32 score terms")
@@ -210,14 +206,18 @@ def attention(q: Tensor, zq: int, kt: Tensor, zk: int, scores_rq: Tuple[int, int
     for h, p in enumerate(kpacks):
         kinit[h, :tk] = -zq * p.colsum + zk * d * zq
     lo, hi = (int(x) for x in torch.aminmax(v)) if v.dtype != torch.int8 and v.numel() else (-128, 127)
-    split = lo < -B_MAX or hi > B_MAX  # one layout for every head
-    vpacks = [pack(v[h], wide=True, split=split) for h in range(bh)]
-    vinit = torch.zeros(bh, vpacks[0].np_, dtype=torch.int64)
-    for h, p in enumerate(vpacks):
-        vinit[h, :d] = (off2 - probs_rq[2]) * p.colsum - zv * tk * (off2 - probs_rq[2])
-    vp0 = vpacks[0]
+    vo = 0 if lo >= -(2 ** 15) and hi < 2 ** 15 else lo + 2 ** 15  # V' = V - vo: int16 codes
+    if hi - vo >= 2 ** 15:
+        raise ValueError("cgemm.attention: value codes wider than 16 bits")
+    vkp = -(-tk // 16) * 16
+    np_ = -(-d // NR) * NR
+    vp = torch.zeros(bh, np_ // NR, vkp // 2, NR, 2, dtype=torch.int16)
+    colsum = torch.zeros(d, dtype=torch.int64)
+    vs = cbuild.codes(v) if not vo else (v.int() - vo)
+    for h in range(bh):
+        _pack_into(vs[h], 0, vp[h], 0, colsum)
     out = torch.empty(bh, tq, d, dtype=torch.int64)
-    ints = [tk, zk, *scores_rq, *softmax, *probs_rq, off2, vp0.reps, vp0.gs, zv]
-    _attention(q.contiguous(), _stack(kpacks), kinit, lut.to(torch.int32).contiguous(), _stack(vpacks),
-               vp0.ratio if vp0.ratio is not None else cbuild.NONE32, vinit, out, [int(i) for i in ints])
+    ints = [tk, zk, *scores_rq, *softmax, *probs_rq, vo - zv]
+    _attention(q.contiguous(), _stack(kpacks), kinit, lut.to(torch.int32).contiguous(), vp, out,
+               [int(i) for i in ints])
     return out

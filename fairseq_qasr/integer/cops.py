@@ -50,7 +50,7 @@ def layer_norm(x: Tensor, gain: Tensor, bias: Optional[Tensor], eps_term: int, k
 def _lut(x: Tensor, table: Tensor, out: Tensor, base: int) -> int:
     t = cbuild.TYPES
     return cbuild.dll().qasr_lut(x.data_ptr(), t[x.dtype], x.numel(), base, table.data_ptr(), t[table.dtype],
-                                 table.numel(), out.data_ptr())
+                                 table.numel(), out.data_ptr(), torch.get_num_threads())
 
 
 def lut(table: Tensor, x: Tensor, base: int) -> Tensor:
@@ -70,7 +70,8 @@ def _add(a: Tensor, b: Tensor, ints: List[int]) -> Tensor:
     za, ka, zb, kb = ints
     out = torch.empty(a.shape, dtype=torch.int64)
     t = cbuild.TYPES
-    cbuild.dll().qasr_add(a.data_ptr(), t[a.dtype], za, ka, b.data_ptr(), t[b.dtype], zb, kb, a.numel(), out.data_ptr())
+    cbuild.dll().qasr_add(a.data_ptr(), t[a.dtype], za, ka, b.data_ptr(), t[b.dtype], zb, kb, a.numel(), out.data_ptr(),
+                          torch.get_num_threads())
     return out
 
 

@@ -177,3 +177,43 @@ def test_engine_c_kernels_equal_torch_paths(param, monkeypatch):
     eng._prep.clear()
     assert torch.equal(enc_c, enc_t)
     assert torch.equal(logits_c, logits_t)
+
+
+def attention_ref(q, zq, kt, zk, srq, lut, sm, prq, v, zv):
+    """The formula of ``cgemm.attention`` in int64 torch ops (the unfused kernels' arithmetic)."""
+    def rq(x, m, sh, zp, lo, hi):
+        return (((x * m + (1 << (sh - 1))) >> sh) + zp).clamp(lo, hi)
+    c = rq((q.long() - zq) @ (kt.long() - zk), *srq)
+    e = lut.long()[c.amax(-1, keepdim=True) - c]
+    r = torch.div(sm[0], e.sum(-1, keepdim=True).clamp(min=1), rounding_mode="floor")
+    p = (((e * r + (1 << (sm[1] - 1))) >> sm[1]) + sm[2]).clamp(sm[3], sm[4])
+    p2 = rq(p - sm[2], *prq)
+    return (p2 - prq[2]) @ (v.long() - zv)
+
+
+@pytest.mark.parametrize("tk", [45, 600])
+@pytest.mark.parametrize("peaky", [True, False])
+@pytest.mark.parametrize("grid", ["p16_v16", "p16_u16", "p8_v8", "s16_p16_v16"])
+def test_one_pass_attention_equals_the_formula(tk, peaky, grid):
+    """Rows and keys not multiples of the tile sizes; peaky rows (most probabilities 0 on the grid: key pairs are
+    skipped) and flat ones (more than 128 active key pairs a partial sum); 16-bit value codes, signed or unsigned;
+    8-bit softmax inputs (sums per code value) and 16-bit ones (per lane)."""
+    g = torch.Generator().manual_seed(tk + 7 * peaky)
+    bh, tq, d = 3, 37, 64
+    q, kt = rnd(-128, 128, (bh, tq, d), g, torch.int8), rnd(-128, 128, (bh, d, tk), g, torch.int8)
+    s16 = grid.startswith("s16")
+    lo1, hi1 = (-(2 ** 15), 2 ** 15 - 1) if s16 else (-128, 127)
+    srq = (int(0.6 * 2 ** 31), 31 + (8 if peaky else 14) - 8 * s16, -3, lo1, hi1)
+    lut = K.exp_table(0.08 / (256 if s16 else 1), 2 ** 16 if s16 else 256)
+    p16 = "p16" in grid
+    omax = 2 ** 16 - 1 if p16 else 255
+    R = K.recip_bits(omax)
+    sm = (omax << R, R + (16 if p16 else 8), 0, 0, omax)
+    prq = (2 ** 30, 30, -(2 ** 15), -(2 ** 15), 2 ** 15 - 1) if p16 else (2 ** 30, 30, -128, -128, 127)
+    vlo, vhi, zv = {"p16_v16": (-(2 ** 15), 2 ** 15, 5479), "p16_u16": (0, 2 ** 16, 40000),
+                    "p8_v8": (-128, 128, 3), "s16_p16_v16": (-(2 ** 15), 2 ** 15, -123)}[grid]
+    v = rnd(vlo, vhi, (bh, tk, d), g, torch.int8 if vhi == 128 else torch.int32)
+    v[0, :2] = vlo  # the extremes
+    v[1, :2] = vhi - 1
+    got = cgemm.attention(q, 5, kt, -7, srq, lut, sm, prq, v, zv)
+    assert torch.equal(got, attention_ref(q, 5, kt, -7, srq, lut, sm, prq, v, zv))

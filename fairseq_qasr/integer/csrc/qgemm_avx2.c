@@ -161,10 +161,13 @@ void qasr_qgemm(const void *a, int atype, int64_t lda, int32_t off, int reps, in
  *   s = (q - zq) . (k - zk)                        int32 (kinit, zk fold the zero points, as in qasr_qgemm)
  *   c = clamp(round(s * m1 / 2^sh1) + zp1)         softmax input codes
  *   p = clamp(((lut[max - c] * r) + 2^(sh-1)) >> sh) + zpo),  r = floor(mult_r / sum lut[max - c])   (softmax)
- *   p2 = clamp(round((p - zpo) * m2 / 2^sh2) + zp2) codes on the AV input grid
- *   out = (p2 - zp2) . (v - zv)                    int64 (V packed as qasr_pack, reps parts, groups with ratios)
- * Each step is the integer arithmetic of the engine's unfused kernels (kernels.py), bit for bit. */
+ *   d = clamp(round((p - zpo) * m2 / 2^sh2) + zp2) - zp2   AV input grid codes minus their zero point, in [0, 2^16)
+ *   out = d . (v - zv) = d . v' + (vo - zv) * sum(d)   int64, v' = v - vo int16 codes (V packed as qasr_pack)
+ * d goes as its high and low bytes (partial sums combined by 256 and 1); a key pair whose bytes are zero in all rows
+ * of a 4-row tile is skipped: most probabilities of long rows are 0 on the grid. Each step is the integer arithmetic
+ * of the engine's unfused kernels (kernels.py), bit for bit. */
 #define AB 16
+#define PAIRS_PER_SUM 128 /* key pairs per int32 partial sum: 128 x 2 x 255 x 2^15 < 2^31, whatever the values */
 
 static inline int64_t clamp64(int64_t v, int64_t lo, int64_t hi) { return v < lo ? lo : v > hi ? hi : v; }
 
@@ -185,29 +188,66 @@ static inline __m256i rq8(__m256i s, __m256i m, __m256i bias, __m128i shv, __m25
                             _mm256_castsi256_si128(_mm256_permutevar8x32_epi32(a, even)));
 }
 
+/* the pairs p < pairs (pairs % 8 == 0) where any of the MR rows at a (row stride lda) is nonzero -> idx; count */
+static inline int64_t active_pairs(const int16_t *a, int64_t lda, int64_t pairs, int32_t *idx) {
+    int64_t n = 0;
+    for (int64_t p = 0; p < pairs; p += 8) {
+        __m256i o = _mm256_loadu_si256((const __m256i *)(a + 2 * p));
+        for (int r = 1; r < MR; r++) o = _mm256_or_si256(o, _mm256_loadu_si256((const __m256i *)(a + r * lda + 2 * p)));
+        unsigned m = ~(unsigned)_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(o, _mm256_setzero_si256())))
+                     & 0xFFu;
+        while (m) {
+            idx[n++] = (int32_t)(p + __builtin_ctz(m));
+            m &= m - 1;
+        }
+    }
+    return n;
+}
+
+/* tile() over the listed k pairs */
+static inline void tile_list(const int16_t *a, int64_t lda, const int16_t *bp, const int32_t *idx, int64_t n,
+                             __m256i *acc) {
+    for (int i = 0; i < 2 * MR; i++) acc[i] = _mm256_setzero_si256();
+    for (int64_t t = 0; t < n; t++) {
+        const int64_t p = idx[t];
+        __m256i b0 = _mm256_loadu_si256((const __m256i *)(bp + p * 32));
+        __m256i b1 = _mm256_loadu_si256((const __m256i *)(bp + p * 32 + 16));
+        for (int r = 0; r < MR; r++) {
+            __m256i x = _mm256_set1_epi32(*(const int32_t *)(a + r * lda + 2 * p));
+            acc[2 * r] = _mm256_add_epi32(acc[2 * r], _mm256_madd_epi16(x, b0));
+            acc[2 * r + 1] = _mm256_add_epi32(acc[2 * r + 1], _mm256_madd_epi16(x, b1));
+        }
+    }
+}
+
+/* Tk keys; K packed per head as qasr_pack ([Tkp/16] panels of d rows); V' per head as qasr_pack ([dp/16] panels of
+ * vKp rows, vKp % 16 == 0, rows >= Tk zero); out [BH, Tq, d] int64 */
 void qasr_attention(const int8_t *q, int64_t BH, int64_t Tq, int64_t d,
                     const int16_t *kp, int64_t kstride, int64_t Tk, int64_t Tkp, const int32_t *kinit, int64_t zk,
                     int64_t m1, int sh1, int64_t zp1, int64_t qmin1, int64_t qmax1,
                     const int32_t *lut, int64_t mult_r, int sh, int64_t zpo, int64_t qmino, int64_t qmaxo,
-                    int64_t m2, int sh2, int64_t zp2, int64_t qmin2, int64_t qmax2, int32_t off2,
-                    const int16_t *vp, int64_t vstride, int64_t vKp, int vreps, int64_t vgs, const int32_t *vratio,
-                    const int64_t *vinit, int64_t zv, int64_t dp, int64_t *out, int nthreads) {
-    const int64_t blocks = (Tq + AB - 1) / AB, Kh = vKp / vreps, vpairs = vKp / 2, vgp = vgs / 2;
-    const int64_t vgroups = (vKp + vgs - 1) / vgs;
+                    int64_t m2, int sh2, int64_t zp2, int64_t qmin2, int64_t qmax2,
+                    const int16_t *vp, int64_t vstride, int64_t vKp, int64_t vo_zv, int64_t dp, int64_t *out,
+                    int nthreads) {
+    const int64_t blocks = (Tq + AB - 1) / AB, vpairs = vKp / 2, lda = 2 * vKp; /* pb rows: [high bytes | low bytes] */
 #pragma omp parallel num_threads(nthreads)
     {
         int16_t *qb = aligned_alloc(64, (size_t)((AB * d * 2 + 63) / 64 * 64));
         int32_t *sc = aligned_alloc(64, (size_t)((AB * Tkp * 4 + 63) / 64 * 64));
-        int16_t *pb = aligned_alloc(64, (size_t)((AB * vKp * 2 + 63) / 64 * 64));
+        int16_t *pb = aligned_alloc(64, (size_t)((AB * lda * 2 + 63) / 64 * 64));
+        int32_t *idx = malloc((size_t)(2 * vpairs) * sizeof(int32_t));
         const int64_t span = qmax1 - qmin1 + 1;
-        int32_t *hist = span <= 4096 ? malloc((size_t)span * sizeof(int32_t)) : 0;
-        int16_t *tab = span <= 4096 ? malloc((size_t)span * sizeof(int16_t)) : 0;
+        int32_t *hist = span <= 4096 ? malloc((size_t)(4 * span) * sizeof(int32_t)) : 0; /* 4 interleaved counts */
+        int32_t *tab = span <= 4096 ? malloc((size_t)span * sizeof(int32_t)) : 0;
         int64_t qsum[AB], psum[AB], t64[MR * NR];
+        static const int32_t r256[NR] = {256, 256, 256, 256, 256, 256, 256, 256,
+                                          256, 256, 256, 256, 256, 256, 256, 256};
         __m256i acc[2 * MR];
         const __m256i vm1 = _mm256_set1_epi64x(m1), vfix1 = _mm256_set1_epi64x(((int64_t)1 << (62 - sh1)) - zp1);
         const __m256i vb1 = _mm256_set1_epi64x(((int64_t)1 << 62) + ((int64_t)1 << (sh1 - 1)));
         const __m256i vlo1 = _mm256_set1_epi64x(qmin1), vhi1 = _mm256_set1_epi64x(qmax1);
         const __m128i vsh1 = _mm_cvtsi32_si128(sh1);
+        const __m256i vq = _mm256_set1_epi32((int32_t)qmin1), lo8 = _mm256_set1_epi16(255);
 #pragma omp for schedule(static) collapse(2)
         for (int64_t h = 0; h < BH; h++) {
             for (int64_t blk = 0; blk < blocks; blk++) {
@@ -238,65 +278,96 @@ void qasr_attention(const int8_t *q, int64_t BH, int64_t Tq, int64_t d,
                         }
                     }
                 }
-                for (int64_t r = 0; r < AB; r++) { /* softmax, then the AV grid; rows past Tq: zeros */
-                    int16_t *dst = pb + r * vKp;
+                for (int64_t r = 0; r < AB; r++) { /* softmax, then d on the AV grid as bytes; rows past Tq: zeros */
+                    int16_t *dh = pb + r * lda, *dl = dh + vKp;
                     const int32_t *row = sc + r * Tkp;
                     int64_t s2 = 0;
+                    if (r >= rows || Tk < 16) memset(dh, 0, (size_t)lda * sizeof(int16_t));
                     if (r < rows) {
-                        int64_t mx = row[0], total = 0;
-                        for (int64_t j = 1; j < Tk; j++) mx = row[j] > mx ? row[j] : mx;
+                        memset(dh + Tk, 0, (size_t)(vKp - Tk) * sizeof(int16_t));
+                        memset(dl + Tk, 0, (size_t)(vKp - Tk) * sizeof(int16_t));
+                        int32_t mx32 = row[0];
+                        for (int64_t j = 1; j < Tk; j++) mx32 = row[j] > mx32 ? row[j] : mx32; /* (vectorized) */
+                        const int64_t mx = mx32, top = mx - qmin1, half = (int64_t)1 << (sh - 1);
+                        int64_t total = 0;
                         if (hist) { /* k-bit input: sums and outputs per code value, not per lane */
-                            memset(hist, 0, (size_t)span * sizeof(int32_t));
-                            for (int64_t j = 0; j < Tk; j++) hist[row[j] - qmin1]++;
-                            for (int64_t c = 0; c <= mx - qmin1; c++) total += hist[c] * (int64_t)lut[mx - qmin1 - c];
-                        } else {
-                            for (int64_t j = 0; j < Tk; j++) total += lut[mx - row[j]];
-                        }
-                        total = total > 1 ? total : 1;
-                        const int64_t recip = mult_r / total, half = (int64_t)1 << (sh - 1);
-                        if (hist) {
-                            for (int64_t c = 0; c <= mx - qmin1; c++) {
+                            /* four interleaved histograms: repeated codes do not wait on each other's increments */
+                            int32_t *h1 = hist + span, *h2 = h1 + span, *h3 = h2 + span;
+                            for (int k = 0; k < 4; k++) memset(hist + k * span, 0, (size_t)(top + 1) * sizeof(int32_t));
+                            int64_t j = 0;
+                            for (; j + 4 <= Tk; j += 4) {
+                                hist[row[j] - qmin1]++;
+                                h1[row[j + 1] - qmin1]++;
+                                h2[row[j + 2] - qmin1]++;
+                                h3[row[j + 3] - qmin1]++;
+                            }
+                            for (; j < Tk; j++) hist[row[j] - qmin1]++;
+                            for (int64_t c = 0; c <= top; c++) {
+                                hist[c] += h1[c] + h2[c] + h3[c];
+                                total += hist[c] * (int64_t)lut[top - c];
+                            }
+                            total = total > 1 ? total : 1;
+                            const int64_t recip = mult_r / total;
+                            for (int64_t c = 0; c <= top; c++) {
                                 if (!hist[c]) continue;
-                                int64_t p = clamp64(((lut[mx - qmin1 - c] * recip + half) >> sh) + zpo, qmino, qmaxo);
-                                tab[c] = (int16_t)(clamp64(((((p - zpo) * m2) + ((int64_t)1 << (sh2 - 1))) >> sh2) + zp2,
-                                                           qmin2, qmax2) - off2);
+                                int64_t p = clamp64(((lut[top - c] * recip + half) >> sh) + zpo, qmino, qmaxo);
+                                tab[c] = (int32_t)(clamp64(((((p - zpo) * m2) + ((int64_t)1 << (sh2 - 1))) >> sh2) + zp2,
+                                                           qmin2, qmax2) - zp2); /* [0, 2^16) */
                                 s2 += hist[c] * (int64_t)tab[c];
                             }
-                            for (int64_t j = 0; j < Tk; j++) dst[j] = tab[row[j] - qmin1];
+                            for (j = 0; j + 16 <= Tk; j += 16) { /* d = tab[row - qmin1], 16 lanes a step, as bytes */
+                                __m256i g0 = _mm256_i32gather_epi32(tab, _mm256_sub_epi32(
+                                    _mm256_loadu_si256((const __m256i *)(row + j)), vq), 4);
+                                __m256i g1 = _mm256_i32gather_epi32(tab, _mm256_sub_epi32(
+                                    _mm256_loadu_si256((const __m256i *)(row + j + 8)), vq), 4);
+                                __m256i w = _mm256_permute4x64_epi64(_mm256_packus_epi32(g0, g1), 0xD8);
+                                _mm256_storeu_si256((__m256i *)(dh + j), _mm256_srli_epi16(w, 8));
+                                _mm256_storeu_si256((__m256i *)(dl + j), _mm256_and_si256(w, lo8));
+                            }
+                            for (; j < Tk; j++) {
+                                dh[j] = (int16_t)(tab[row[j] - qmin1] >> 8);
+                                dl[j] = (int16_t)(tab[row[j] - qmin1] & 255);
+                            }
                         } else {
+                            for (int64_t j = 0; j < Tk; j++) total += lut[mx - row[j]];
+                            total = total > 1 ? total : 1;
+                            const int64_t recip = mult_r / total;
                             for (int64_t j = 0; j < Tk; j++) {
                                 int64_t p = clamp64(((lut[mx - row[j]] * recip + half) >> sh) + zpo, qmino, qmaxo);
-                                int64_t p2 = clamp64(((((p - zpo) * m2) + ((int64_t)1 << (sh2 - 1))) >> sh2) + zp2,
-                                                     qmin2, qmax2);
-                                dst[j] = (int16_t)(p2 - off2);
-                                s2 += dst[j];
+                                int64_t v = clamp64(((((p - zpo) * m2) + ((int64_t)1 << (sh2 - 1))) >> sh2) + zp2,
+                                                    qmin2, qmax2) - zp2;
+                                dh[j] = (int16_t)(v >> 8);
+                                dl[j] = (int16_t)(v & 255);
+                                s2 += v;
                             }
                         }
-                        memset(dst + Tk, 0, (size_t)(Kh - Tk) * sizeof(int16_t));
-                    } else {
-                        memset(dst, 0, (size_t)Kh * sizeof(int16_t));
                     }
-                    for (int rep = 1; rep < vreps; rep++) memcpy(dst + rep * Kh, dst, (size_t)Kh * sizeof(int16_t));
                     psum[r] = s2;
                 }
                 const int16_t *vb = vp + h * vstride;
-                const int64_t *vi = vinit + h * dp;
-                for (int64_t pn = 0; pn < dp / NR; pn++) {
-                    for (int64_t i = 0; i < AB; i += MR) {
+                for (int64_t i = 0; i < rows; i += MR) {
+                    const int16_t *a = pb + i * lda;
+                    const int64_t nh = active_pairs(a, lda, vpairs, idx);
+                    const int64_t nl = active_pairs(a + vKp, lda, vpairs, idx + vpairs);
+                    for (int64_t pn = 0; pn < dp / NR; pn++) {
+                        const int16_t *b = vb + pn * vKp * NR;
                         memset(t64, 0, sizeof(t64));
-                        for (int64_t g = 0; g < vgroups; g++) {
-                            tile(pb + i * vKp, vKp, vb + pn * vKp * NR, g * vgp, (g + 1) * vgp < vpairs ? (g + 1) * vgp : vpairs,
-                                 acc);
-                            const int32_t *rg = vratio ? vratio + g * dp + pn * NR : 0;
-                            for (int r = 0; r < MR; r++) {
-                                flush(t64 + r * NR, acc[2 * r], rg);
-                                flush(t64 + r * NR + 8, acc[2 * r + 1], rg ? rg + 8 : 0);
+                        for (int part = 0; part < 2; part++) { /* high bytes (x 256), low bytes */
+                            const int64_t n = part ? nl : nh;
+                            const int32_t *ix = idx + part * vpairs;
+                            for (int64_t t0 = 0; t0 < n; t0 += PAIRS_PER_SUM) {
+                                const int64_t cnt = n - t0 < PAIRS_PER_SUM ? n - t0 : PAIRS_PER_SUM;
+                                tile_list(a + part * vKp, lda, b, ix + t0, cnt, acc);
+                                for (int r = 0; r < MR; r++) {
+                                    flush(t64 + r * NR, acc[2 * r], part ? 0 : r256);
+                                    flush(t64 + r * NR + 8, acc[2 * r + 1], part ? 0 : r256 + 8);
+                                }
                             }
                         }
                         for (int64_t r = 0; r < MR && i + r < rows; r++) {
                             int64_t *o = out + (h * Tq + r0 + i + r) * d + pn * NR;
                             for (int c = 0; c < NR && pn * NR + c < d; c++)
-                                o[c] = t64[r * NR + c] + vi[pn * NR + c] - zv * psum[i + r];
+                                o[c] = t64[r * NR + c] + vo_zv * psum[i + r];
                         }
                     }
                 }
@@ -305,6 +376,7 @@ void qasr_attention(const int8_t *q, int64_t BH, int64_t Tq, int64_t d,
         free(qb);
         free(sc);
         free(pb);
+        free(idx);
         free(hist);
         free(tab);
     }
@@ -356,6 +428,7 @@ void qasr_layer_norm(const void *x, int type, int64_t rows, int64_t n, const int
 /* out[i] = table[x[i] - base] (x, table and out: int8 / int16 / int32); returns how many codes fell outside the
  * table (their outputs are left unset: the caller raises) */
 #define LUT_LOOP(XT, TT)                                                                                       \
+    _Pragma("omp parallel for num_threads(nthreads) schedule(static) reduction(+ : bad) if (n >= 65536)")       \
     for (int64_t i = 0; i < n; i++) {                                                                          \
         int64_t j = (int64_t)((const XT *)x)[i] - base;                                                        \
         if ((uint64_t)j < (uint64_t)size) ((TT *)out)[i] = ((const TT *)table)[j]; else bad++;                \
@@ -364,7 +437,7 @@ void qasr_layer_norm(const void *x, int type, int64_t rows, int64_t n, const int
     if (ttype == 0) { LUT_LOOP(XT, int8_t) } else if (ttype == 1) { LUT_LOOP(XT, int16_t) } else { LUT_LOOP(XT, int32_t) }
 
 int64_t qasr_lut(const void *x, int type, int64_t n, int64_t base, const void *table, int ttype, int64_t size,
-                 void *out) {
+                 void *out, int nthreads) {
     int64_t bad = 0;
     if (type == 0) { LUT_TABLE(int8_t) } else if (type == 1) { LUT_TABLE(int16_t) } else { LUT_TABLE(int32_t) }
     return bad;
@@ -372,7 +445,8 @@ int64_t qasr_lut(const void *x, int type, int64_t n, int64_t base, const void *t
 
 /* out[i] = (a[i] - za) * ka + (b[i] - zb) * kb (int64) */
 void qasr_add(const void *a, int atype, int64_t za, int64_t ka, const void *b, int btype, int64_t zb, int64_t kb,
-              int64_t n, int64_t *out) {
+              int64_t n, int64_t *out, int nthreads) {
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (n >= 65536)
     for (int64_t i = 0; i < n; i++) out[i] = (code(a, atype, i) - za) * ka + (code(b, btype, i) - zb) * kb;
 }
 
