@@ -70,18 +70,21 @@ static void load_rows(const void *a, int type, int64_t lda, int32_t off, int64_t
     }
 }
 
-/* MR x NR tile over k pairs [p0, p1): acc[2r], acc[2r+1] = columns 0-7, 8-15 of row r */
+/* k pair p of an MR x NR tile: acc[2r], acc[2r+1] (columns 0-7, 8-15 of row r) += a[r, 2p:2p+2] . b[2p:2p+2, :] */
+static inline void tile_pair(const int16_t *a, int64_t lda, const int16_t *bp, int64_t p, __m256i *acc) {
+    __m256i b0 = _mm256_loadu_si256((const __m256i *)(bp + p * 32));
+    __m256i b1 = _mm256_loadu_si256((const __m256i *)(bp + p * 32 + 16));
+    for (int r = 0; r < MR; r++) {
+        __m256i x = _mm256_set1_epi32(*(const int32_t *)(a + r * lda + 2 * p));
+        acc[2 * r] = _mm256_add_epi32(acc[2 * r], _mm256_madd_epi16(x, b0));
+        acc[2 * r + 1] = _mm256_add_epi32(acc[2 * r + 1], _mm256_madd_epi16(x, b1));
+    }
+}
+
+/* MR x NR tile over k pairs [p0, p1) */
 static inline void tile(const int16_t *a, int64_t lda, const int16_t *bp, int64_t p0, int64_t p1, __m256i *acc) {
     for (int i = 0; i < 2 * MR; i++) acc[i] = _mm256_setzero_si256();
-    for (int64_t p = p0; p < p1; p++) {
-        __m256i b0 = _mm256_loadu_si256((const __m256i *)(bp + p * 32));
-        __m256i b1 = _mm256_loadu_si256((const __m256i *)(bp + p * 32 + 16));
-        for (int r = 0; r < MR; r++) {
-            __m256i x = _mm256_set1_epi32(*(const int32_t *)(a + r * lda + 2 * p));
-            acc[2 * r] = _mm256_add_epi32(acc[2 * r], _mm256_madd_epi16(x, b0));
-            acc[2 * r + 1] = _mm256_add_epi32(acc[2 * r + 1], _mm256_madd_epi16(x, b1));
-        }
-    }
+    for (int64_t p = p0; p < p1; p++) tile_pair(a, lda, bp, p, acc);
 }
 
 static inline void flush(int64_t *t, __m256i acc, const int32_t *ratio) {
@@ -208,16 +211,7 @@ static inline int64_t active_pairs(const int16_t *a, int64_t lda, int64_t pairs,
 static inline void tile_list(const int16_t *a, int64_t lda, const int16_t *bp, const int32_t *idx, int64_t n,
                              __m256i *acc) {
     for (int i = 0; i < 2 * MR; i++) acc[i] = _mm256_setzero_si256();
-    for (int64_t t = 0; t < n; t++) {
-        const int64_t p = idx[t];
-        __m256i b0 = _mm256_loadu_si256((const __m256i *)(bp + p * 32));
-        __m256i b1 = _mm256_loadu_si256((const __m256i *)(bp + p * 32 + 16));
-        for (int r = 0; r < MR; r++) {
-            __m256i x = _mm256_set1_epi32(*(const int32_t *)(a + r * lda + 2 * p));
-            acc[2 * r] = _mm256_add_epi32(acc[2 * r], _mm256_madd_epi16(x, b0));
-            acc[2 * r + 1] = _mm256_add_epi32(acc[2 * r + 1], _mm256_madd_epi16(x, b1));
-        }
-    }
+    for (int64_t t = 0; t < n; t++) tile_pair(a, lda, bp, idx[t], acc);
 }
 
 /* Tk keys; K packed per head as qasr_pack ([Tkp/16] panels of d rows); V' per head as qasr_pack ([dp/16] panels of
