@@ -6,9 +6,9 @@
 
 For each utterance (the reference transcript as decoder input): every op of the engine gets exactly the fake
 model's input codes; reports, per utterance and over all, the quantizers whose codes differ by more than 1 LSB, the
-share of bit-exact activation codes, the logits' largest difference in LSB of the logit grid, and the decoder
-positions whose argmax differs. ``--engine`` checks an exported file (scripts/export.py); without it the engine is
-compiled from CKPT in memory, as the export does. Exit status 0 when no quantizer drifts beyond 1 LSB.
+share of bit-exact activation codes, the logits' largest difference in LSB of the logit grid, the decoder positions
+whose argmax differs, and which quantizers' codes differ, most first. ``--engine`` checks an exported file
+(scripts/export.py); without it the engine is compiled from CKPT in memory, as the export does. Exit status 0 when no quantizer drifts beyond 1 LSB.
 """
 import argparse
 import json
@@ -58,7 +58,12 @@ def main() -> int:
             drift[k] = max(drift.get(k, 0), v)
         rows.append(dict(id=int(sample["id"][0]), **s))
     codes = sum(r["codes"] for r in rows)
-    total = dict(utterances=n, quantizers=rows[0]["quantizers"] if rows else 0, beyond_1lsb=drift,
+    differ: dict = {}
+    for r in rows:
+        for k, v in r["differ"].items():
+            differ[k] = differ.get(k, 0) + v
+    differ = dict(sorted(differ.items(), key=lambda kv: -kv[1]))
+    total = dict(utterances=n, quantizers=rows[0]["quantizers"] if rows else 0, beyond_1lsb=drift, differ=differ,
                  bit_exact=sum(r["bit_exact"] * r["codes"] for r in rows) / max(codes, 1),
                  logits_max_lsb=max((r["logits_max_lsb"] for r in rows), default=0.0),
                  argmax_differ=sum(r["argmax_differ"] for r in rows),
@@ -67,6 +72,10 @@ def main() -> int:
           f"{len(drift)} {sorted(drift.items())[:8] if drift else ''}; bit-exact codes {100 * total['bit_exact']:.3f} %; "
           f"logits within {total['logits_max_lsb']:.2f} LSB; teacher-forced argmax differs at "
           f"{total['argmax_differ']} of {total['argmax_positions']} positions")
+    if differ:
+        print("codes that differ (by 1 LSB at most where nothing is beyond), most first:")
+        for k, v in list(differ.items())[:12]:
+            print(f"  {v:8d}  {k}")
     if args.json:
         tmp = args.json + ".tmp"
         with open(tmp, "w") as f:

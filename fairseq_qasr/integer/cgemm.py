@@ -182,23 +182,25 @@ def _attention(q: Tensor, kp: Tensor, kinit: Tensor, lut: Tensor, vp: Tensor, ou
                                 vp.shape[2] * 2, vo_zv, vp.shape[1] * NR, out.data_ptr(), torch.get_num_threads())
 
 
-def attention(q: Tensor, zq: int, kt: Tensor, zk: int, scores_rq: Tuple[int, int, int, int, int], lut: Tensor,
-              softmax: Tuple[int, int, int, int, int], probs_rq: Tuple[int, int, int, int, int], v: Tensor,
-              zv: int) -> Tensor:
-    """Unmasked attention in one pass per (head, block of 16 query rows), bit for bit the engine's unfused
-    kernels: ``q [BH, Tq, d]`` int8 codes, ``kt [BH, d, Tk]`` int8 codes, ``v [BH, Tk, d]`` codes of up to 16 bits;
-    ``scores_rq`` / ``probs_rq`` = (multiplier, shift, zero point, qmin, qmax) onto the softmax input and AV input
-    grids (stored codes, at most 16 bits), ``softmax`` = (``out_mult << R``, ``R + out_shift``, zero point, qmin,
-    qmax) of :func:`kernels.softmax_int` with exp table ``lut`` (int32). Probabilities go to the AV product as the
-    bytes of their offset from the zero point, so key pairs that are 0 in a whole 4-row tile are skipped. Returns the
-    int64 AV accumulators [BH, Tq, d]."""
+@dataclass
+class PackedKV:
+    """Keys and values of :func:`attention` in the kernel's layout (reusable while they do not change: the
+    cross-attention of a whole decode)."""
+
+    kp: Tensor  # int16 [BH, Tkp/16, d/2, 16, 2]
+    kinit: Tensor  # int32 [BH, Tkp]: the query/key zero-point terms
+    vp: Tensor  # int16 [BH, dp/16, vKp/2, 16, 2]: value codes minus vo
+    tk: int
+    vo_zv: int  # vo - zv
+
+
+def pack_kv(kt: Tensor, zq: int, zk: int, v: Tensor, zv: int) -> PackedKV:
+    """Pack ``kt [BH, d, Tk]`` int8 key codes and ``v [BH, Tk, d]`` value codes of up to 16 bits for queries with
+    zero point ``zq``."""
     cbuild.dll()  # (a clear error where the kernels are not available)
-    bh, tq, d = q.shape
-    tk = kt.shape[-1]
-    if q.dtype != torch.int8 or kt.dtype != torch.int8 or d % 2:
-        raise ValueError("cgemm.attention: int8 query/key codes and an even head dimension expected")
-    if not 0 <= probs_rq[4] - probs_rq[2] < 2 ** 16:  # probabilities as offsets from the zero point: 16 bits
-        raise ValueError("cgemm.attention: AV input grid wider than 16 bits")
+    bh, d, tk = kt.shape
+    if kt.dtype != torch.int8 or d % 2:
+        raise ValueError("cgemm.attention: int8 key codes and an even head dimension expected")
     if d > 2 ** 14 or abs(zk) > 255 or abs(zq) > 255:  # the kernel adds the zero-point terms in int32
         raise ValueError("cgemm.attention: head dimension or zero points too large for int32 score terms")
     kpacks = [pack(kt[h]) for h in range(bh)]
@@ -210,14 +212,34 @@ def attention(q: Tensor, zq: int, kt: Tensor, zk: int, scores_rq: Tuple[int, int
     if hi - vo >= 2 ** 15:
         raise ValueError("cgemm.attention: value codes wider than 16 bits")
     vkp = -(-tk // 16) * 16
-    np_ = -(-d // NR) * NR
-    vp = torch.zeros(bh, np_ // NR, vkp // 2, NR, 2, dtype=torch.int16)
+    vp = torch.zeros(bh, -(-d // NR), vkp // 2, NR, 2, dtype=torch.int16)
     colsum = torch.zeros(d, dtype=torch.int64)
     vs = cbuild.codes(v) if not vo else (v.int() - vo)
     for h in range(bh):
         _pack_into(vs[h], 0, vp[h], 0, colsum)
+    return PackedKV(_stack(kpacks), kinit, vp, tk, vo - zv)
+
+
+def attention(q: Tensor, zq: int, kt: Tensor, zk: int, scores_rq: Tuple[int, int, int, int, int], lut: Tensor,
+              softmax: Tuple[int, int, int, int, int], probs_rq: Tuple[int, int, int, int, int], v: Tensor,
+              zv: int, kv: Optional[PackedKV] = None) -> Tensor:
+    """Unmasked attention in one pass per (head, block of 16 query rows), bit for bit the engine's unfused
+    kernels: ``q [BH, Tq, d]`` int8 codes, ``kt [BH, d, Tk]`` int8 codes, ``v [BH, Tk, d]`` codes of up to 16 bits
+    (or ``kv``: both already packed by :func:`pack_kv`; ``kt``, ``v`` are then not read);
+    ``scores_rq`` / ``probs_rq`` = (multiplier, shift, zero point, qmin, qmax) onto the softmax input and AV input
+    grids (stored codes, at most 16 bits), ``softmax`` = (``out_mult << R``, ``R + out_shift``, zero point, qmin,
+    qmax) of :func:`kernels.softmax_int` with exp table ``lut`` (int32). Probabilities go to the AV product as the
+    bytes of their offset from the zero point, so key pairs that are 0 in a whole 4-row tile are skipped. Returns the
+    int64 AV accumulators [BH, Tq, d]."""
+    cbuild.dll()  # (a clear error where the kernels are not available)
+    bh, tq, d = q.shape
+    if q.dtype != torch.int8 or d % 2:
+        raise ValueError("cgemm.attention: int8 query codes and an even head dimension expected")
+    if not 0 <= probs_rq[4] - probs_rq[2] < 2 ** 16:  # probabilities as offsets from the zero point: 16 bits
+        raise ValueError("cgemm.attention: AV input grid wider than 16 bits")
+    if kv is None:
+        kv = pack_kv(kt, zq, zk, v, zv)
     out = torch.empty(bh, tq, d, dtype=torch.int64)
-    ints = [tk, zk, *scores_rq, *softmax, *probs_rq, vo - zv]
-    _attention(q.contiguous(), _stack(kpacks), kinit, lut.to(torch.int32).contiguous(), vp, out,
-               [int(i) for i in ints])
+    ints = [kv.tk, zk, *scores_rq, *softmax, *probs_rq, kv.vo_zv]
+    _attention(q.contiguous(), kv.kp, kv.kinit, lut.to(torch.int32).contiguous(), kv.vp, out, [int(i) for i in ints])
     return out

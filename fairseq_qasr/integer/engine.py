@@ -588,8 +588,8 @@ class IntegerEngine:
         qs = self.requant(qs, name + ".matmul_0.in_q.0")
         qs.c = qs.c.view(b, tq, heads, hd).transpose(1, 2)
         tk = kc.c.shape[-1]
-        if not self.compiling and self.hook is None and tq > K.SMALL_M and not causal and \
-                (mask is None or not bool(mask.any())) and self._c_attention_ok(qs, kc):
+        if not self.compiling and self.hook is None and (not causal or tq == 1) and \
+                (mask is None or not bool(mask.any())) and self._c_attention_ok(qs, kc):  # (one query: no mask)
             out = self._c_attention(name, qs, kc, vc)
             return self.linear(name + ".out_proj", self.requant(out, name + ".out_proj.in_q.0"))
         if self.fused and not self.compiling and self.hook is None and tq > K.SMALL_M and not causal and \
@@ -619,7 +619,8 @@ class IntegerEngine:
 
     def _c_attention(self, name: str, qs: QT, kc: QT, vc: QT) -> Acc:
         """QK^T, softmax input requantization, integer softmax, requantization onto the AV grid and AV in one C
-        pass per (head, 16 query rows): the same integers as the unfused path (no [Tq, Tk] tensor in memory)."""
+        pass per (head, 16 query rows): the same integers as the unfused path (no [Tq, Tk] tensor in memory). Keys
+        and values with a derived-tensor cache (cross-attention during a decode) are packed once."""
         sm, av = name + ".softmax_0", name + ".matmul_1"
 
         def rq(key: str) -> Tuple[int, int, int, int, int]:
@@ -634,9 +635,13 @@ class IntegerEngine:
         rb = K.recip_bits(f["mult"])
         softmax = (f["mult"] << rb, rb + f["shift"], ozp + ooff, oqmin + ooff, oqmax + ooff)
         b, h, tq, d = qs.c.shape
-        out = cgemm.attention(qs.c.reshape(b * h, tq, d), qs.z, kc.c.reshape(b * h, d, -1), kc.z, rq(sm + ".in_q.0"),
-                              self.t["sm:" + sm + ".exp"], softmax, rq(av + ".in_q.0"), vc.c.reshape(b * h, -1, d),
-                              vc.z)
+        kv = kc.aux.get("cgemm_kv") if kc.aux is not None else None  # cross-attention: packed once per decode
+        if kv is None:
+            kv = cgemm.pack_kv(kc.c.reshape(b * h, d, -1), qs.z, kc.z, vc.c.reshape(b * h, -1, d), vc.z)
+            if kc.aux is not None:
+                kc.aux["cgemm_kv"] = kv
+        out = cgemm.attention(qs.c.reshape(b * h, tq, d), qs.z, None, kc.z, rq(sm + ".in_q.0"),
+                              self.t["sm:" + sm + ".exp"], softmax, rq(av + ".in_q.0"), None, vc.z, kv)
         return Acc(out.view(b, h, tq, d).transpose(1, 2).reshape(b, tq, h * d))
 
     def _fusable_attention(self, name: str) -> bool:

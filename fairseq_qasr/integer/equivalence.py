@@ -92,8 +92,9 @@ def forced_run(engine, model, inputs) -> Tuple[Dict[str, Dict[str, float]], torc
 
 def summarize(stats: Dict[str, Dict[str, float]], logits: torch.Tensor, ref: torch.Tensor, logit_scale: float,
               pad_mask: torch.Tensor | None = None) -> Dict[str, object]:
-    """One teacher-forced run in numbers: quantizers beyond 1 LSB, share of bit-exact codes, logit error in LSB of the
-    logit grid (suppressed lanes, -1e4 in the fake model, excluded), positions whose argmax differs."""
+    """One teacher-forced run in numbers: quantizers beyond 1 LSB, share of bit-exact codes, how many codes differ per
+    quantizer, logit error in LSB of the logit grid (suppressed lanes, -1e4 in the fake model, excluded), positions
+    whose argmax differs."""
     n = sum(v["n"] for v in stats.values())
     diff_codes = sum(v["frac_diff"] * v["n"] for v in stats.values())
     kept = ref > -1e3
@@ -102,6 +103,7 @@ def summarize(stats: Dict[str, Dict[str, float]], logits: torch.Tensor, ref: tor
     if pad_mask is not None:
         argmax_diff = argmax_diff & ~pad_mask
     return dict(quantizers=len(stats), beyond_1lsb={k: v["max_lsb"] for k, v in stats.items() if v["max_lsb"] > 1},
-                codes=n, bit_exact=1 - diff_codes / max(n, 1), logits_max_lsb=float(err.max()) if err.numel() else 0.0,
+                codes=n, bit_exact=1 - diff_codes / max(n, 1),
+                differ={k: round(v["frac_diff"] * v["n"]) for k, v in stats.items() if v["frac_diff"] > 0}, logits_max_lsb=float(err.max()) if err.numel() else 0.0,
                 argmax_positions=int(argmax_diff.numel() if pad_mask is None else (~pad_mask).sum()),
                 argmax_differ=int(argmax_diff.sum()))

@@ -260,7 +260,7 @@ void qasr_attention(const int8_t *q, int64_t BH, int64_t Tq, int64_t d,
                 for (int64_t pn = 0; pn < Tkp / NR; pn++) {
                     const __m256i k0 = _mm256_loadu_si256((const __m256i *)(ki + pn * NR));
                     const __m256i k1 = _mm256_loadu_si256((const __m256i *)(ki + pn * NR + 8));
-                    for (int64_t i = 0; i < AB; i += MR) {
+                    for (int64_t i = 0; i < rows; i += MR) { /* (rows past the last tile: no scores needed) */
                         tile(qb + i * d, d, kb + pn * d * NR, 0, d / 2, acc);
                         for (int r = 0; r < MR; r++) { /* exact int32 scores, then their codes */
                             const __m256i rs = _mm256_set1_epi32((int32_t)(zk * qsum[i + r]));
