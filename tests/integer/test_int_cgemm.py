@@ -130,6 +130,17 @@ def test_layer_norm_lut_add_equal_torch_versions(bits, monkeypatch):
         assert a.dtype == b.dtype and torch.equal(a, b)
 
 
+def requant_c_equals_torch(acc, m, sh, zp, qmin, qmax, dt, sub, monkeypatch):
+    """cops.requantize against the torch version (C kernels and numba off), bit for bit; returns the codes."""
+    got = cops.requantize(acc, m, sh, zp, qmin, qmax, dt, sub)
+    monkeypatch.setattr(cbuild, "available", lambda: False)
+    monkeypatch.setattr(K, "ONE_PASS", False)
+    want = K.requantize(acc, m, sh, zp, qmin, qmax, dt, sub)
+    monkeypatch.undo()
+    assert got.dtype == want.dtype and torch.equal(got, want)
+    return got
+
+
 @pytest.mark.parametrize("acc_dtype", [torch.int8, torch.int32, torch.int64])
 @pytest.mark.parametrize("per_col", [False, True])
 def test_requantize_equals_torch_version(acc_dtype, per_col, monkeypatch):
@@ -141,12 +152,7 @@ def test_requantize_equals_torch_version(acc_dtype, per_col, monkeypatch):
     m, sh = (m.long(), sh.long()) if per_col else (m.long().reshape(()), sh.long().reshape(()))
     for zp, qmin, qmax, dt, sub in [(3, -128, 127, torch.int8, 0), (-32768, -32768, 32767, torch.int32, 17),
                                     (0, 0, 65535, torch.int32, -5)]:
-        got = cops.requantize(acc, m, sh, zp, qmin, qmax, dt, sub)
-        monkeypatch.setattr(cbuild, "available", lambda: False)
-        monkeypatch.setattr(K, "ONE_PASS", False)
-        want = K.requantize(acc, m, sh, zp, qmin, qmax, dt, sub)
-        monkeypatch.undo()
-        assert got.dtype == want.dtype and torch.equal(got, want)
+        requant_c_equals_torch(acc, m, sh, zp, qmin, qmax, dt, sub, monkeypatch)
 
 
 @pytest.mark.parametrize("param", ["w8a8", H.GROUPED_16BIT + "-whisper_layout", "w8a8_r16-whisper_layout"])
@@ -248,3 +254,32 @@ def test_incremental_decode_steps_on_c_attention_equal_torch_paths(param, monkey
     eng._prep.clear()
     for g, w in zip(got, want):
         assert torch.equal(g, w)
+
+
+@pytest.mark.parametrize("acc_dtype", [torch.int8, torch.int16, torch.int32, torch.int64])
+@pytest.mark.parametrize("out_dtype", [torch.int8, torch.int16, torch.int32])
+@pytest.mark.parametrize("per_col", [False, True])
+def test_vector_requantize_equals_torch_version(acc_dtype, out_dtype, per_col, monkeypatch):
+    """The 8-lane path (int8/16/32/64 in -> int8/int16/int32 codes; int32: an unsigned 16-bit grid): rows not a multiple of 8 lanes, int64 values beyond
+    32 bits, exact ties (multiplier 2^k: half-up rounding of negative values), clamping at both ends."""
+    g = torch.Generator().manual_seed(11)
+    cols = 37
+    bits = {torch.int8: 8, torch.int16: 16, torch.int32: 32, torch.int64: 41}[acc_dtype]
+    acc = torch.randint(-(2 ** (bits - 1)), 2 ** (bits - 1) - 1, (50, cols), generator=g, dtype=acc_dtype)
+    acc[0, :8] = torch.tensor([-6, -5, -3, -1, 1, 3, 5, 6], dtype=acc_dtype)  # ties: column 0 gets m = 2^29, shift 30
+    acc[1], acc[2] = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    lo, hi = {torch.int8: (-128, 127), torch.int16: (-(2 ** 15), 2 ** 15 - 1), torch.int32: (0, 2 ** 16 - 1)}[out_dtype]
+    M = (1 + torch.rand(cols if per_col else 1, generator=g, dtype=torch.float64)) * 4 * (hi + 1) / 2 ** (bits - 1)
+    m, sh = K.quantize_multiplier(M)  # (extreme accumulators reach both clamps)
+    m, sh = m.long(), sh.long()
+    if bits > 32:  # shortened, as the engine does for wide accumulators: acc * m stays within int64
+        m, sh = m >> 9, sh - 9
+    if per_col:
+        m[0], sh[0] = 2 ** 29, 30  # x 1/2: exact halves
+    else:
+        m, sh = m.reshape(()), sh.reshape(())
+    seen = set()
+    for zp, sub in [(0, 0), (-3, 17), (5, -(2 ** 20))]:
+        got = requant_c_equals_torch(acc, m, sh, zp, lo, hi, out_dtype, sub, monkeypatch)
+        seen |= {int(got.min()), int(got.max())}
+    assert {lo, hi} <= seen  # both clamps exercised

@@ -460,9 +460,91 @@ void qasr_add(const void *a, int atype, int64_t za, int64_t ka, const void *b, i
 #define RQ_OUT(AT)                                                                                             \
     if (otype == 0) { RQ_LOOP(AT, int8_t) } else if (otype == 1) { RQ_LOOP(AT, int16_t) } else { RQ_LOOP(AT, int32_t) }
 
+/* 4 int64 lanes: clamp(((v * m + 2^(sh-1)) >> sh) + zp, lo, hi) for 0 <= m < 2^31 (v * m within int64): the 64 x 32
+ * product from two 32 x 32 ones, the arithmetic shift as a logical one on the one's complement of negative values */
+static inline __m256i rq64(__m256i v, __m256i m, __m256i sh, __m256i half, __m256i zp, __m256i lo, __m256i hi) {
+    __m256i p = _mm256_add_epi64(_mm256_mul_epu32(v, m),
+                                 _mm256_slli_epi64(_mm256_mul_epi32(_mm256_srli_epi64(v, 32), m), 32));
+    p = _mm256_add_epi64(p, half);
+    const __m256i neg = _mm256_cmpgt_epi64(_mm256_setzero_si256(), p);
+    __m256i y = _mm256_add_epi64(_mm256_xor_si256(_mm256_srlv_epi64(_mm256_xor_si256(p, neg), sh), neg), zp);
+    y = _mm256_blendv_epi8(y, lo, _mm256_cmpgt_epi64(lo, y));
+    return _mm256_blendv_epi8(y, hi, _mm256_cmpgt_epi64(y, hi));
+}
+
+/* one row of qasr_requant (int8 / int16 / int32 / int64 in, int8 / int16 / int32 codes out), 8 lanes a step, scalar
+ * tail */
+static void rq_row(const void *acc, int type, int64_t cols, int64_t sub, const int64_t *mult, const int64_t *shift,
+                   int per_col, int64_t zp, int64_t qmin, int64_t qmax, void *out, int otype) {
+    const __m256i vsub = _mm256_set1_epi64x(sub), vzp = _mm256_set1_epi64x(zp), one = _mm256_set1_epi64x(1);
+    const __m256i lo = _mm256_set1_epi64x(qmin), hi = _mm256_set1_epi64x(qmax);
+    const __m256i even = _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6);
+    __m256i m0 = _mm256_set1_epi64x(mult[0]), m1 = m0, s0 = _mm256_set1_epi64x(shift[0]), s1 = s0;
+    __m256i h0 = _mm256_sllv_epi64(one, _mm256_sub_epi64(s0, one)), h1 = h0;
+    int64_t c = 0;
+    for (; c + 8 <= cols; c += 8) {
+        __m256i v0, v1;
+        if (type == 0) {
+            const __m128i a = _mm_loadl_epi64((const __m128i *)((const int8_t *)acc + c));
+            v0 = _mm256_cvtepi8_epi64(a);
+            v1 = _mm256_cvtepi8_epi64(_mm_srli_si128(a, 4));
+        } else if (type == 1) {
+            const __m128i a = _mm_loadu_si128((const __m128i *)((const int16_t *)acc + c));
+            v0 = _mm256_cvtepi16_epi64(a);
+            v1 = _mm256_cvtepi16_epi64(_mm_srli_si128(a, 8));
+        } else if (type == 2) {
+            const __m256i a = _mm256_loadu_si256((const __m256i *)((const int32_t *)acc + c));
+            v0 = _mm256_cvtepi32_epi64(_mm256_castsi256_si128(a));
+            v1 = _mm256_cvtepi32_epi64(_mm256_extracti128_si256(a, 1));
+        } else {
+            v0 = _mm256_loadu_si256((const __m256i *)((const int64_t *)acc + c));
+            v1 = _mm256_loadu_si256((const __m256i *)((const int64_t *)acc + c + 4));
+        }
+        if (per_col) {
+            m0 = _mm256_loadu_si256((const __m256i *)(mult + c));
+            m1 = _mm256_loadu_si256((const __m256i *)(mult + c + 4));
+            s0 = _mm256_loadu_si256((const __m256i *)(shift + c));
+            s1 = _mm256_loadu_si256((const __m256i *)(shift + c + 4));
+            h0 = _mm256_sllv_epi64(one, _mm256_sub_epi64(s0, one));
+            h1 = _mm256_sllv_epi64(one, _mm256_sub_epi64(s1, one));
+        }
+        __m256i y0 = rq64(_mm256_sub_epi64(v0, vsub), m0, s0, h0, vzp, lo, hi);
+        __m256i y1 = rq64(_mm256_sub_epi64(v1, vsub), m1, s1, h1, vzp, lo, hi);
+        const __m128i d0 = _mm256_castsi256_si128(_mm256_permutevar8x32_epi32(y0, even));
+        const __m128i d1 = _mm256_castsi256_si128(_mm256_permutevar8x32_epi32(y1, even));
+        if (otype == 2) {
+            _mm256_storeu_si256((__m256i *)((int32_t *)out + c), _mm256_set_m128i(d1, d0));
+            continue;
+        }
+        __m128i w = _mm_packs_epi32(d0, d1); /* (values in range: no saturation) */
+        if (otype == 1) _mm_storeu_si128((__m128i *)((int16_t *)out + c), w);
+        else _mm_storel_epi64((__m128i *)((int8_t *)out + c), _mm_packs_epi16(w, w));
+    }
+    for (; c < cols; c++) {
+        const int64_t j = per_col ? c : 0;
+        const int64_t a = type == 3 ? ((const int64_t *)acc)[c] : code(acc, type, c);
+        int64_t y = (((a - sub) * mult[j] + ((int64_t)1 << (shift[j] - 1))) >> shift[j]) + zp;
+        y = y < qmin ? qmin : y > qmax ? qmax : y;
+        if (otype == 2) ((int32_t *)out)[c] = (int32_t)y;
+        else if (otype == 1) ((int16_t *)out)[c] = (int16_t)y;
+        else ((int8_t *)out)[c] = (int8_t)y;
+    }
+}
+
 void qasr_requant(const void *acc, int type, int64_t rows, int64_t cols, int64_t sub, const int64_t *mult,
                   const int64_t *shift, int per_col, int64_t zp, int64_t qmin, int64_t qmax, void *out, int otype,
                   int nthreads) {
+    int vec = otype == 2 ? qmin >= INT32_MIN && qmax <= INT32_MAX : qmin >= -32768 && qmax <= 32767;
+    for (int64_t j = 0; vec && j < (per_col ? cols : 1); j++) /* the vector path's operand ranges */
+        vec = mult[j] >= 0 && mult[j] < ((int64_t)1 << 31) && shift[j] >= 1 && shift[j] <= 62;
+    if (vec) {
+        const int64_t osize = (int64_t)1 << otype, asize = (int64_t)1 << type; /* 1, 2, 4, 8 bytes */
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (rows * cols >= 65536)
+        for (int64_t r = 0; r < rows; r++)
+            rq_row((const char *)acc + r * cols * asize, type, cols, sub, mult, shift, per_col, zp, qmin, qmax,
+                   (char *)out + r * cols * osize, otype);
+        return;
+    }
     if (type == 0) { RQ_OUT(int8_t) } else if (type == 1) { RQ_OUT(int16_t) }
     else if (type == 2) { RQ_OUT(int32_t) } else { RQ_OUT(int64_t) }
 }
