@@ -266,7 +266,7 @@ def test_vector_requantize_equals_torch_version(acc_dtype, out_dtype, per_col, m
     cols = 37
     bits = {torch.int8: 8, torch.int16: 16, torch.int32: 32, torch.int64: 41}[acc_dtype]
     acc = torch.randint(-(2 ** (bits - 1)), 2 ** (bits - 1) - 1, (50, cols), generator=g, dtype=acc_dtype)
-    acc[0, :8] = torch.tensor([-6, -5, -3, -1, 1, 3, 5, 6], dtype=acc_dtype)  # ties: column 0 gets m = 2^29, shift 30
+    acc[0, :8] = torch.tensor([-6, -5, -3, -1, 1, 3, 5, 6], dtype=acc_dtype)  # ties (column 0: m = 2^29, shift 30)
     acc[1], acc[2] = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
     lo, hi = {torch.int8: (-128, 127), torch.int16: (-(2 ** 15), 2 ** 15 - 1), torch.int32: (0, 2 ** 16 - 1)}[out_dtype]
     M = (1 + torch.rand(cols if per_col else 1, generator=g, dtype=torch.float64)) * 4 * (hi + 1) / 2 ** (bits - 1)
@@ -283,3 +283,14 @@ def test_vector_requantize_equals_torch_version(acc_dtype, out_dtype, per_col, m
         got = requant_c_equals_torch(acc, m, sh, zp, lo, hi, out_dtype, sub, monkeypatch)
         seen |= {int(got.min()), int(got.max())}
     assert {lo, hi} <= seen  # both clamps exercised
+
+
+def test_op_profile_names_the_c_kernels():
+    from fairseq_qasr.integer.profiling import format_profile, op_profile
+
+    a = torch.randint(-128, 128, (64, 96), dtype=torch.int8)
+    p = cgemm.pack(torch.randint(-128, 128, (96, 32), dtype=torch.int8))
+    prof = op_profile(lambda: cgemm.mm(a, p), rounds=2, pause_s=0)
+    assert prof["qasr::qgemm_avx2"]["calls"] == 1 and prof["qasr::qgemm_avx2"]["ms"] > 0
+    assert prof["wall"]["ms"] >= prof["qasr::qgemm_avx2"]["ms"]
+    assert "qasr::qgemm_avx2" in format_profile(prof)
