@@ -260,8 +260,9 @@ def test_incremental_decode_steps_on_c_attention_equal_torch_paths(param, monkey
 @pytest.mark.parametrize("out_dtype", [torch.int8, torch.int16, torch.int32])
 @pytest.mark.parametrize("per_col", [False, True])
 def test_vector_requantize_equals_torch_version(acc_dtype, out_dtype, per_col, monkeypatch):
-    """The 8-lane path (int8/16/32/64 in -> int8/int16/int32 codes; int32: an unsigned 16-bit grid): rows not a multiple of 8 lanes, int64 values beyond
-    32 bits, exact ties (multiplier 2^k: half-up rounding of negative values), clamping at both ends."""
+    """The 8-lane path (int8/16/32/64 in -> int8/int16/int32 codes; int32: an unsigned 16-bit grid): rows not a
+    multiple of 8 lanes, int64 values beyond 32 bits, exact ties (multiplier 2^k: half-up rounding of negative
+    values), clamping at both ends."""
     g = torch.Generator().manual_seed(11)
     cols = 37
     bits = {torch.int8: 8, torch.int16: 16, torch.int32: 32, torch.int64: 41}[acc_dtype]
