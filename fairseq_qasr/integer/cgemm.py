@@ -63,6 +63,24 @@ def _pack_op(b: Tensor, bp: Tensor, colsum: Tensor, ints: List[int]) -> None:
                            bp.data_ptr() + 2 * k0 * NR, bp.shape[1] * 2, bp.shape[0] * NR, colsum.data_ptr())
 
 
+@cbuild.op("pack_batch_avx2(Tensor b, Tensor(a!) bp, Tensor(b!) colsum) -> ()")
+def _pack_batch_op(b: Tensor, bp: Tensor, colsum: Tensor) -> None:
+    nb, k, n = b.shape
+    cbuild.dll().qasr_pack_batch(b.data_ptr(), cbuild.TYPES[b.dtype], b.stride(0), b.stride(1), b.stride(2), k, n, 0,
+                                 bp.data_ptr(), bp[0].numel(), bp.shape[2] * 2, bp.shape[1] * NR, colsum.data_ptr(), nb)
+
+
+def pack_batch(b: Tensor, k_align: int = 2) -> Tuple[Tensor, Tensor]:
+    """``b [B, K, N]`` codes (int8/int16/int32 storage, values within int16) packed as :func:`pack` packs each
+    ``b[i]`` without groups or splitting, in one call: ``(bp [B, Np/16, Kp/2, 16, 2] with Kp = K rounded up to
+    k_align (even), column sums [B, N] int64)``."""
+    nb, k, n = b.shape
+    bp = torch.zeros(nb, -(-n // NR), -(-k // k_align) * k_align // 2, NR, 2, dtype=torch.int16)
+    colsum = torch.empty(nb, n, dtype=torch.int64)
+    _pack_batch_op(cbuild.codes(b), bp, colsum)
+    return bp, colsum
+
+
 def _pack_into(b: Tensor, part: int, bp: Tensor, k0: int, colsum: Tensor) -> None:
     """``b`` (a 2-D view of integer codes, any strides) packed into rows ``k0..`` (even) of every panel of ``bp``."""
     _pack_op(cbuild.codes(b), bp, colsum, [part, k0])
@@ -168,10 +186,6 @@ def mm(a: Tensor, p: Packed, za: int = 0, zb: int = 0, out: Optional[Tensor] = N
     return out
 
 
-def _stack(packs) -> Tensor:
-    return torch.stack([p.bp for p in packs]).contiguous()
-
-
 @cbuild.op("attention_avx2(Tensor q, Tensor kp, Tensor kinit, Tensor lut, Tensor vp, Tensor(a!) out, int[] ints) -> ()")
 def _attention(q: Tensor, kp: Tensor, kinit: Tensor, lut: Tensor, vp: Tensor, out: Tensor, ints: List[int]) -> None:
     tk, zk, m1, sh1, zp1, qmin1, qmax1, mult_r, sh, zpo, qmino, qmaxo, m2, sh2, zp2, qmin2, qmax2, vo_zv = ints
@@ -203,21 +217,15 @@ def pack_kv(kt: Tensor, zq: int, zk: int, v: Tensor, zv: int) -> PackedKV:
         raise ValueError("cgemm.attention: int8 key codes and an even head dimension expected")
     if d > 2 ** 14 or abs(zk) > 255 or abs(zq) > 255:  # the kernel adds the zero-point terms in int32
         raise ValueError("cgemm.attention: head dimension or zero points too large for int32 score terms")
-    kpacks = [pack(kt[h]) for h in range(bh)]
-    kinit = torch.zeros(bh, kpacks[0].np_, dtype=torch.int32)
-    for h, p in enumerate(kpacks):
-        kinit[h, :tk] = -zq * p.colsum + zk * d * zq
+    kp, kcol = pack_batch(kt)
+    kinit = torch.zeros(bh, kp.shape[1] * NR, dtype=torch.int32)
+    kinit[:, :tk] = -zq * kcol + zk * d * zq
     lo, hi = (int(x) for x in torch.aminmax(v)) if v.dtype != torch.int8 and v.numel() else (-128, 127)
     vo = 0 if lo >= -(2 ** 15) and hi < 2 ** 15 else lo + 2 ** 15  # V' = V - vo: int16 codes
     if hi - vo >= 2 ** 15:
         raise ValueError("cgemm.attention: value codes wider than 16 bits")
-    vkp = -(-tk // 16) * 16
-    vp = torch.zeros(bh, -(-d // NR), vkp // 2, NR, 2, dtype=torch.int16)
-    colsum = torch.zeros(d, dtype=torch.int64)
-    vs = cbuild.codes(v) if not vo else (v.int() - vo)
-    for h in range(bh):
-        _pack_into(vs[h], 0, vp[h], 0, colsum)
-    return PackedKV(_stack(kpacks), kinit, vp, tk, vo - zv)
+    vp, _ = pack_batch(v if not vo else v.int() - vo, 16)  # (the kernel scans key pairs 8 at a time)
+    return PackedKV(kp, kinit, vp, tk, vo - zv)
 
 
 def attention(q: Tensor, zq: int, kt: Tensor, zk: int, scores_rq: Tuple[int, int, int, int, int], lut: Tensor,

@@ -43,6 +43,16 @@ void qasr_pack(const void *b, int type, int64_t ldk, int64_t ldn, int64_t K, int
     }
 }
 
+/* qasr_pack of `batch` matrices: matrix i at b + i * bstride elements, packed to bp + i * bpstride, its column sums
+ * to colsum + i * N */
+void qasr_pack_batch(const void *b, int type, int64_t bstride, int64_t ldk, int64_t ldn, int64_t K, int64_t N, int part,
+                     int16_t *bp, int64_t bpstride, int64_t Kp, int64_t Np, int64_t *colsum, int64_t batch) {
+    const int64_t size = type == 0 ? 1 : type == 1 ? 2 : 4;
+    for (int64_t i = 0; i < batch; i++)
+        qasr_pack((const char *)b + i * bstride * size, type, ldk, ldn, K, N, part, bp + i * bpstride, Kp, Np,
+                  colsum + i * N);
+}
+
 static void load_rows(const void *a, int type, int64_t lda, int32_t off, int64_t M, int64_t K, int64_t Kh, int reps,
                       int64_t m0, int64_t rows, int16_t *buf, int64_t *rowsum) {
     const int64_t Kp = Kh * reps;
