@@ -1058,11 +1058,21 @@ class IntegerEngine:
 
 
 def reorder_state(state: Any, rows: Tensor) -> Any:
-    """Beam reordering of the decoder state (batch on dim 0 of every cached tensor)."""
+    """Beam reordering of the decoder state (batch on dim 0 of every cached tensor). Cross-attention keys/values
+    (those with a derived-tensor cache) keep their packed form, reordered, instead of being packed again."""
     if isinstance(state, dict):
         return {k: reorder_state(v, rows) for k, v in state.items()}
     if isinstance(state, QT):
-        return QT(state.c.index_select(0, rows), state.z, state.scale, state.on)
+        out = QT(state.c.index_select(0, rows), state.z, state.scale, state.on)
+        if state.aux is not None:
+            out.aux = {}
+            kv = state.aux.get("cgemm_kv")
+            if kv is not None:  # [B * heads, ...] -> the rows' heads
+                heads = state.c.shape[1]
+                hr = (rows[:, None] * heads + torch.arange(heads)).reshape(-1)
+                out.aux["cgemm_kv"] = cgemm.PackedKV(kv.kp.index_select(0, hr), kv.kinit.index_select(0, hr),
+                                                     kv.vp.index_select(0, hr), kv.tk, kv.vo_zv)
+        return out
     if isinstance(state, Tensor) and state.dim() > 0:
         return state.index_select(0, rows)
     return state

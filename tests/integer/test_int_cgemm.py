@@ -296,3 +296,25 @@ def test_op_profile_names_the_c_kernels():
     assert prof["qasr::qgemm_avx2"]["calls"] == 1 and prof["qasr::qgemm_avx2"]["ms"] > 0
     assert prof["wall"]["ms"] >= prof["qasr::qgemm_avx2"]["ms"]
     assert "qasr::qgemm_avx2" in format_profile(prof)
+
+
+def test_beam_search_on_c_kernels_equals_torch_paths_and_packs_cross_attention_once(monkeypatch):
+    """Beam search reorders the decoder state every step: the cross-attention keys/values keep their packed form
+    (reordered with the hypotheses), and the hypotheses and scores equal those of the unfused torch paths."""
+    recipe, model, cfg, inp, eng = H.quantized_engine("w8a8")
+    feats = torch.randn(2, 160, 80, generator=torch.Generator().manual_seed(8))
+    lengths = torch.tensor([160, 160])
+    packs = []
+    real = cgemm.pack_kv
+    monkeypatch.setattr(cgemm, "pack_kv", lambda kt, *a: packs.append(kt.shape[-1]) or real(kt, *a))
+    monkeypatch.setattr(K, "_BACKEND", "avx2")
+    got = eng.beam_search(feats, lengths, beam=3, max_len=8)
+    frames = packs[0]  # the encoder's self-attention packs first: its frame count
+    cross = packs.count(frames) - eng.cfg["encoder_layers"]
+    monkeypatch.setattr(K, "_BACKEND", "int32")
+    monkeypatch.setattr(cbuild, "available", lambda: False)
+    eng._prep.clear()
+    want = eng.beam_search(feats, lengths, beam=3, max_len=8)
+    eng._prep.clear()
+    assert got == want
+    assert cross == eng.cfg["decoder_layers"]  # once per layer and decode, not once per step
