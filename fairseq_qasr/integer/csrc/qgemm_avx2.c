@@ -282,7 +282,8 @@ void qasr_attention(const int8_t *q, int64_t BH, int64_t Tq, int64_t d,
                         }
                     }
                 }
-                for (int64_t r = 0; r < AB; r++) { /* softmax, then d on the AV grid as bytes; rows past Tq: zeros */
+                const int64_t rows4 = (rows + MR - 1) / MR * MR; /* the AV tiles read rows < rows4 only */
+                for (int64_t r = 0; r < rows4; r++) { /* softmax, then d on the AV grid as bytes; rows past Tq: 0 */
                     int16_t *dh = pb + r * lda, *dl = dh + vKp;
                     const int32_t *row = sc + r * Tkp;
                     int64_t s2 = 0;
