@@ -186,14 +186,17 @@ def mm(a: Tensor, p: Packed, za: int = 0, zb: int = 0, out: Optional[Tensor] = N
     return out
 
 
-@cbuild.op("attention_avx2(Tensor q, Tensor kp, Tensor kinit, Tensor lut, Tensor vp, Tensor(a!) out, int[] ints) -> ()")
-def _attention(q: Tensor, kp: Tensor, kinit: Tensor, lut: Tensor, vp: Tensor, out: Tensor, ints: List[int]) -> None:
+@cbuild.op("attention_avx2(Tensor q, Tensor kp, Tensor kinit, Tensor lut, Tensor vp, Tensor klen, Tensor(a!) out, "
+           "int[] ints) -> ()")
+def _attention(q: Tensor, kp: Tensor, kinit: Tensor, lut: Tensor, vp: Tensor, klen: Tensor, out: Tensor,
+               ints: List[int]) -> None:
     tk, zk, m1, sh1, zp1, qmin1, qmax1, mult_r, sh, zpo, qmino, qmaxo, m2, sh2, zp2, qmin2, qmax2, vo_zv = ints
     bh, tq, d = q.shape
     cbuild.dll().qasr_attention(q.data_ptr(), bh, tq, d, kp.data_ptr(), kp[0].numel(), tk, kp.shape[1] * NR,
                                 kinit.data_ptr(), zk, m1, sh1, zp1, qmin1, qmax1, lut.data_ptr(), mult_r, sh, zpo,
                                 qmino, qmaxo, m2, sh2, zp2, qmin2, qmax2, vp.data_ptr(), vp[0].numel(),
-                                vp.shape[2] * 2, vo_zv, vp.shape[1] * NR, out.data_ptr(), torch.get_num_threads())
+                                vp.shape[2] * 2, vo_zv, vp.shape[1] * NR, klen.data_ptr() if klen.numel() else None,
+                                out.data_ptr(), torch.get_num_threads())
 
 
 @dataclass
@@ -230,10 +233,11 @@ def pack_kv(kt: Tensor, zq: int, zk: int, v: Tensor, zv: int) -> PackedKV:
 
 def attention(q: Tensor, zq: int, kt: Tensor, zk: int, scores_rq: Tuple[int, int, int, int, int], lut: Tensor,
               softmax: Tuple[int, int, int, int, int], probs_rq: Tuple[int, int, int, int, int], v: Tensor,
-              zv: int, kv: Optional[PackedKV] = None) -> Tensor:
+              zv: int, kv: Optional[PackedKV] = None, klen: Optional[Tensor] = None) -> Tensor:
     """Unmasked attention in one pass per (head, block of 16 query rows), bit for bit the engine's unfused
     kernels: ``q [BH, Tq, d]`` int8 codes, ``kt [BH, d, Tk]`` int8 codes, ``v [BH, Tk, d]`` codes of up to 16 bits
-    (or ``kv``: both already packed by :func:`pack_kv`; ``kt``, ``v`` are then not read);
+    (or ``kv``: both already packed by :func:`pack_kv`; ``kt``, ``v`` are then not read); ``klen [BH]``: keys at and
+    past ``klen[i]`` are masked (key padding: no part in the row max and sums, probability 0);
     ``scores_rq`` / ``probs_rq`` = (multiplier, shift, zero point, qmin, qmax) onto the softmax input and AV input
     grids (stored codes, at most 16 bits), ``softmax`` = (``out_mult << R``, ``R + out_shift``, zero point, qmin,
     qmax) of :func:`kernels.softmax_int` with exp table ``lut`` (int32). Probabilities go to the AV product as the
@@ -249,5 +253,8 @@ def attention(q: Tensor, zq: int, kt: Tensor, zk: int, scores_rq: Tuple[int, int
         kv = pack_kv(kt, zq, zk, v, zv)
     out = torch.empty(bh, tq, d, dtype=torch.int64)
     ints = [kv.tk, zk, *scores_rq, *softmax, *probs_rq, kv.vo_zv]
-    _attention(q.contiguous(), kv.kp, kv.kinit, lut.to(torch.int32).contiguous(), kv.vp, out, [int(i) for i in ints])
+    if klen is not None and (klen.shape != (bh,) or int(klen.min()) < 0 or int(klen.max()) > kv.tk):
+        raise ValueError(f"cgemm.attention: key lengths must be {bh} values in [0, {kv.tk}]")
+    _attention(q.contiguous(), kv.kp, kv.kinit, lut.to(torch.int32).contiguous(), kv.vp,
+               cbuild.NONE32 if klen is None else klen.to(torch.int32).contiguous(), out, [int(i) for i in ints])
     return out

@@ -588,9 +588,10 @@ class IntegerEngine:
         qs = self.requant(qs, name + ".matmul_0.in_q.0")
         qs.c = qs.c.view(b, tq, heads, hd).transpose(1, 2)
         tk = kc.c.shape[-1]
+        klen = _key_lengths(mask, heads) if mask is not None and not self.compiling else None
         if not self.compiling and self.hook is None and (not causal or tq == 1) and \
-                (mask is None or not bool(mask.any())) and self._c_attention_ok(qs, kc):  # (one query: no mask)
-            out = self._c_attention(name, qs, kc, vc)
+                (mask is None or klen is not None) and self._c_attention_ok(qs, kc):  # (one query: no causal mask)
+            out = self._c_attention(name, qs, kc, vc, klen)
             return self.linear(name + ".out_proj", self.requant(out, name + ".out_proj.in_q.0"))
         if self.fused and not self.compiling and self.hook is None and tq > K.SMALL_M and not causal and \
                 (mask is None or not bool(mask.any())) and self._fusable_attention(name):
@@ -617,10 +618,11 @@ class IntegerEngine:
         return K.int8_gemm_backend() == "avx2" and qs.c.dtype == torch.int8 and kc.c.dtype == torch.int8 and \
             qs.c.shape[-1] % 2 == 0
 
-    def _c_attention(self, name: str, qs: QT, kc: QT, vc: QT) -> Acc:
+    def _c_attention(self, name: str, qs: QT, kc: QT, vc: QT, klen: Optional[Tensor] = None) -> Acc:
         """QK^T, softmax input requantization, integer softmax, requantization onto the AV grid and AV in one C
         pass per (head, 16 query rows): the same integers as the unfused path (no [Tq, Tk] tensor in memory). Keys
-        and values with a derived-tensor cache (cross-attention during a decode) are packed once."""
+        and values with a derived-tensor cache (cross-attention during a decode) are packed once; ``klen`` (keys per
+        batch row x head): key padding."""
         sm, av = name + ".softmax_0", name + ".matmul_1"
 
         def rq(key: str) -> Tuple[int, int, int, int, int]:
@@ -641,7 +643,7 @@ class IntegerEngine:
             if kc.aux is not None:
                 kc.aux["cgemm_kv"] = kv
         out = cgemm.attention(qs.c.reshape(b * h, tq, d), qs.z, None, kc.z, rq(sm + ".in_q.0"),
-                              self.t["sm:" + sm + ".exp"], softmax, rq(av + ".in_q.0"), None, vc.z, kv)
+                              self.t["sm:" + sm + ".exp"], softmax, rq(av + ".in_q.0"), None, vc.z, kv, klen)
         return Acc(out.view(b, h, tq, d).transpose(1, 2).reshape(b, tq, h * d))
 
     def _fusable_attention(self, name: str) -> bool:
@@ -1055,6 +1057,17 @@ class IntegerEngine:
 
             out.append(sorted(hyps, key=functools.cmp_to_key(cmp))[:beam])
         return out
+
+
+def _key_lengths(mask: Tensor, heads: int) -> Optional[Tensor]:
+    """Key padding ``mask [B, Tk]`` (True: padded) as valid-key counts per (batch row, head), int32 ``[B * heads]``;
+    None unless every row's padding is a suffix (what the one-pass C attention takes)."""
+    if mask.dim() != 2:
+        return None
+    lengths = (~mask).sum(-1)
+    if not torch.equal(mask, torch.arange(mask.shape[1]) >= lengths[:, None]):
+        return None
+    return lengths.to(torch.int32).repeat_interleave(heads)
 
 
 def reorder_state(state: Any, rows: Tensor) -> Any:

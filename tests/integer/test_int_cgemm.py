@@ -186,12 +186,18 @@ def test_engine_c_kernels_equal_torch_paths(param, monkeypatch):
     assert torch.equal(logits_c, logits_t)
 
 
-def attention_ref(q, zq, kt, zk, srq, lut, sm, prq, v, zv):
-    """The formula of ``cgemm.attention`` in int64 torch ops (the unfused kernels' arithmetic)."""
+def attention_ref(q, zq, kt, zk, srq, lut, sm, prq, v, zv, klen=None):
+    """The formula of ``cgemm.attention`` in int64 torch ops (the unfused kernels' arithmetic; keys at and past
+    ``klen`` masked as the integer softmax masks: out of the max, exponential 0)."""
     def rq(x, m, sh, zp, lo, hi):
         return (((x * m + (1 << (sh - 1))) >> sh) + zp).clamp(lo, hi)
     c = rq((q.long() - zq) @ (kt.long() - zk), *srq)
-    e = lut.long()[c.amax(-1, keepdim=True) - c]
+    masked = None if klen is None else (torch.arange(c.shape[-1]) >= klen[:, None, None])
+    mx = c.amax(-1, keepdim=True) if masked is None else \
+        c.masked_fill(masked, srq[3] - 1).amax(-1, keepdim=True).clamp(min=srq[3])
+    c = c if masked is None else c.masked_fill(masked, srq[3])
+    e = lut.long()[mx - c]
+    e = e if masked is None else e.masked_fill(masked, 0)
     r = torch.div(sm[0], e.sum(-1, keepdim=True).clamp(min=1), rounding_mode="floor")
     p = (((e * r + (1 << (sm[1] - 1))) >> sm[1]) + sm[2]).clamp(sm[3], sm[4])
     p2 = rq(p - sm[2], *prq)
@@ -318,3 +324,54 @@ def test_beam_search_on_c_kernels_equals_torch_paths_and_packs_cross_attention_o
     eng._prep.clear()
     assert got == want
     assert cross == eng.cfg["decoder_layers"]  # once per layer and decode, not once per step
+
+
+def test_one_pass_attention_with_key_padding_equals_the_formula():
+    """Per-head key counts (key padding): 0 keys, a few, all; peaky and flat rows."""
+    g = torch.Generator().manual_seed(21)
+    bh, tq, tk, d = 6, 21, 300, 64
+    q, kt = rnd(-128, 128, (bh, tq, d), g, torch.int8), rnd(-128, 128, (bh, d, tk), g, torch.int8)
+    v = rnd(-(2 ** 15), 2 ** 15, (bh, tk, d), g)
+    lut = K.exp_table(0.08, 256)
+    R = K.recip_bits(2 ** 16 - 1)
+    sm = ((2 ** 16 - 1) << R, R + 16, 0, 0, 2 ** 16 - 1)
+    prq = (2 ** 30, 30, -(2 ** 15), -(2 ** 15), 2 ** 15 - 1)
+    klen = torch.tensor([0, 1, 17, 150, 299, 300], dtype=torch.int32)
+    for shift in (39, 45):  # peaky, flat
+        srq = (int(0.6 * 2 ** 31), shift, -3, -128, 127)
+        got = cgemm.attention(q, 5, kt, -7, srq, lut, sm, prq, v, 123, klen=klen)
+        assert torch.equal(got, attention_ref(q, 5, kt, -7, srq, lut, sm, prq, v, 123, klen.long()))
+    with pytest.raises(ValueError, match="key lengths"):
+        cgemm.attention(q, 5, kt, -7, srq, lut, sm, prq, v, 123, klen=klen + 1)
+
+
+def test_padded_batches_on_c_attention_equal_torch_paths(monkeypatch):
+    """Utterances of different lengths in one batch: the encoder's self-attention and every decoder step's
+    cross-attention take the key padding on the C kernel, with the same integers as the unfused torch paths."""
+    recipe, model, cfg, inp, eng = H.quantized_engine("w8a8")
+    feats = torch.randn(3, 160, 80, generator=torch.Generator().manual_seed(9))
+    lengths = torch.tensor([160, 96, 131])
+    tokens = torch.randint(4, 20, (3, 5), generator=torch.Generator().manual_seed(10))
+    x = eng.quantize_input(feats)
+
+    def run():
+        enc = eng.encode(x, lengths)
+        state: dict = {}
+        steps = [eng.decode_step(tokens[:, :t], enc, state)[:, -1] for t in range(1, tokens.size(1) + 1)]
+        return enc["out"].t, steps
+
+    masked_calls = []
+    real = cgemm.attention
+    monkeypatch.setattr(cgemm, "attention", lambda *a, **k: masked_calls.append(
+        (a[11] if len(a) > 11 else k.get("klen")) is not None) or real(*a, **k))
+    monkeypatch.setattr(K, "_BACKEND", "avx2")
+    (enc_c, steps_c), mode = run_integer_only(run)
+    assert not mode.violations and sum(masked_calls) >= eng.cfg["encoder_layers"] + tokens.size(1)
+    monkeypatch.setattr(K, "_BACKEND", "int32")
+    monkeypatch.setattr(cbuild, "available", lambda: False)
+    eng._prep.clear()
+    enc_t, steps_t = run()
+    eng._prep.clear()
+    assert torch.equal(enc_c, enc_t)
+    for a, b in zip(steps_c, steps_t):
+        assert torch.equal(a, b)

@@ -170,7 +170,8 @@ void qasr_qgemm(const void *a, int atype, int64_t lda, int32_t off, int reps, in
     }
 }
 
-/* Fused unmasked attention, per (batch x head, block of AB query rows), no [Tq, Tk] tensor in memory:
+/* Fused attention (key padding as per-head key counts), per (batch x head, block of AB query rows), no [Tq, Tk]
+ * tensor in memory:
  *   s = (q - zq) . (k - zk)                        int32 (kinit, zk fold the zero points, as in qasr_qgemm)
  *   c = clamp(round(s * m1 / 2^sh1) + zp1)         softmax input codes
  *   p = clamp(((lut[max - c] * r) + 2^(sh-1)) >> sh) + zpo),  r = floor(mult_r / sum lut[max - c])   (softmax)
@@ -224,15 +225,16 @@ static inline void tile_list(const int16_t *a, int64_t lda, const int16_t *bp, c
     for (int64_t t = 0; t < n; t++) tile_pair(a, lda, bp, idx[t], acc);
 }
 
-/* Tk keys; K packed per head as qasr_pack ([Tkp/16] panels of d rows); V' per head as qasr_pack ([dp/16] panels of
- * vKp rows, vKp % 16 == 0, rows >= Tk zero); out [BH, Tq, d] int64 */
+/* Tk keys (klen: per head, keys at and past klen[h] masked: no part in the max and the sums, probability 0); K packed
+ * per head as qasr_pack ([Tkp/16] panels of d rows); V' per head as qasr_pack ([dp/16] panels of vKp rows,
+ * vKp % 16 == 0, rows >= Tk zero); out [BH, Tq, d] int64 */
 void qasr_attention(const int8_t *q, int64_t BH, int64_t Tq, int64_t d,
                     const int16_t *kp, int64_t kstride, int64_t Tk, int64_t Tkp, const int32_t *kinit, int64_t zk,
                     int64_t m1, int sh1, int64_t zp1, int64_t qmin1, int64_t qmax1,
                     const int32_t *lut, int64_t mult_r, int sh, int64_t zpo, int64_t qmino, int64_t qmaxo,
                     int64_t m2, int sh2, int64_t zp2, int64_t qmin2, int64_t qmax2,
-                    const int16_t *vp, int64_t vstride, int64_t vKp, int64_t vo_zv, int64_t dp, int64_t *out,
-                    int nthreads) {
+                    const int16_t *vp, int64_t vstride, int64_t vKp, int64_t vo_zv, int64_t dp, const int32_t *klen,
+                    int64_t *out, int nthreads) {
     const int64_t blocks = (Tq + AB - 1) / AB, vpairs = vKp / 2, lda = 2 * vKp; /* pb rows: [high bytes | low bytes] */
 #pragma omp parallel num_threads(nthreads)
     {
@@ -256,6 +258,7 @@ void qasr_attention(const int8_t *q, int64_t BH, int64_t Tq, int64_t d,
         for (int64_t h = 0; h < BH; h++) {
             for (int64_t blk = 0; blk < blocks; blk++) {
                 const int64_t r0 = blk * AB, rows = r0 + AB < Tq ? AB : Tq - r0;
+                const int64_t tk = klen ? klen[h] : Tk; /* keys past tk: masked (probability 0) */
                 for (int64_t r = 0; r < AB; r++) { /* q rows r0.. as int16, zero rows past Tq */
                     int64_t s = 0;
                     for (int64_t k = 0; k < d; k++) {
@@ -287,12 +290,12 @@ void qasr_attention(const int8_t *q, int64_t BH, int64_t Tq, int64_t d,
                     int16_t *dh = pb + r * lda, *dl = dh + vKp;
                     const int32_t *row = sc + r * Tkp;
                     int64_t s2 = 0;
-                    if (r >= rows || Tk < 16) memset(dh, 0, (size_t)lda * sizeof(int16_t));
+                    if (r >= rows || tk < 16) memset(dh, 0, (size_t)lda * sizeof(int16_t));
                     if (r < rows) {
-                        memset(dh + Tk, 0, (size_t)(vKp - Tk) * sizeof(int16_t));
-                        memset(dl + Tk, 0, (size_t)(vKp - Tk) * sizeof(int16_t));
-                        int32_t mx32 = row[0];
-                        for (int64_t j = 1; j < Tk; j++) mx32 = row[j] > mx32 ? row[j] : mx32; /* (vectorized) */
+                        memset(dh + tk, 0, (size_t)(vKp - tk) * sizeof(int16_t));
+                        memset(dl + tk, 0, (size_t)(vKp - tk) * sizeof(int16_t));
+                        int32_t mx32 = (int32_t)qmin1; /* (every code >= qmin1; no key: all probabilities 0) */
+                        for (int64_t j = 0; j < tk; j++) mx32 = row[j] > mx32 ? row[j] : mx32; /* (vectorized) */
                         const int64_t mx = mx32, top = mx - qmin1, half = (int64_t)1 << (sh - 1);
                         int64_t total = 0;
                         if (hist) { /* k-bit input: sums and outputs per code value, not per lane */
@@ -300,13 +303,13 @@ void qasr_attention(const int8_t *q, int64_t BH, int64_t Tq, int64_t d,
                             int32_t *h1 = hist + span, *h2 = h1 + span, *h3 = h2 + span;
                             for (int k = 0; k < 4; k++) memset(hist + k * span, 0, (size_t)(top + 1) * sizeof(int32_t));
                             int64_t j = 0;
-                            for (; j + 4 <= Tk; j += 4) {
+                            for (; j + 4 <= tk; j += 4) {
                                 hist[row[j] - qmin1]++;
                                 h1[row[j + 1] - qmin1]++;
                                 h2[row[j + 2] - qmin1]++;
                                 h3[row[j + 3] - qmin1]++;
                             }
-                            for (; j < Tk; j++) hist[row[j] - qmin1]++;
+                            for (; j < tk; j++) hist[row[j] - qmin1]++;
                             for (int64_t c = 0; c <= top; c++) {
                                 hist[c] += h1[c] + h2[c] + h3[c];
                                 total += hist[c] * (int64_t)lut[top - c];
@@ -320,7 +323,7 @@ void qasr_attention(const int8_t *q, int64_t BH, int64_t Tq, int64_t d,
                                                            qmin2, qmax2) - zp2); /* [0, 2^16) */
                                 s2 += hist[c] * (int64_t)tab[c];
                             }
-                            for (j = 0; j + 16 <= Tk; j += 16) { /* d = tab[row - qmin1], 16 lanes a step, as bytes */
+                            for (j = 0; j + 16 <= tk; j += 16) { /* d = tab[row - qmin1], 16 lanes a step, as bytes */
                                 __m256i g0 = _mm256_i32gather_epi32(tab, _mm256_sub_epi32(
                                     _mm256_loadu_si256((const __m256i *)(row + j)), vq), 4);
                                 __m256i g1 = _mm256_i32gather_epi32(tab, _mm256_sub_epi32(
@@ -329,15 +332,15 @@ void qasr_attention(const int8_t *q, int64_t BH, int64_t Tq, int64_t d,
                                 _mm256_storeu_si256((__m256i *)(dh + j), _mm256_srli_epi16(w, 8));
                                 _mm256_storeu_si256((__m256i *)(dl + j), _mm256_and_si256(w, lo8));
                             }
-                            for (; j < Tk; j++) {
+                            for (; j < tk; j++) {
                                 dh[j] = (int16_t)(tab[row[j] - qmin1] >> 8);
                                 dl[j] = (int16_t)(tab[row[j] - qmin1] & 255);
                             }
                         } else {
-                            for (int64_t j = 0; j < Tk; j++) total += lut[mx - row[j]];
+                            for (int64_t j = 0; j < tk; j++) total += lut[mx - row[j]];
                             total = total > 1 ? total : 1;
                             const int64_t recip = mult_r / total;
-                            for (int64_t j = 0; j < Tk; j++) {
+                            for (int64_t j = 0; j < tk; j++) {
                                 int64_t p = clamp64(((lut[mx - row[j]] * recip + half) >> sh) + zpo, qmino, qmaxo);
                                 int64_t v = clamp64(((((p - zpo) * m2) + ((int64_t)1 << (sh2 - 1))) >> sh2) + zp2,
                                                     qmin2, qmax2) - zp2;
