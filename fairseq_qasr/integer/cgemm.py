@@ -234,8 +234,8 @@ def pack_kv(kt: Tensor, zq: int, zk: int, v: Tensor, zv: int) -> PackedKV:
 def attention(q: Tensor, zq: int, kt: Tensor, zk: int, scores_rq: Tuple[int, int, int, int, int], lut: Tensor,
               softmax: Tuple[int, int, int, int, int], probs_rq: Tuple[int, int, int, int, int], v: Tensor,
               zv: int, kv: Optional[PackedKV] = None, klen: Optional[Tensor] = None) -> Tensor:
-    """Unmasked attention in one pass per (head, block of 16 query rows), bit for bit the engine's unfused
-    kernels: ``q [BH, Tq, d]`` int8 codes, ``kt [BH, d, Tk]`` int8 codes, ``v [BH, Tk, d]`` codes of up to 16 bits
+    """Attention (optionally with key padding) in one pass per (head, block of 16 query rows), bit for bit the
+    engine's unfused kernels: ``q [BH, Tq, d]`` int8 codes, ``kt [BH, d, Tk]`` int8 codes, ``v [BH, Tk, d]`` codes of up to 16 bits
     (or ``kv``: both already packed by :func:`pack_kv`; ``kt``, ``v`` are then not read); ``klen [BH]``: keys at and
     past ``klen[i]`` are masked (key padding: no part in the row max and sums, probability 0);
     ``scores_rq`` / ``probs_rq`` = (multiplier, shift, zero point, qmin, qmax) onto the softmax input and AV input
@@ -249,12 +249,13 @@ def attention(q: Tensor, zq: int, kt: Tensor, zk: int, scores_rq: Tuple[int, int
         raise ValueError("cgemm.attention: int8 query codes and an even head dimension expected")
     if not 0 <= probs_rq[4] - probs_rq[2] < 2 ** 16:  # probabilities as offsets from the zero point: 16 bits
         raise ValueError("cgemm.attention: AV input grid wider than 16 bits")
+    tk = kv.tk if kv is not None else kt.shape[-1]
+    if klen is not None and (klen.shape != (bh,) or int(klen.min()) < 0 or int(klen.max()) > tk):
+        raise ValueError(f"cgemm.attention: key lengths must be {bh} values in [0, {tk}]")
     if kv is None:
         kv = pack_kv(kt, zq, zk, v, zv)
     out = torch.empty(bh, tq, d, dtype=torch.int64)
     ints = [kv.tk, zk, *scores_rq, *softmax, *probs_rq, kv.vo_zv]
-    if klen is not None and (klen.shape != (bh,) or int(klen.min()) < 0 or int(klen.max()) > kv.tk):
-        raise ValueError(f"cgemm.attention: key lengths must be {bh} values in [0, {kv.tk}]")
     _attention(q.contiguous(), kv.kp, kv.kinit, lut.to(torch.int32).contiguous(), kv.vp,
                cbuild.NONE32 if klen is None else klen.to(torch.int32).contiguous(), out, [int(i) for i in ints])
     return out

@@ -588,9 +588,10 @@ class IntegerEngine:
         qs = self.requant(qs, name + ".matmul_0.in_q.0")
         qs.c = qs.c.view(b, tq, heads, hd).transpose(1, 2)
         tk = kc.c.shape[-1]
-        klen = _key_lengths(mask, heads) if mask is not None and not self.compiling else None
-        if not self.compiling and self.hook is None and (not causal or tq == 1) and \
-                (mask is None or klen is not None) and self._c_attention_ok(qs, kc):  # (one query: no causal mask)
+        c_path = not self.compiling and self.hook is None and (not causal or tq == 1) and \
+            self._c_attention_ok(qs, kc)  # (one query: no causal mask)
+        klen = _key_lengths(mask, heads) if c_path and mask is not None else None
+        if c_path and (mask is None or klen is not None):
             out = self._c_attention(name, qs, kc, vc, klen)
             return self.linear(name + ".out_proj", self.requant(out, name + ".out_proj.in_q.0"))
         if self.fused and not self.compiling and self.hook is None and tq > K.SMALL_M and not causal and \

@@ -56,4 +56,8 @@ def test_compare_engine_script_on_real_audio(prepared_sample: Path, quantized_ck
     total = res["total"]
     assert total["utterances"] == 2 and len(res["utterances"]) == 2 and total["quantizers"] > 100
     assert not total["beyond_1lsb"] and total["bit_exact"] > 0.99 and total["logits_max_lsb"] <= 1.0
+    # the per-quantizer list of differing codes adds up to the bit-exact share
+    differing = sum(r["codes"] * (1 - r["bit_exact"]) for r in res["utterances"])
+    assert abs(sum(total["differ"].values()) - differing) <= len(total["differ"]) + 1
+    assert all(".in_q." in k or k.endswith(".out_q") for k in total["differ"])
     assert "bit-exact codes" in proc.stdout

@@ -290,7 +290,7 @@ void qasr_attention(const int8_t *q, int64_t BH, int64_t Tq, int64_t d,
                     int16_t *dh = pb + r * lda, *dl = dh + vKp;
                     const int32_t *row = sc + r * Tkp;
                     int64_t s2 = 0;
-                    if (r >= rows || tk < 16) memset(dh, 0, (size_t)lda * sizeof(int16_t));
+                    if (r >= rows) memset(dh, 0, (size_t)lda * sizeof(int16_t));
                     if (r < rows) {
                         memset(dh + tk, 0, (size_t)(vKp - tk) * sizeof(int16_t));
                         memset(dl + tk, 0, (size_t)(vKp - tk) * sizeof(int16_t));
@@ -460,6 +460,10 @@ void qasr_add(const void *a, int atype, int64_t za, int64_t ka, const void *b, i
 
 /* kernels.requantize: out = clamp((((acc - sub) * m[j] + 2^(sh[j]-1)) >> sh[j]) + zp, qmin, qmax), j = the column
  * (per-column multipliers) or 0; acc int8/int16/int32 or int64 (type 3), out int8 / int16 / int32 */
+static inline int64_t rq1(int64_t a, int64_t m, int64_t sh, int64_t zp, int64_t qmin, int64_t qmax) {
+    const int64_t y = ((a * m + ((int64_t)1 << (sh - 1))) >> sh) + zp;
+    return y < qmin ? qmin : y > qmax ? qmax : y;
+}
 #define RQ_LOOP(AT, OT)                                                                                        \
     _Pragma("omp parallel for num_threads(nthreads) schedule(static) if (rows * cols >= 65536)")               \
     for (int64_t r = 0; r < rows; r++) {                                                                       \
@@ -467,8 +471,7 @@ void qasr_add(const void *a, int atype, int64_t za, int64_t ka, const void *b, i
         OT *o = (OT *)out + r * cols;                                                                          \
         for (int64_t c = 0; c < cols; c++) {                                                                   \
             const int64_t j = per_col ? c : 0;                                                                 \
-            int64_t y = ((((int64_t)a[c] - sub) * mult[j] + ((int64_t)1 << (shift[j] - 1))) >> shift[j]) + zp; \
-            o[c] = (OT)(y < qmin ? qmin : y > qmax ? qmax : y);                                                \
+            o[c] = (OT)rq1((int64_t)a[c] - sub, mult[j], shift[j], zp, qmin, qmax);                            \
         }                                                                                                      \
     }
 #define RQ_OUT(AT)                                                                                             \
@@ -537,8 +540,7 @@ static void rq_row(const void *acc, int type, int64_t cols, int64_t sub, const i
     for (; c < cols; c++) {
         const int64_t j = per_col ? c : 0;
         const int64_t a = type == 3 ? ((const int64_t *)acc)[c] : code(acc, type, c);
-        int64_t y = (((a - sub) * mult[j] + ((int64_t)1 << (shift[j] - 1))) >> shift[j]) + zp;
-        y = y < qmin ? qmin : y > qmax ? qmax : y;
+        const int64_t y = rq1(a - sub, mult[j], shift[j], zp, qmin, qmax);
         if (otype == 2) ((int32_t *)out)[c] = (int32_t)y;
         else if (otype == 1) ((int16_t *)out)[c] = (int16_t)y;
         else ((int8_t *)out)[c] = (int8_t)y;
