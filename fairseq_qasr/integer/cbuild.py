@@ -67,11 +67,13 @@ def _build() -> Optional[ctypes.CDLL]:
                                     i64]
     dll.qasr_pack_batch.restype = None
     dll.qasr_qgemm.argtypes = [ptr, ctypes.c_int, i64, i32, ctypes.c_int, i64, i64, ptr, i64, i64, i64, i64, ptr, ptr,
-                               i64, ctypes.c_int, ptr, ptr, ptr, i64, ctypes.c_int]
+                               i64, ctypes.c_int, ptr, ptr, ptr, i64, ptr, ptr, ctypes.c_int]
     dll.qasr_qgemm.restype = None
+    dll.qasr_byte_way_blocks.argtypes = [ptr]
+    dll.qasr_byte_way_blocks.restype = None
     dll.qasr_attention.argtypes = [ptr, i64, i64, i64, ptr, i64, i64, i64, ptr, i64, i64, ctypes.c_int, i64, i64, i64,
                                    ptr, i64, ctypes.c_int, i64, i64, i64, i64, ctypes.c_int, i64, i64, i64,
-                                   ptr, i64, i64, i64, i64, ptr, ptr, ctypes.c_int]
+                                   ptr, i64, i64, i64, i64, ptr, ptr, ptr, ptr, ctypes.c_int]
     dll.qasr_attention.restype = None
     dll.qasr_isqrt.argtypes = [ptr, ptr, i64]
     dll.qasr_layer_norm.argtypes = [ptr, ctypes.c_int, i64, i64, ptr, ptr, i64, ctypes.c_int, ptr, ctypes.c_int]

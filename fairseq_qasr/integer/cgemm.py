@@ -9,6 +9,7 @@ the torch path split 16-bit codes into bytes and ran one GEMM per weight group.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 
@@ -20,6 +21,11 @@ from .cbuild import NR
 
 B_MAX = 255  # right operand codes in [-255, 255]: a byte of a 16-bit code, or int8 codes
 WIDE_GROUP = 256  # k per int32 partial sum for 16-bit left codes: 256 x 2^15 x 255 < 2^31
+# int8 left codes times right codes in [-127, 127] take the u8 x s8 (vpmaddubsw) way; QASR_CGEMM_BYTES=0: vpmaddwd only
+BYTE_WAY = os.environ.get("QASR_CGEMM_BYTES", "1") != "0"
+
+
+NONE8 = torch.empty(0, dtype=torch.int8)
 
 
 @dataclass
@@ -35,6 +41,8 @@ class Packed:
     out64: bool  # int64 output (per-group ratios, 16-bit codes), else int32
     reps: int = 1  # the left operand repeated along K this many times (16-bit right operands: high, low byte)
     inits: dict = field(default_factory=dict)  # (off - za, zb) -> the kernel's int64 column term, cached
+    bq: Optional[Tensor] = None  # int8 [Np/16, Kq/4, 16, 4]: codes in [-127, 127] as bytes, for the u8 x s8 way
+    colsum_np: Optional[Tensor] = None  # colsum zero padded to Np (the u8 x s8 way's centre term)
 
     def init(self, d: int, zb: int) -> Tensor:
         """Column term ``d * colsum - zb * K * d`` (``d = off - za``), zero padded to ``Np``; cached per key."""
@@ -86,6 +94,15 @@ def _pack_into(b: Tensor, part: int, bp: Tensor, k0: int, colsum: Tensor) -> Non
     _pack_op(cbuild.codes(b), bp, colsum, [part, k0])
 
 
+def _byte_panels(b: Tensor) -> Tensor:
+    """Codes ``b [K, N]`` in the u8 x s8 kernel's layout: ``[Np/16, Kq/4, 16, 4]`` int8 (zero padded)."""
+    k, n = b.shape
+    kq, np_ = -(-k // 4) * 4, -(-n // NR) * NR
+    full = torch.zeros(kq, np_, dtype=torch.int8)
+    full[:k, :n] = b
+    return full.view(kq // 4, 4, np_ // NR, NR).permute(2, 0, 3, 1).contiguous()
+
+
 def pack(b: Tensor, group_size: int = 0, ratio: Optional[Tensor] = None, wide: bool = False,
          split: Optional[bool] = None) -> Packed:
     """Pack codes ``b [K, N]`` (any strides). Codes within [-255, 255] are packed as they are; wider (16-bit) codes
@@ -131,11 +148,18 @@ def pack(b: Tensor, group_size: int = 0, ratio: Optional[Tensor] = None, wide: b
         rt = torch.zeros(k // gs, np_, dtype=torch.int32)
         rt[:, :n] = ratio.t()
         colsum = (cbuild.codes(b).long().view(k // gs, gs, n).sum(1) * ratio.t().long()).sum(0)
-    return Packed(bp, k, n, gs, rt, colsum, wide or ratio is not None)
+    p = Packed(bp, k, n, gs, rt, colsum, wide or ratio is not None)
+    if BYTE_WAY and not wide and (ratio is None or gs % 4 == 0) and b.numel() and int(b.min()) >= -127 and int(b.max()) <= 127:
+        p.bq = _byte_panels(b)
+        p.colsum_np = torch.zeros(np_, dtype=torch.int64)
+        p.colsum_np[:n] = colsum
+    return p
 
 
-@cbuild.op("qgemm_avx2(Tensor a, Tensor bp, Tensor ratio, Tensor init, Tensor post, Tensor(a!) out, int[] ints) -> ()")
-def _qgemm_op(a: Tensor, bp: Tensor, ratio: Tensor, init: Tensor, post: Tensor, out: Tensor, ints: List[int]) -> None:
+@cbuild.op("qgemm_avx2(Tensor a, Tensor bp, Tensor bq, Tensor colsum, Tensor ratio, Tensor init, Tensor post, "
+           "Tensor(a!) out, int[] ints) -> ()")
+def _qgemm_op(a: Tensor, bp: Tensor, bq: Tensor, colsum: Tensor, ratio: Tensor, init: Tensor, post: Tensor,
+              out: Tensor, ints: List[int]) -> None:
     off, reps, k, n, gs, bz, rshift = ints
     out64 = out.dtype == torch.int64
     cbuild.dll().qasr_qgemm(a.data_ptr(), cbuild.TYPES[a.dtype], a.stride(0), off, reps, a.shape[0], k,
@@ -143,6 +167,7 @@ def _qgemm_op(a: Tensor, bp: Tensor, ratio: Tensor, init: Tensor, post: Tensor, 
                             ratio.data_ptr() if ratio.numel() else None, init.data_ptr() if init.numel() else None,
                             bz, rshift, post.data_ptr() if post.numel() else None,
                             None if out64 else out.data_ptr(), out.data_ptr() if out64 else None, out.stride(0),
+                            bq.data_ptr() if bq.numel() else None, colsum.data_ptr() if colsum.numel() else None,
                             torch.get_num_threads())
 
 
@@ -181,21 +206,32 @@ def mm(a: Tensor, p: Packed, za: int = 0, zb: int = 0, out: Optional[Tensor] = N
         raise ValueError("cgemm.mm: rshift/post apply to int64 outputs only")
     if post is not None and post.numel() != p.np_:  # (callers that repeat a post term pass it padded to Np)
         post = torch.cat([post.long(), torch.zeros(p.np_ - p.n, dtype=torch.int64)]) if p.np_ > p.n else post.long()
-    _qgemm_op(a, p.bp, p.ratio if p.ratio is not None else cbuild.NONE32, init,
+    byteway = p.bq is not None and a.dtype == torch.int8
+    _qgemm_op(a, p.bp, p.bq if byteway else NONE8, p.colsum_np if byteway else cbuild.NONE64,
+              p.ratio if p.ratio is not None else cbuild.NONE32, init,
               cbuild.NONE64 if post is None else post.contiguous(), out, [off, p.reps, p.k, p.n, p.gs, zb, rshift])
     return out
 
 
-@cbuild.op("attention_avx2(Tensor q, Tensor kp, Tensor kinit, Tensor lut, Tensor vp, Tensor klen, Tensor(a!) out, "
-           "int[] ints) -> ()")
-def _attention(q: Tensor, kp: Tensor, kinit: Tensor, lut: Tensor, vp: Tensor, klen: Tensor, out: Tensor,
-               ints: List[int]) -> None:
+def byte_way_blocks() -> Tuple[int, int]:
+    """Row blocks of int8 left codes (times right codes in [-127, 127]) since the last call that took the vpmaddwd
+    way (too many codes far from their row's mean) and the u8 x s8 way; resets the counts."""
+    out = torch.zeros(2, dtype=torch.int64)
+    cbuild.dll().qasr_byte_way_blocks(out.data_ptr())
+    return int(out[0]), int(out[1])
+
+
+@cbuild.op("attention_avx2(Tensor q, Tensor kp, Tensor kinit, Tensor lut, Tensor vp, Tensor klen, Tensor kq, "
+           "Tensor kcol, Tensor(a!) out, int[] ints) -> ()")
+def _attention(q: Tensor, kp: Tensor, kinit: Tensor, lut: Tensor, vp: Tensor, klen: Tensor, kq: Tensor, kcol: Tensor,
+               out: Tensor, ints: List[int]) -> None:
     tk, zk, m1, sh1, zp1, qmin1, qmax1, mult_r, sh, zpo, qmino, qmaxo, m2, sh2, zp2, qmin2, qmax2, vo_zv = ints
     bh, tq, d = q.shape
     cbuild.dll().qasr_attention(q.data_ptr(), bh, tq, d, kp.data_ptr(), kp[0].numel(), tk, kp.shape[1] * NR,
                                 kinit.data_ptr(), zk, m1, sh1, zp1, qmin1, qmax1, lut.data_ptr(), mult_r, sh, zpo,
                                 qmino, qmaxo, m2, sh2, zp2, qmin2, qmax2, vp.data_ptr(), vp[0].numel(),
                                 vp.shape[2] * 2, vo_zv, vp.shape[1] * NR, klen.data_ptr() if klen.numel() else None,
+                                kq.data_ptr() if kq.numel() else None, kcol.data_ptr() if kcol.numel() else None,
                                 out.data_ptr(), torch.get_num_threads())
 
 
@@ -209,6 +245,14 @@ class PackedKV:
     vp: Tensor  # int16 [BH, dp/16, vKp/2, 16, 2]: value codes minus vo
     tk: int
     vo_zv: int  # vo - zv
+    kq: Optional[Tensor] = None  # int8 [BH, Tkp/16, dq/4, 16, 4]: key codes (in [-127, 127]) for the u8 x s8 QK^T
+    kcol: Optional[Tensor] = None  # int32 [BH, Tkp]: key column sums (with kq)
+
+    def select(self, heads: Tensor) -> "PackedKV":
+        """These packs for the heads ``heads`` (beam reordering), in that order."""
+        pick = (lambda t: None if t is None else t.index_select(0, heads))
+        return PackedKV(pick(self.kp), pick(self.kinit), pick(self.vp), self.tk, self.vo_zv, pick(self.kq),
+                        pick(self.kcol))
 
 
 def pack_kv(kt: Tensor, zq: int, zk: int, v: Tensor, zv: int) -> PackedKV:
@@ -228,7 +272,15 @@ def pack_kv(kt: Tensor, zq: int, zk: int, v: Tensor, zv: int) -> PackedKV:
     if hi - vo >= 2 ** 15:
         raise ValueError("cgemm.attention: value codes wider than 16 bits")
     vp, _ = pack_batch(v if not vo else v.int() - vo, 16)  # (the kernel scans key pairs 8 at a time)
-    return PackedKV(kp, kinit, vp, tk, vo - zv)
+    kv = PackedKV(kp, kinit, vp, tk, vo - zv)
+    if BYTE_WAY and d % 4 == 0 and kt.numel() and int(kt.min()) >= -127:
+        tkp = kp.shape[1] * NR
+        full = torch.zeros(bh, d, tkp, dtype=torch.int8)
+        full[:, :, :tk] = kt
+        kv.kq = full.view(bh, d // 4, 4, tkp // NR, NR).permute(0, 3, 1, 4, 2).contiguous()
+        kv.kcol = torch.zeros(bh, tkp, dtype=torch.int32)
+        kv.kcol[:, :tk] = kcol
+    return kv
 
 
 def attention(q: Tensor, zq: int, kt: Tensor, zk: int, scores_rq: Tuple[int, int, int, int, int], lut: Tensor,
@@ -257,5 +309,7 @@ def attention(q: Tensor, zq: int, kt: Tensor, zk: int, scores_rq: Tuple[int, int
     out = torch.empty(bh, tq, d, dtype=torch.int64)
     ints = [kv.tk, zk, *scores_rq, *softmax, *probs_rq, kv.vo_zv]
     _attention(q.contiguous(), kv.kp, kv.kinit, lut.to(torch.int32).contiguous(), kv.vp,
-               cbuild.NONE32 if klen is None else klen.to(torch.int32).contiguous(), out, [int(i) for i in ints])
+               cbuild.NONE32 if klen is None else klen.to(torch.int32).contiguous(),
+               NONE8 if kv.kq is None else kv.kq, cbuild.NONE32 if kv.kcol is None else kv.kcol, out,
+               [int(i) for i in ints])
     return out

@@ -1084,8 +1084,7 @@ def reorder_state(state: Any, rows: Tensor) -> Any:
             if kv is not None:  # [B * heads, ...] -> the rows' heads
                 heads = state.c.shape[1]
                 hr = (rows[:, None] * heads + torch.arange(heads)).reshape(-1)
-                out.aux["cgemm_kv"] = cgemm.PackedKV(kv.kp.index_select(0, hr), kv.kinit.index_select(0, hr),
-                                                     kv.vp.index_select(0, hr), kv.tk, kv.vo_zv)
+                out.aux["cgemm_kv"] = kv.select(hr)
         return out
     if isinstance(state, Tensor) and state.dim() > 0:
         return state.index_select(0, rows)

@@ -31,21 +31,23 @@ def rnd(lo, hi, shape, gen, dtype=torch.int32):
     return torch.randint(lo, hi, shape, generator=gen, dtype=dtype)
 
 
-RANGES = {"s8": (-128, 128, torch.int8), "u16": (0, 2 ** 16, torch.int32), "s16": (-(2 ** 15), 2 ** 15, torch.int32)}
+RANGES = {"s8": (-128, 128, torch.int8), "u16": (0, 2 ** 16, torch.int32), "s16": (-(2 ** 15), 2 ** 15, torch.int32),
+          "s8n": (-60, 70, torch.int8),  # int8 codes near their mean: the u8 x s8 way (with a few outliers)
+          "s8s": (-127, 128, torch.int8)}  # right operands the u8 x s8 way takes
 
 
 @settings(max_examples=40, deadline=None)
 @given(m=st.integers(1, 40), k=st.integers(1, 300), n=st.integers(1, 40), a_kind=st.sampled_from(sorted(RANGES)),
-       b_kind=st.sampled_from(["s8", "s16"]), za=st.integers(-40000, 40000), zb=st.integers(-200, 200),
+       b_kind=st.sampled_from(["s8", "s8s", "s16"]), za=st.integers(-40000, 40000), zb=st.integers(-200, 200),
        seed=st.integers(0, 2 ** 16))
 def test_mm_equals_int64_reference(m, k, n, a_kind, b_kind, za, zb, seed):
     g = torch.Generator().manual_seed(seed)
     lo, hi, dt = RANGES[a_kind]
     a = rnd(lo, hi, (m, k), g, dt)
     b = rnd(*RANGES[b_kind][:2], (k, n), g, RANGES[b_kind][2])
-    if a_kind == "s8":
+    if a_kind.startswith("s8"):
         za = max(-128, min(127, za))
-    wide = a_kind != "s8"
+    wide = not a_kind.startswith("s8")
     out = cgemm.mm(a, cgemm.pack(b, wide=wide), za, zb)
     split = int(b.min()) < -cgemm.B_MAX or int(b.max()) > cgemm.B_MAX  # (tiny 16-bit draws can fit a byte)
     assert out.dtype == (torch.int64 if wide or split else torch.int32)
@@ -375,3 +377,89 @@ def test_padded_batches_on_c_attention_equal_torch_paths(monkeypatch):
     assert torch.equal(enc_c, enc_t)
     for a, b in zip(steps_c, steps_t):
         assert torch.equal(a, b)
+
+
+def _centred_codes(shape, gen, outliers: float, centre=None):
+    """int8 codes at their row's mean +- 64 (the u8 x s8 way's widest bytes), a share ``outliers`` of them at
+    +- 67 (outliers): code j of the first half and code j of the second mirror each other, so the row mean stays
+    put, and neighbours (the byte pairs) are independent. The last dimension is even."""
+    c = rnd(-60, 61, shape[:-1] + (1,), gen) if centre is None else centre
+    sign = torch.where(torch.rand(shape[:-1] + (shape[-1] // 2,), generator=gen) < 0.5, 1, -1)
+    dev = sign * torch.where(torch.rand(sign.shape, generator=gen) < outliers, 67, 64)
+    return (c + torch.cat([dev, -dev], -1)).to(torch.int8)
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_byte_way_gemm_is_exact_at_its_worst_cases(grouped, monkeypatch):
+    """The u8 x s8 way (vpmaddubsw): bytes at the ends of their range times weight pairs of +-127 of one sign (the
+    largest byte-pair sums), outliers added back, blocks with too many outliers on the vpmaddwd way; equal to the
+    int64 reference and to the vpmaddwd way; right operands with -128 are never packed as bytes."""
+    g = torch.Generator().manual_seed(3 + grouped)
+    m, k, n = 150, 256, 40
+    b = (127 * torch.where(torch.rand(k // 2, 1, n, generator=g) < 0.5, 1, -1)).expand(k // 2, 2, n)
+    b = b.reshape(k, n).to(torch.int8)
+    ratio = rnd(2 ** 23, 2 ** 24 + 1, (n, k // 64), g) if grouped else None
+    a = torch.cat([_centred_codes((96, k), g, 0.005), _centred_codes((54, k), g, 0.1)])  # 48-row blocks
+    za = -17
+    expect = ref(a, b, za, gs=64, ratio=ratio)
+    cgemm.byte_way_blocks()
+    p = cgemm.pack(b, 64 if grouped else 0, ratio)
+    assert p.bq is not None
+    assert torch.equal(cgemm.mm(a, p, za).long(), expect)
+    assert cgemm.byte_way_blocks() == (2, 2)  # rows 0-95 as bytes, 96-149: too many outliers
+    monkeypatch.setattr(cgemm, "BYTE_WAY", False)
+    assert torch.equal(cgemm.mm(a, cgemm.pack(b, 64 if grouped else 0, ratio), za).long(), expect)
+    monkeypatch.setattr(cgemm, "BYTE_WAY", True)
+    b[5, 7] = -128
+    assert cgemm.pack(b, 64 if grouped else 0, ratio).bq is None
+
+
+@pytest.mark.parametrize("tq", [1, 37])
+def test_byte_way_attention_equals_the_formula(tq):
+    """QK^T the u8 x s8 way (queries as bytes around their row means, outliers added back; keys in [-127, 127]),
+    with key padding; a decoder step (one query) too."""
+    g = torch.Generator().manual_seed(tq)
+    bh, tk, d = 4, 300, 64
+    q = _centred_codes((bh, tq, d), g, 0.01, centre=5)  # centred on zq: the +-127 keys' scores stay unclamped
+    kt = rnd(-127, 128, (bh, d, tk), g, torch.int8)
+    kt[0, :, :3] = 127
+    kt[1, :, :3] = -127
+    v = rnd(-(2 ** 15), 2 ** 15, (bh, tk, d), g)
+    lut = K.exp_table(0.08, 256)
+    R = K.recip_bits(2 ** 16 - 1)
+    sm = ((2 ** 16 - 1) << R, R + 16, 0, 0, 2 ** 16 - 1)
+    prq = (2 ** 30, 30, -(2 ** 15), -(2 ** 15), 2 ** 15 - 1)
+    srq = (int(0.6 * 2 ** 31), 41, -3, -128, 127)  # ~1/1700 of a score a code, unclamped: outlier terms show
+    kv = cgemm.pack_kv(kt, 5, -7, v, 123)
+    assert kv.kq is not None
+    cgemm.byte_way_blocks()
+    for klen in (None, torch.tensor([0, 5, 299, 300], dtype=torch.int32)):
+        got = cgemm.attention(q, 5, kt, -7, srq, lut, sm, prq, v, 123, kv=kv, klen=klen)
+        assert torch.equal(got, attention_ref(q, 5, kt, -7, srq, lut, sm, prq, v, 123,
+                                              None if klen is None else klen.long()))
+    assert cgemm.byte_way_blocks()[1] >= bh * -(-tq // 16)  # (blocks with many outliers: the vpmaddwd way)
+    words = cgemm.PackedKV(kv.kp, kv.kinit, kv.vp, kv.tk, kv.vo_zv)  # the same packs without the bytes
+    assert torch.equal(cgemm.attention(q, 5, kt, -7, srq, lut, sm, prq, v, 123, kv=words),
+                       cgemm.attention(q, 5, kt, -7, srq, lut, sm, prq, v, 123, kv=kv))
+
+
+def test_byte_way_attention_outliers_and_widest_bytes_are_exact():
+    """A query row with two outliers (their terms added back) and one whose byte pairs sit at the top of the byte
+    range against a key of +127s (the largest byte-pair sums), identity values: the probabilities themselves."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.zeros(1, 4, 64, dtype=torch.int8)
+    q[0, 0, 0], q[0, 0, 1] = 70, -70  # mean 0, two outliers
+    q[0, 1, :32], q[0, 1, 32:] = 64, -64  # mean 0, pairs of bytes 128 (then 0)
+    kt = rnd(-127, 128, (1, 64, 16), g, torch.int8)
+    kt[0, :, 0] = 127
+    v = (torch.eye(16, 64) * 1000).int().unsqueeze(0)  # AV shows the probabilities
+    lut = K.exp_table(0.08, 256)
+    R = K.recip_bits(2 ** 16 - 1)
+    sm = ((2 ** 16 - 1) << R, R + 16, 0, 0, 2 ** 16 - 1)
+    prq = (2 ** 30, 30, -(2 ** 15), -(2 ** 15), 2 ** 15 - 1)
+    srq = (2 ** 30, 38, 0, -128, 127)
+    kv = cgemm.pack_kv(kt, 0, 0, v, 0)
+    cgemm.byte_way_blocks()
+    got = cgemm.attention(q, 0, kt, 0, srq, lut, sm, prq, v, 0, kv=kv)
+    assert cgemm.byte_way_blocks() == (0, 1)
+    assert torch.equal(got, attention_ref(q, 0, kt, 0, srq, lut, sm, prq, v, 0))

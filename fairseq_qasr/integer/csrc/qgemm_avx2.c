@@ -53,6 +53,11 @@ void qasr_pack_batch(const void *b, int type, int64_t bstride, int64_t ldk, int6
                   colsum + i * N);
 }
 
+static inline int64_t floordiv(int64_t a, int64_t b) { /* b > 0 */
+    int64_t q = a / b;
+    return (a % b != 0 && a < 0) ? q - 1 : q;
+}
+
 static void load_rows(const void *a, int type, int64_t lda, int32_t off, int64_t M, int64_t K, int64_t Kh, int reps,
                       int64_t m0, int64_t rows, int16_t *buf, int64_t *rowsum) {
     const int64_t Kp = Kh * reps;
@@ -108,57 +113,184 @@ static inline void flush(int64_t *t, __m256i acc, const int32_t *ratio) {
     _mm256_storeu_si256((__m256i *)(t + 4), _mm256_add_epi64(_mm256_loadu_si256((const __m256i *)(t + 4)), hi));
 }
 
+/* The u8 x s8 way (vpmaddubsw, 32 products an instruction) for int8 left codes and right codes in [-127, 127]
+ * (bq: the same panels as bytes, [Np/16][Kq/4][16][4], Kq = K rounded up to 4). Each row m is centred on
+ * c[m] = round(mean of its codes): u = clamp(a - c, -U8, U8) + U8 in [0, 2 U8] (bytes, unsigned), so a byte pair sums
+ * to at most 2 x 128 x 127 < 2^15: vpmaddubsw cannot saturate, whatever the codes. What the clamp cut off (the
+ * outliers: e = a - c - clamp(a - c)) is added back exactly, one (row, k) at a time, from the int16 panels:
+ *   sum_k (a - off) b = sum_k u b + (c - off - U8) colsum + sum_outliers e b      (times the group ratios)
+ * A block of rows with more than 1/OUT_DIV outliers takes the vpmaddwd way instead. */
+#define U8 64
+#define OUT_DIV 64
+
+typedef struct { int32_t k, e; } outlier;
+
+static int64_t blocks_taken[2]; /* row blocks (GEMM; attention query blocks) taken the vpmaddwd way, the u8 x s8 way */
+
+/* the counts above since the last call (then reset): how often the u8 x s8 way ran */
+void qasr_byte_way_blocks(int64_t *out) {
+#pragma omp critical(qasr_blocks)
+    {
+        out[0] = blocks_taken[0];
+        out[1] = blocks_taken[1];
+        blocks_taken[0] = blocks_taken[1] = 0;
+    }
+}
+
+/* rows of the int8 codes a -> u bytes (K padded to Kq with 0), rowsum (sum of a - off), centre term
+ * cterm = c - off - U8, and the outliers of each row (ostart[r] .. ostart[r + 1]); 0 when there are too many */
+static int load_rows8(const int8_t *a, int64_t lda, int32_t off, int64_t M, int64_t K, int64_t Kq, int64_t m0,
+                      int64_t rows, uint8_t *u, int64_t *rowsum, int64_t *cterm, outlier *ol, int32_t *ostart,
+                      int64_t maxout) {
+    int64_t n = 0;
+    for (int64_t r = 0; r < rows; r++) {
+        uint8_t *dst = u + r * Kq;
+        ostart[r] = (int32_t)n;
+        if (m0 + r >= M) {
+            memset(dst, U8, (size_t)Kq);
+            rowsum[r] = 0;
+            cterm[r] = 0;
+            continue;
+        }
+        const int8_t *src = a + (m0 + r) * lda;
+        int64_t s = 0;
+        for (int64_t k = 0; k < K; k++) s += src[k];
+        const int64_t c = floordiv(2 * s + K, 2 * K); /* round(s / K), half up */
+        rowsum[r] = s - K * off;
+        cterm[r] = c - off - U8;
+        for (int64_t k = 0; k < K; k++) {
+            int64_t v = src[k] - c;
+            if (v > U8 || v < -U8) {
+                if (n >= maxout) return 0;
+                const int64_t cl = v > U8 ? U8 : -U8;
+                ol[n].k = (int32_t)k;
+                ol[n].e = (int32_t)(v - cl);
+                n++;
+                v = cl;
+            }
+            dst[k] = (uint8_t)(v + U8);
+        }
+        memset(dst + K, 0, (size_t)(Kq - K));
+    }
+    ostart[rows] = (int32_t)n;
+    return 1;
+}
+
+/* MR x NR tile over k quads [q0, q1), u8 x s8 */
+static inline void tile8(const uint8_t *u, int64_t ldu, const int8_t *bq, int64_t q0, int64_t q1, __m256i *acc) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    for (int i = 0; i < 2 * MR; i++) acc[i] = _mm256_setzero_si256();
+    for (int64_t q = q0; q < q1; q++) {
+        __m256i b0 = _mm256_loadu_si256((const __m256i *)(bq + q * 64));
+        __m256i b1 = _mm256_loadu_si256((const __m256i *)(bq + q * 64 + 32));
+        for (int r = 0; r < MR; r++) {
+            __m256i x = _mm256_set1_epi32(*(const int32_t *)(u + r * ldu + 4 * q));
+            acc[2 * r] = _mm256_add_epi32(acc[2 * r], _mm256_madd_epi16(_mm256_maddubs_epi16(x, b0), ones));
+            acc[2 * r + 1] = _mm256_add_epi32(acc[2 * r + 1], _mm256_madd_epi16(_mm256_maddubs_epi16(x, b1), ones));
+        }
+    }
+}
+
+/* t[0..16) += e * b[k, n0..n0+16) (* ratio of k's group): b from the int16 panel b16 (row pairs) */
+static inline void add_outlier64(int64_t *t, const int16_t *b16, int64_t k, int64_t e, const int32_t *rg) {
+    const __m256i sel = _mm256_set1_epi32(k & 1 ? 0x10000 : 1), ev = _mm256_set1_epi64x(e);
+    for (int h = 0; h < 2; h++) {
+        __m256i w = _mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)(b16 + (k / 2) * 2 * NR + 16 * h)), sel);
+        if (rg) w = _mm256_mullo_epi32(w, _mm256_loadu_si256((const __m256i *)(rg + 8 * h))); /* |w r| < 2^31 */
+        __m256i lo = _mm256_mul_epi32(_mm256_cvtepi32_epi64(_mm256_castsi256_si128(w)), ev);
+        __m256i hi = _mm256_mul_epi32(_mm256_cvtepi32_epi64(_mm256_extracti128_si256(w, 1)), ev);
+        _mm256_storeu_si256((__m256i *)(t + 8 * h), _mm256_add_epi64(_mm256_loadu_si256((const __m256i *)(t + 8 * h)), lo));
+        _mm256_storeu_si256((__m256i *)(t + 8 * h + 4),
+                            _mm256_add_epi64(_mm256_loadu_si256((const __m256i *)(t + 8 * h + 4)), hi));
+    }
+}
+
+static inline void add_outlier32(int32_t *t, const int16_t *b16, int64_t k, int32_t e) {
+    const __m256i sel = _mm256_set1_epi32(k & 1 ? 0x10000 : 1), ev = _mm256_set1_epi32(e);
+    for (int h = 0; h < 2; h++) {
+        __m256i w = _mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)(b16 + (k / 2) * 2 * NR + 16 * h)), sel);
+        _mm256_storeu_si256((__m256i *)(t + 8 * h),
+                            _mm256_add_epi32(_mm256_loadu_si256((const __m256i *)(t + 8 * h)), _mm256_mullo_epi32(w, ev)));
+    }
+}
+
 void qasr_qgemm(const void *a, int atype, int64_t lda, int32_t off, int reps, int64_t M, int64_t K,
                 const int16_t *bp, int64_t Kp, int64_t Np, int64_t N, int64_t gs, const int32_t *ratio,
                 const int64_t *init, int64_t bz, int rshift, const int64_t *post, int32_t *out32, int64_t *out64,
-                int64_t ldo, int nthreads) {
+                int64_t ldo, const int8_t *bq, const int64_t *colsum, int nthreads) {
     const int64_t panels = Np / NR, groups = (Kp + gs - 1) / gs, gp = gs / 2, pairs = Kp / 2, Kh = Kp / reps;
+    const int64_t Kq = (K + 3) / 4 * 4, quads = Kq / 4, gq = gs / 4;
+    const int byteway = bq && colsum && atype == 0 && reps == 1 && (out32 || gs % 4 == 0);
 #pragma omp parallel num_threads(nthreads)
     {
         const int64_t brows = M < MB ? (M + MR - 1) / MR * MR : MB; /* small M (decoder steps): a small buffer */
         int16_t *buf = aligned_alloc(64, (size_t)((brows * Kp * sizeof(int16_t) + 63) / 64 * 64));
-        int64_t rowsum[MB];
+        uint8_t *ubuf = byteway ? aligned_alloc(64, (size_t)((brows * Kq + 63) / 64 * 64)) : 0;
+        const int64_t maxout = brows * K / OUT_DIV;
+        outlier *ol = byteway ? malloc((size_t)(maxout + 1) * sizeof(outlier)) : 0;
+        int32_t ostart[MB + 1];
+        int64_t rowsum[MB], cterm[MB];
         int32_t t32[MR * NR];
         int64_t t64[MR * NR];
         __m256i acc[2 * MR];
 #pragma omp for schedule(static)
         for (int64_t mb = 0; mb < M; mb += MB) {
             const int64_t rows = mb + MB < M ? MB : M - mb, rows4 = (rows + MR - 1) / MR * MR;
-            load_rows(a, atype, lda, off, M, K, Kh, reps, mb, rows4, buf, rowsum);
+            const int bytes = byteway && load_rows8((const int8_t *)a, lda, off, M, K, Kq, mb, rows4, ubuf, rowsum,
+                                                    cterm, ol, ostart, rows4 * K / OUT_DIV);
+            if (!bytes) load_rows(a, atype, lda, off, M, K, Kh, reps, mb, rows4, buf, rowsum);
+            if (byteway) {
+#pragma omp atomic
+                blocks_taken[bytes]++;
+            }
             for (int64_t pn = 0; pn < panels; pn++) {
                 const int16_t *b = bp + pn * Kp * NR;
+                const int8_t *b8 = bytes ? bq + pn * Kq * NR : 0;
                 const int64_t n0 = pn * NR, nc = N - n0 < NR ? N - n0 : NR;
                 for (int64_t i = 0; i < rows4; i += MR) {
                     const int16_t *arow = buf + i * Kp;
                     const int64_t rc = rows - i < MR ? rows - i : MR;
                     if (out32) {
-                        tile(arow, Kp, b, 0, pairs, acc);
+                        if (bytes) tile8(ubuf + i * Kq, Kq, b8, 0, quads, acc);
+                        else tile(arow, Kp, b, 0, pairs, acc);
                         for (int r = 0; r < MR; r++) {
                             _mm256_storeu_si256((__m256i *)(t32 + r * NR), acc[2 * r]);
                             _mm256_storeu_si256((__m256i *)(t32 + r * NR + 8), acc[2 * r + 1]);
                         }
+                        if (bytes)
+                            for (int64_t r = 0; r < rc; r++)
+                                for (int32_t j = ostart[i + r]; j < ostart[i + r + 1]; j++)
+                                    add_outlier32(t32 + r * NR, b, ol[j].k, ol[j].e);
                         for (int64_t r = 0; r < rc; r++) {
                             int32_t *o = out32 + (mb + i + r) * ldo + n0;
-                            const int64_t rs = bz * rowsum[i + r];
+                            const int64_t rs = bz * rowsum[i + r], ct = bytes ? cterm[i + r] : 0;
                             for (int64_t c = 0; c < nc; c++)
-                                o[c] = (int32_t)(t32[r * NR + c] + (init ? init[n0 + c] : 0) - rs);
+                                o[c] = (int32_t)(t32[r * NR + c] + (init ? init[n0 + c] : 0) - rs +
+                                                 (bytes ? ct * colsum[n0 + c] : 0));
                         }
                         continue;
                     }
                     memset(t64, 0, sizeof(t64));
                     for (int64_t g = 0; g < groups; g++) {
-                        tile(arow, Kp, b, g * gp, (g + 1) * gp < pairs ? (g + 1) * gp : pairs, acc);
+                        if (bytes) tile8(ubuf + i * Kq, Kq, b8, g * gq, (g + 1) * gq < quads ? (g + 1) * gq : quads, acc);
+                        else tile(arow, Kp, b, g * gp, (g + 1) * gp < pairs ? (g + 1) * gp : pairs, acc);
                         const int32_t *rg = ratio ? ratio + g * Np + n0 : 0;
                         for (int r = 0; r < MR; r++) {
                             flush(t64 + r * NR, acc[2 * r], rg);
                             flush(t64 + r * NR + 8, acc[2 * r + 1], rg ? rg + 8 : 0);
                         }
                     }
+                    if (bytes)
+                        for (int64_t r = 0; r < rc; r++)
+                            for (int32_t j = ostart[i + r]; j < ostart[i + r + 1]; j++) {
+                                const int64_t k = ol[j].k;
+                                add_outlier64(t64 + r * NR, b, k, ol[j].e, ratio ? ratio + (k / gs) * Np + n0 : 0);
+                            }
                     for (int64_t r = 0; r < rc; r++) {
                         int64_t *o = out64 + (mb + i + r) * ldo + n0;
-                        const int64_t rs = bz * rowsum[i + r];
+                        const int64_t rs = bz * rowsum[i + r], ct = bytes ? cterm[i + r] : 0;
                         for (int64_t c = 0; c < nc; c++) {
-                            int64_t v = t64[r * NR + c] + (init ? init[n0 + c] : 0) - rs;
+                            int64_t v = t64[r * NR + c] + (init ? init[n0 + c] : 0) - rs + (bytes ? ct * colsum[n0 + c] : 0);
                             if (rshift) v = (v + ((int64_t)1 << (rshift - 1))) >> rshift;
                             o[c] = v + (post ? post[n0 + c] : 0);
                         }
@@ -167,6 +299,8 @@ void qasr_qgemm(const void *a, int atype, int64_t lda, int32_t off, int reps, in
             }
         }
         free(buf);
+        free(ubuf);
+        free(ol);
     }
 }
 
@@ -234,11 +368,16 @@ void qasr_attention(const int8_t *q, int64_t BH, int64_t Tq, int64_t d,
                     const int32_t *lut, int64_t mult_r, int sh, int64_t zpo, int64_t qmino, int64_t qmaxo,
                     int64_t m2, int sh2, int64_t zp2, int64_t qmin2, int64_t qmax2,
                     const int16_t *vp, int64_t vstride, int64_t vKp, int64_t vo_zv, int64_t dp, const int32_t *klen,
-                    int64_t *out, int nthreads) {
+                    const int8_t *kq, const int32_t *kcol, int64_t *out, int nthreads) {
     const int64_t blocks = (Tq + AB - 1) / AB, vpairs = vKp / 2, lda = 2 * vKp; /* pb rows: [high bytes | low bytes] */
 #pragma omp parallel num_threads(nthreads)
     {
         int16_t *qb = aligned_alloc(64, (size_t)((AB * d * 2 + 63) / 64 * 64));
+        const int64_t dq = (d + 3) / 4 * 4, maxout = AB * d / OUT_DIV; /* QK^T the u8 x s8 way where kq is given */
+        uint8_t *ub = kq ? aligned_alloc(64, (size_t)((AB * dq + 63) / 64 * 64)) : 0;
+        outlier *ol = kq ? malloc((size_t)(maxout + 1) * sizeof(outlier)) : 0;
+        int32_t ostart[AB + 1];
+        int64_t cterm[AB];
         int32_t *sc = aligned_alloc(64, (size_t)((AB * Tkp * 4 + 63) / 64 * 64));
         int16_t *pb = aligned_alloc(64, (size_t)((AB * lda * 2 + 63) / 64 * 64));
         int32_t *idx = malloc((size_t)(2 * vpairs) * sizeof(int32_t));
@@ -259,22 +398,50 @@ void qasr_attention(const int8_t *q, int64_t BH, int64_t Tq, int64_t d,
             for (int64_t blk = 0; blk < blocks; blk++) {
                 const int64_t r0 = blk * AB, rows = r0 + AB < Tq ? AB : Tq - r0;
                 const int64_t tk = klen ? klen[h] : Tk; /* keys past tk: masked (probability 0) */
-                for (int64_t r = 0; r < AB; r++) { /* q rows r0.. as int16, zero rows past Tq */
-                    int64_t s = 0;
-                    for (int64_t k = 0; k < d; k++) {
-                        int16_t v = r < rows ? q[(h * Tq + r0 + r) * d + k] : 0;
-                        qb[r * d + k] = v;
-                        s += v;
-                    }
-                    qsum[r] = s;
+                const int64_t rows4q = (rows + MR - 1) / MR * MR;
+                /* q rows r0.. as bytes around their means (as qasr_qgemm's u8 x s8 way), else as int16 */
+                const int bytes = kq && load_rows8(q + h * Tq * d, d, 0, Tq, d, dq, r0, rows4q, ub, qsum, cterm, ol,
+                                                   ostart, rows4q * d / OUT_DIV);
+                if (kq) {
+#pragma omp atomic
+                    blocks_taken[bytes]++;
                 }
+                if (!bytes)
+                    for (int64_t r = 0; r < AB; r++) { /* zero rows past Tq */
+                        int64_t s = 0;
+                        for (int64_t k = 0; k < d; k++) {
+                            int16_t v = r < rows ? q[(h * Tq + r0 + r) * d + k] : 0;
+                            qb[r * d + k] = v;
+                            s += v;
+                        }
+                        qsum[r] = s;
+                    }
                 const int16_t *kb = kp + h * kstride;
-                const int32_t *ki = kinit + h * Tkp;
+                const int32_t *ki = kinit + h * Tkp, *kc = kcol ? kcol + h * Tkp : 0;
                 for (int64_t pn = 0; pn < Tkp / NR; pn++) {
                     const __m256i k0 = _mm256_loadu_si256((const __m256i *)(ki + pn * NR));
                     const __m256i k1 = _mm256_loadu_si256((const __m256i *)(ki + pn * NR + 8));
                     for (int64_t i = 0; i < rows; i += MR) { /* (rows past the last tile: no scores needed) */
-                        tile(qb + i * d, d, kb + pn * d * NR, 0, d / 2, acc);
+                        if (bytes) {
+                            tile8(ub + i * dq, dq, kq + h * (Tkp / NR) * dq * NR + pn * dq * NR, 0, dq / 4, acc);
+                            const __m256i c0 = _mm256_loadu_si256((const __m256i *)(kc + pn * NR));
+                            const __m256i c1 = _mm256_loadu_si256((const __m256i *)(kc + pn * NR + 8));
+                            int32_t t[NR];
+                            for (int r = 0; r < MR; r++) { /* + (c - U8) kcol + the outliers */
+                                const __m256i ct = _mm256_set1_epi32((int32_t)cterm[i + r]);
+                                acc[2 * r] = _mm256_add_epi32(acc[2 * r], _mm256_mullo_epi32(ct, c0));
+                                acc[2 * r + 1] = _mm256_add_epi32(acc[2 * r + 1], _mm256_mullo_epi32(ct, c1));
+                                if (ostart[i + r] == ostart[i + r + 1]) continue;
+                                _mm256_storeu_si256((__m256i *)t, acc[2 * r]);
+                                _mm256_storeu_si256((__m256i *)(t + 8), acc[2 * r + 1]);
+                                for (int32_t j = ostart[i + r]; j < ostart[i + r + 1]; j++)
+                                    add_outlier32(t, kb + pn * d * NR, ol[j].k, ol[j].e);
+                                acc[2 * r] = _mm256_loadu_si256((const __m256i *)t);
+                                acc[2 * r + 1] = _mm256_loadu_si256((const __m256i *)(t + 8));
+                            }
+                        } else {
+                            tile(qb + i * d, d, kb + pn * d * NR, 0, d / 2, acc);
+                        }
                         for (int r = 0; r < MR; r++) { /* exact int32 scores, then their codes */
                             const __m256i rs = _mm256_set1_epi32((int32_t)(zk * qsum[i + r]));
                             int32_t *o = sc + (i + r) * Tkp + pn * NR;
@@ -382,6 +549,8 @@ void qasr_attention(const int8_t *q, int64_t BH, int64_t Tq, int64_t d,
             }
         }
         free(qb);
+        free(ub);
+        free(ol);
         free(sc);
         free(pb);
         free(idx);
@@ -403,10 +572,6 @@ void qasr_isqrt(const int64_t *v, int64_t *out, int64_t n) {
 }
 
 /* --- element-wise integer ops of the engine (kernels.py twins, bit for bit) ----------------------------------- */
-static inline int64_t floordiv(int64_t a, int64_t b) { /* b > 0 */
-    int64_t q = a / b;
-    return (a % b != 0 && a < 0) ? q - 1 : q;
-}
 
 /* kernels.layer_norm_int over rows of n codes: c = n x - sum x, D = max(isqrt((sum c^2 << 2k) / n + eps), 1),
  * xhat = floor((c 2^(17+k) + D) / 2D), out = xhat * gain + bias (int64) */
