@@ -380,7 +380,8 @@ def test_padded_batches_on_c_attention_equal_torch_paths(monkeypatch):
 
 
 def _centred_codes(shape, gen, outliers: float, centre=None):
-    """int8 codes at their row's mean +- 64 (the u8 x s8 way's widest bytes), a share ``outliers`` of them at
+    """int8 codes at their row's mean (``centre``, or random per row) +- 64 (the u8 x s8 way's widest bytes; the GEMM
+    centres blocks of 48 rows, the attention each query row), a share ``outliers`` of them at
     +- 67 (outliers): code j of the first half and code j of the second mirror each other, so the row mean stays
     put, and neighbours (the byte pairs) are independent. The last dimension is even."""
     c = rnd(-60, 61, shape[:-1] + (1,), gen) if centre is None else centre
@@ -399,7 +400,7 @@ def test_byte_way_gemm_is_exact_at_its_worst_cases(grouped, monkeypatch):
     b = (127 * torch.where(torch.rand(k // 2, 1, n, generator=g) < 0.5, 1, -1)).expand(k // 2, 2, n)
     b = b.reshape(k, n).to(torch.int8)
     ratio = rnd(2 ** 23, 2 ** 24 + 1, (n, k // 64), g) if grouped else None
-    a = torch.cat([_centred_codes((96, k), g, 0.005), _centred_codes((54, k), g, 0.1)])  # 48-row blocks
+    a = torch.cat([_centred_codes((96, k), g, 0.005, centre=-9), _centred_codes((54, k), g, 0.1, centre=30)])
     za = -17
     expect = ref(a, b, za, gs=64, ratio=ratio)
     cgemm.byte_way_blocks()

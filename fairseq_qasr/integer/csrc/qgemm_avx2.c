@@ -138,25 +138,32 @@ void qasr_byte_way_blocks(int64_t *out) {
 }
 
 /* rows of the int8 codes a -> u bytes (K padded to Kq with 0), rowsum (sum of a - off), centre term
- * cterm = c - off - U8, and the outliers of each row (ostart[r] .. ostart[r + 1]); 0 when there are too many */
+ * cterm = c - off - U8 (c: each row's rounded mean, or with per_row 0 the block's, the same for all its rows), and
+ * the outliers of each row (ostart[r] .. ostart[r + 1]); 0 when there are more than maxout */
 static int load_rows8(const int8_t *a, int64_t lda, int32_t off, int64_t M, int64_t K, int64_t Kq, int64_t m0,
-                      int64_t rows, uint8_t *u, int64_t *rowsum, int64_t *cterm, outlier *ol, int32_t *ostart,
-                      int64_t maxout) {
-    int64_t n = 0;
-    for (int64_t r = 0; r < rows; r++) {
-        uint8_t *dst = u + r * Kq;
-        ostart[r] = (int32_t)n;
-        if (m0 + r >= M) {
-            memset(dst, U8, (size_t)Kq);
-            rowsum[r] = 0;
-            cterm[r] = 0;
-            continue;
-        }
+                      int64_t rows, int per_row, uint8_t *u, int64_t *rowsum, int64_t *cterm, outlier *ol,
+                      int32_t *ostart, int64_t maxout) {
+    int64_t n = 0, total = 0, real = 0;
+    for (int64_t r = 0; r < rows && m0 + r < M; r++, real++) {
         const int8_t *src = a + (m0 + r) * lda;
         int64_t s = 0;
         for (int64_t k = 0; k < K; k++) s += src[k];
-        const int64_t c = floordiv(2 * s + K, 2 * K); /* round(s / K), half up */
-        rowsum[r] = s - K * off;
+        rowsum[r] = s;
+        total += s;
+    }
+    const int64_t cb = real ? floordiv(2 * total + real * K, 2 * real * K) : 0; /* round(mean), half up */
+    for (int64_t r = 0; r < rows; r++) {
+        uint8_t *dst = u + r * Kq;
+        ostart[r] = (int32_t)n;
+        if (r >= real) {
+            memset(dst, U8, (size_t)Kq);
+            rowsum[r] = 0;
+            cterm[r] = cb - off - U8;
+            continue;
+        }
+        const int8_t *src = a + (m0 + r) * lda;
+        const int64_t c = per_row ? floordiv(2 * rowsum[r] + K, 2 * K) : cb;
+        rowsum[r] -= K * off;
         cterm[r] = c - off - U8;
         for (int64_t k = 0; k < K; k++) {
             int64_t v = src[k] - c;
@@ -214,6 +221,38 @@ static inline void add_outlier32(int32_t *t, const int16_t *b16, int64_t k, int3
     }
 }
 
+/* epilogue of one MR x NR tile, full panel (16 columns): out = t + ci[n] - bz * rowsum[r] (int32 wrapping: the result
+ * fits, so it is exact), rows < rc */
+static inline void store32(int32_t *o, int64_t ldo, const int32_t *t, const int32_t *ci, const int64_t *rowsum,
+                           int64_t bz, int64_t rc) {
+    const __m256i c0 = _mm256_loadu_si256((const __m256i *)ci), c1 = _mm256_loadu_si256((const __m256i *)(ci + 8));
+    for (int64_t r = 0; r < rc; r++) {
+        const __m256i rs = _mm256_set1_epi32((int32_t)(bz * rowsum[r]));
+        _mm256_storeu_si256((__m256i *)(o + r * ldo), _mm256_sub_epi32(
+            _mm256_add_epi32(_mm256_loadu_si256((const __m256i *)(t + r * NR)), c0), rs));
+        _mm256_storeu_si256((__m256i *)(o + r * ldo + 8), _mm256_sub_epi32(
+            _mm256_add_epi32(_mm256_loadu_si256((const __m256i *)(t + r * NR + 8)), c1), rs));
+    }
+}
+
+/* ... int64: v = t + ci[n] - bz * rowsum[r], rounded down by 2^rshift (half up; |v| < 2^62: the shift is logical
+ * on v + 2^62), + post[n] */
+static inline void store64(int64_t *o, int64_t ldo, const int64_t *t, const int64_t *ci, const int64_t *rowsum,
+                           int64_t bz, int rshift, const int64_t *post, int64_t rc) {
+    const __m256i bias = _mm256_set1_epi64x(rshift ? ((int64_t)1 << 62) + ((int64_t)1 << (rshift - 1)) : 0);
+    const __m256i fix = _mm256_set1_epi64x(rshift ? (int64_t)1 << (62 - rshift) : 0);
+    for (int64_t r = 0; r < rc; r++) {
+        const __m256i rs = _mm256_set1_epi64x(bz * rowsum[r]);
+        for (int h = 0; h < NR; h += 4) {
+            __m256i v = _mm256_sub_epi64(_mm256_add_epi64(_mm256_loadu_si256((const __m256i *)(t + r * NR + h)),
+                                                          _mm256_loadu_si256((const __m256i *)(ci + h))), rs);
+            if (rshift) v = _mm256_sub_epi64(_mm256_srli_epi64(_mm256_add_epi64(v, bias), rshift), fix);
+            if (post) v = _mm256_add_epi64(v, _mm256_loadu_si256((const __m256i *)(post + h)));
+            _mm256_storeu_si256((__m256i *)(o + r * ldo + h), v);
+        }
+    }
+}
+
 void qasr_qgemm(const void *a, int atype, int64_t lda, int32_t off, int reps, int64_t M, int64_t K,
                 const int16_t *bp, int64_t Kp, int64_t Np, int64_t N, int64_t gs, const int32_t *ratio,
                 const int64_t *init, int64_t bz, int rshift, const int64_t *post, int32_t *out32, int64_t *out64,
@@ -228,6 +267,9 @@ void qasr_qgemm(const void *a, int atype, int64_t lda, int32_t off, int reps, in
         uint8_t *ubuf = byteway ? aligned_alloc(64, (size_t)((brows * Kq + 63) / 64 * 64)) : 0;
         const int64_t maxout = brows * K / OUT_DIV;
         outlier *ol = byteway ? malloc((size_t)(maxout + 1) * sizeof(outlier)) : 0;
+        int64_t *ci64 = malloc((size_t)Np * sizeof(int64_t)); /* the block's column terms: init (+ centre term) */
+        int32_t *ci32 = malloc((size_t)Np * sizeof(int32_t));
+        int ci_bytes = -1; /* what ci holds: -1 nothing yet, 0 init, 1 a block's init + centre term */
         int32_t ostart[MB + 1];
         int64_t rowsum[MB], cterm[MB];
         int32_t t32[MR * NR];
@@ -236,12 +278,19 @@ void qasr_qgemm(const void *a, int atype, int64_t lda, int32_t off, int reps, in
 #pragma omp for schedule(static)
         for (int64_t mb = 0; mb < M; mb += MB) {
             const int64_t rows = mb + MB < M ? MB : M - mb, rows4 = (rows + MR - 1) / MR * MR;
-            const int bytes = byteway && load_rows8((const int8_t *)a, lda, off, M, K, Kq, mb, rows4, ubuf, rowsum,
+            const int bytes = byteway && load_rows8((const int8_t *)a, lda, off, M, K, Kq, mb, rows4, 0, ubuf, rowsum,
                                                     cterm, ol, ostart, rows4 * K / OUT_DIV);
             if (!bytes) load_rows(a, atype, lda, off, M, K, Kh, reps, mb, rows4, buf, rowsum);
             if (byteway) {
 #pragma omp atomic
                 blocks_taken[bytes]++;
+            }
+            if (bytes || ci_bytes != 0) { /* the centre (one per block) joins the column terms */
+                for (int64_t n = 0; n < Np; n++) {
+                    ci64[n] = (init ? init[n] : 0) + (bytes ? cterm[0] * colsum[n] : 0);
+                    ci32[n] = (int32_t)(uint32_t)ci64[n]; /* (int32 outputs: exact modulo 2^32) */
+                }
+                ci_bytes = bytes;
             }
             for (int64_t pn = 0; pn < panels; pn++) {
                 const int16_t *b = bp + pn * Kp * NR;
@@ -261,12 +310,14 @@ void qasr_qgemm(const void *a, int atype, int64_t lda, int32_t off, int reps, in
                             for (int64_t r = 0; r < rc; r++)
                                 for (int32_t j = ostart[i + r]; j < ostart[i + r + 1]; j++)
                                     add_outlier32(t32 + r * NR, b, ol[j].k, ol[j].e);
+                        if (nc == NR) {
+                            store32(out32 + (mb + i) * ldo + n0, ldo, t32, ci32 + n0, rowsum + i, bz, rc);
+                            continue;
+                        }
                         for (int64_t r = 0; r < rc; r++) {
                             int32_t *o = out32 + (mb + i + r) * ldo + n0;
-                            const int64_t rs = bz * rowsum[i + r], ct = bytes ? cterm[i + r] : 0;
-                            for (int64_t c = 0; c < nc; c++)
-                                o[c] = (int32_t)(t32[r * NR + c] + (init ? init[n0 + c] : 0) - rs +
-                                                 (bytes ? ct * colsum[n0 + c] : 0));
+                            const int64_t rs = bz * rowsum[i + r];
+                            for (int64_t c = 0; c < nc; c++) o[c] = (int32_t)(t32[r * NR + c] + ci64[n0 + c] - rs);
                         }
                         continue;
                     }
@@ -286,11 +337,16 @@ void qasr_qgemm(const void *a, int atype, int64_t lda, int32_t off, int reps, in
                                 const int64_t k = ol[j].k;
                                 add_outlier64(t64 + r * NR, b, k, ol[j].e, ratio ? ratio + (k / gs) * Np + n0 : 0);
                             }
+                    if (nc == NR) {
+                        store64(out64 + (mb + i) * ldo + n0, ldo, t64, ci64 + n0, rowsum + i, bz, rshift,
+                                post ? post + n0 : 0, rc);
+                        continue;
+                    }
                     for (int64_t r = 0; r < rc; r++) {
                         int64_t *o = out64 + (mb + i + r) * ldo + n0;
-                        const int64_t rs = bz * rowsum[i + r], ct = bytes ? cterm[i + r] : 0;
+                        const int64_t rs = bz * rowsum[i + r];
                         for (int64_t c = 0; c < nc; c++) {
-                            int64_t v = t64[r * NR + c] + (init ? init[n0 + c] : 0) - rs + (bytes ? ct * colsum[n0 + c] : 0);
+                            int64_t v = t64[r * NR + c] + ci64[n0 + c] - rs;
                             if (rshift) v = (v + ((int64_t)1 << (rshift - 1))) >> rshift;
                             o[c] = v + (post ? post[n0 + c] : 0);
                         }
@@ -301,6 +357,8 @@ void qasr_qgemm(const void *a, int atype, int64_t lda, int32_t off, int reps, in
         free(buf);
         free(ubuf);
         free(ol);
+        free(ci64);
+        free(ci32);
     }
 }
 
@@ -400,7 +458,7 @@ void qasr_attention(const int8_t *q, int64_t BH, int64_t Tq, int64_t d,
                 const int64_t tk = klen ? klen[h] : Tk; /* keys past tk: masked (probability 0) */
                 const int64_t rows4q = (rows + MR - 1) / MR * MR;
                 /* q rows r0.. as bytes around their means (as qasr_qgemm's u8 x s8 way), else as int16 */
-                const int bytes = kq && load_rows8(q + h * Tq * d, d, 0, Tq, d, dq, r0, rows4q, ub, qsum, cterm, ol,
+                const int bytes = kq && load_rows8(q + h * Tq * d, d, 0, Tq, d, dq, r0, rows4q, 1, ub, qsum, cterm, ol,
                                                    ostart, rows4q * d / OUT_DIV);
                 if (kq) {
 #pragma omp atomic
