@@ -157,28 +157,34 @@ def pack(b: Tensor, group_size: int = 0, ratio: Optional[Tensor] = None, wide: b
 
 
 @cbuild.op("qgemm_avx2(Tensor a, Tensor bp, Tensor bq, Tensor colsum, Tensor ratio, Tensor init, Tensor post, "
-           "Tensor(a!) out, int[] ints) -> ()")
+           "Tensor rq_mult, Tensor rq_shift, Tensor(a!) out, int[] ints) -> ()")
 def _qgemm_op(a: Tensor, bp: Tensor, bq: Tensor, colsum: Tensor, ratio: Tensor, init: Tensor, post: Tensor,
-              out: Tensor, ints: List[int]) -> None:
-    off, reps, k, n, gs, bz, rshift = ints
-    out64 = out.dtype == torch.int64
+              rq_mult: Tensor, rq_shift: Tensor, out: Tensor, ints: List[int]) -> None:
+    off, reps, k, n, gs, bz, rshift, rq, rq_zp, rq_qmin, rq_qmax = ints
+    out64 = out.dtype == torch.int64 or bool(rq)  # rq: int64 values requantized into out's codes
     cbuild.dll().qasr_qgemm(a.data_ptr(), cbuild.TYPES[a.dtype], a.stride(0), off, reps, a.shape[0], k,
                             bp.data_ptr(), bp.shape[1] * 2, bp.shape[0] * NR, n, gs,
                             ratio.data_ptr() if ratio.numel() else None, init.data_ptr() if init.numel() else None,
                             bz, rshift, post.data_ptr() if post.numel() else None,
-                            None if out64 else out.data_ptr(), out.data_ptr() if out64 else None, out.stride(0),
-                            bq.data_ptr() if bq.numel() else None, colsum.data_ptr() if colsum.numel() else None,
-                            torch.get_num_threads())
+                            None if out64 else out.data_ptr(), out.data_ptr() if out64 and not rq else None,
+                            out.stride(0), bq.data_ptr() if bq.numel() else None,
+                            colsum.data_ptr() if colsum.numel() else None,
+                            rq_mult.data_ptr() if rq else None, rq_shift.data_ptr() if rq else None,
+                            int(rq_mult.numel() > 1), rq_zp, rq_qmin, rq_qmax, out.data_ptr() if rq else None,
+                            cbuild.TYPES.get(out.dtype, 0), out.stride(0), torch.get_num_threads())
 
 
 def mm(a: Tensor, p: Packed, za: int = 0, zb: int = 0, out: Optional[Tensor] = None, rshift: int = 0,
-       post: Optional[Tensor] = None) -> Tensor:
+       post: Optional[Tensor] = None, requant: Optional[Tuple[Tensor, Tensor, int, int, int, torch.dtype]] = None
+       ) -> Tensor:
     """Exact ``sum_g ratio_g * ((a - za)_g @ (b - zb)_g)`` (plain ``(a - za) @ (b - zb)`` without ratios; ``zb``
     must be 0 with them) for integer codes ``a [M, K]`` of up to 16 bits (int8, or int16/int32 storage spanning at
     most 2^16 values; rows may be strided): int32 when one int32 accumulator holds the whole sum (int8 codes, no
     groups), else int64. ``out``: a preallocated ``[M, N]`` tensor of that dtype (rows may be strided). int64 only:
     ``rshift`` rounds the result down by ``2^rshift`` (half up), then ``post [N]`` (int64; or padded to ``Np``) is
-    added."""
+    added. ``requant = (multiplier, shift, zp, qmin, qmax, dtype)`` (int64 only; one multiplier/shift or one per
+    column): the int64 results never reach memory; returns their codes as :func:`cops.requantize` would
+    (``clamp(((v * m + 2^(sh-1)) >> sh) + zp, qmin, qmax)``) in ``dtype`` (int8/int16/int32)."""
     cbuild.dll()  # (a clear error where the kernels are not available)
     if a.dim() != 2 or a.shape[1] != p.k:
         raise ValueError(f"cgemm.mm: left operand {tuple(a.shape)} does not match K={p.k}")
@@ -197,6 +203,16 @@ def mm(a: Tensor, p: Packed, za: int = 0, zb: int = 0, out: Optional[Tensor] = N
     if not p.out64 and a.dtype != torch.int8:
         raise ValueError("cgemm.mm: 16-bit left operand needs a right operand packed with wide=True")
     dtype = torch.int64 if p.out64 else torch.int32
+    rq_m, rq_sh, rq_ints = cbuild.NONE64, cbuild.NONE64, [0, 0, 0, 0]
+    if requant is not None:
+        m, sh, zp, qmin, qmax, rq_dtype = requant
+        if not p.out64 or out is not None or rq_dtype not in (torch.int8, torch.int16, torch.int32) \
+                or m.numel() not in (1, p.n) or sh.numel() not in (1, m.numel()):
+            raise ValueError("cgemm.mm: requant needs int64 results, one multiplier/shift or one per column, no out")
+        rq_m = m.reshape(-1).long().contiguous()
+        rq_sh = sh.reshape(-1).long().expand(rq_m.numel()).contiguous()
+        rq_ints = [1, int(zp), int(qmin), int(qmax)]
+        dtype = rq_dtype
     if out is None:
         out = torch.empty(a.shape[0], p.n, dtype=dtype)
     elif out.dtype != dtype or tuple(out.shape) != (a.shape[0], p.n) or (out.numel() and out.stride(1) != 1):
@@ -209,7 +225,8 @@ def mm(a: Tensor, p: Packed, za: int = 0, zb: int = 0, out: Optional[Tensor] = N
     byteway = p.bq is not None and a.dtype == torch.int8
     _qgemm_op(a, p.bp, p.bq if byteway else NONE8, p.colsum_np if byteway else cbuild.NONE64,
               p.ratio if p.ratio is not None else cbuild.NONE32, init,
-              cbuild.NONE64 if post is None else post.contiguous(), out, [off, p.reps, p.k, p.n, p.gs, zb, rshift])
+              cbuild.NONE64 if post is None else post.contiguous(), rq_m, rq_sh, out,
+              [off, p.reps, p.k, p.n, p.gs, zb, rshift, *rq_ints])
     return out
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -46,6 +46,21 @@ class Acc:
     t: Tensor            # int32 / int64 accumulator
     scale: Any = None    # compile mode only: scalar tensor or per-last-dim tensor
     headroom: int = 0    # bits beyond the int32 range (int64 values; consumers' multipliers are shortened to match)
+
+
+class GemmAcc(Acc):
+    """An Acc still to be computed by a GEMM: ``run(None)`` gives the accumulator (on first use of ``t``),
+    ``run((m, shift, zp, qmin, qmax, dtype))`` the codes requantized in the GEMM's epilogue (the accumulator never
+    reaches memory; :meth:`IntegerEngine.requant` does this when the accumulator is not needed otherwise)."""
+
+    def __init__(self, run: Callable[[Optional[tuple]], Tensor], cols: int, scale: Any = None, headroom: int = 0):
+        self.run, self.cols, self._t, self.scale, self.headroom = run, cols, None, scale, headroom
+
+    @property
+    def t(self) -> Tensor:
+        if self._t is None:
+            self._t = self.run(None)
+        return self._t
 
 
 def _has(model: torch.nn.Module, path: str) -> bool:
@@ -153,6 +168,9 @@ class IntegerEngine:
                 c = fused.requant(x.c, m, sh, zp + off, qmin + off, qmax + off, sub=x.z)
             else:
                 c = fused.requant(acc.t, m, sh, zp + off, qmin + off, qmax + off)
+        elif isinstance(x, GemmAcc) and x._t is None and self.FUSE_REQUANT \
+                and (m.numel() == 1 or m.numel() == m.shape[-1] == x.cols):
+            c = x.run((m, sh, zp + off, qmin + off, qmax + off, dtype))  # requantized in the GEMM's epilogue
         elif isinstance(x, QT):  # codes minus their zero point, inside the kernel
             c = K.requantize(x.c, m, sh, zp + off, qmin + off, qmax + off, dtype, sub=x.z)
         else:
@@ -228,6 +246,7 @@ class IntegerEngine:
     ADD_FRAC_BITS = 14  # residual adds of 8-bit codes sum on max(s_a, s_b) * 2^-14 (int32)
     ADD_FRAC_BITS_WIDE = 22  # ... of 16-bit codes on max(s_a, s_b) * 2^-22 (int64): factor and multiplier
     #                          rounding balanced (2^-23 and 2^-23 relative), ~1/64 LSB of a 16-bit code
+    FUSE_REQUANT = True  # grouped Linears (C kernels): the consumer's requantization runs in the GEMM's epilogue
     GROUP_ACC_FRAC_BITS = 8  # grouped accumulators keep 8 more fractional bits (int64, |acc| < 2^39)
 
     def linear(self, name: str, x: QT) -> Acc:
@@ -243,6 +262,8 @@ class IntegerEngine:
         ratios = self.t.get("gk:" + name)
         if ratios is not None:
             f = self.GROUP_ACC_FRAC_BITS
+            if K.int8_gemm_backend() == "avx2" and not self.compiling:  # the consumer's requantization may fuse
+                return GemmAcc(lambda rq: self._grouped_gemm(name, x, ratios, rq), ratios.shape[0], None, f)
             return Acc(self._grouped_gemm(name, x, ratios), scale * 2.0 ** -f if scale is not None else None, f)
         if x.c.dtype != torch.int8:  # 16-bit codes: exact int64 accumulator (int32 could overflow at K = 1536)
             prepared = self._prep.get("linw:" + name)
@@ -264,7 +285,8 @@ class IntegerEngine:
         span = max(abs(qmin + off - x.z), abs(qmax + off - x.z))
         return max(0, math.ceil(math.log2(k * span * 128 + 2 ** 31)) - 31)
 
-    def _grouped_gemm(self, name: str, x: QT, ratios: Tensor) -> Tensor:
+    def _grouped_gemm(self, name: str, x: QT, ratios: Tensor, requant: Optional[tuple] = None) -> Tensor:
+        """The grouped Linear's int64 accumulator; with ``requant`` (C kernels only) its codes on a grid instead."""
         gs = int(self.meta["w:" + name]["group_size"])
         lead = x.c.shape[:-1]
         xc = x.c.reshape(-1, x.c.shape[-1])
@@ -276,7 +298,7 @@ class IntegerEngine:
                 post = torch.zeros(pk.np_, dtype=torch.int64)  # padded to the kernel's column count
                 post[:pk.n] = self._group_bias(name, ratios, shift)
                 packed = self._prep["grpc:" + name] = (pk, post)
-            return cgemm.mm(xc, packed[0], x.z, rshift=shift, post=packed[1]).view(*lead, ratios.shape[0])
+            return cgemm.mm(xc, packed[0], x.z, rshift=shift, post=packed[1], requant=requant).view(*lead, ratios.shape[0])
         else:  # one int32 GEMM per group
             groups = self._prep.get("grp:" + name)
             if groups is None:  # per group: contiguous [gs, N] weight slice, its column sums, the int64 ratios

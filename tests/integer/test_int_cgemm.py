@@ -464,3 +464,26 @@ def test_byte_way_attention_outliers_and_widest_bytes_are_exact():
     got = cgemm.attention(q, 0, kt, 0, srq, lut, sm, prq, v, 0, kv=kv)
     assert cgemm.byte_way_blocks() == (0, 1)
     assert torch.equal(got, attention_ref(q, 0, kt, 0, srq, lut, sm, prq, v, 0))
+
+
+@pytest.mark.parametrize("out_dtype", [torch.int8, torch.int16, torch.int32])
+@pytest.mark.parametrize("per_col", [False, True])
+def test_requantization_in_the_gemm_epilogue_equals_requantize(out_dtype, per_col):
+    """``mm(..., requant=...)``: the grouped GEMM's int64 results (rounding shift, bias) requantized in its epilogue,
+    never stored, equal :func:`cops.requantize` of the stored results; partial panels (N = 37) and both ways."""
+    g = torch.Generator().manual_seed(per_col + 3 * out_dtype.itemsize)
+    m_rows, k, n = 101, 256, 37
+    b = rnd(-127, 128, (k, n), g, torch.int8)
+    ratio = rnd(2 ** 20, 2 ** 24 + 1, (n, k // 64), g)
+    p = cgemm.pack(b, 64, ratio)
+    post = rnd(-2 ** 20, 2 ** 20, (n,), g).long()
+    info = torch.iinfo(out_dtype)
+    m = rnd(2 ** 20, 2 ** 31 - 1, (n,) if per_col else (), g).long()
+    sh = rnd(44, 52, (n,) if per_col else (), g).long()
+    zp = 7 if out_dtype == torch.int8 else -300
+    for a in (_centred_codes((m_rows, k), g, 0.002, centre=3), rnd(-128, 128, (m_rows, k), g, torch.int8)):
+        expect = cops.requantize(cgemm.mm(a, p, 5, rshift=8, post=post), m, sh, zp, info.min, info.max, out_dtype)
+        got = cgemm.mm(a, p, 5, rshift=8, post=post, requant=(m, sh, zp, info.min, info.max, out_dtype))
+        assert got.dtype == out_dtype and torch.equal(got, expect)
+    with pytest.raises(ValueError, match="requant"):
+        cgemm.mm(a, cgemm.pack(b), requant=(m, sh, zp, info.min, info.max, out_dtype))

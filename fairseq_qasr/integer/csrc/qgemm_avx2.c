@@ -221,6 +221,37 @@ static inline void add_outlier32(int32_t *t, const int16_t *b16, int64_t k, int3
     }
 }
 
+static inline int64_t rq1(int64_t a, int64_t m, int64_t sh, int64_t zp, int64_t qmin, int64_t qmax);
+static void rq_row(const void *acc, int type, int64_t cols, int64_t sub, const int64_t *mult, const int64_t *shift,
+                   int per_col, int64_t zp, int64_t qmin, int64_t qmax, void *out, int otype);
+static int rq_vector_ok(const int64_t *mult, const int64_t *shift, int64_t n, int otype, int64_t qmin, int64_t qmax);
+
+/* A requantization fused into a GEMM's int64 epilogue (qasr_requant's arithmetic on the values the int64 output
+ * would hold): out codes [M, N] (row stride ldr) of type otype (0 int8, 1 int16, 2 int32) */
+typedef struct {
+    const int64_t *mult, *shift;
+    int per_col, otype, vec;
+    int64_t zp, qmin, qmax, ldr;
+    void *out;
+} rq_epilogue;
+
+/* values v[0..nc) of output row m, columns n0.. -> their codes */
+static inline void rq_tile_row(const rq_epilogue *rq, const int64_t *v, int64_t m, int64_t n0, int64_t nc) {
+    char *o = (char *)rq->out + (m * rq->ldr + n0) * ((int64_t)1 << rq->otype);
+    const int64_t j0 = rq->per_col ? n0 : 0;
+    if (rq->vec && nc == NR) {
+        rq_row(v, 3, NR, 0, rq->mult + j0, rq->shift + j0, rq->per_col, rq->zp, rq->qmin, rq->qmax, o, rq->otype);
+        return;
+    }
+    for (int64_t c = 0; c < nc; c++) {
+        const int64_t j = rq->per_col ? j0 + c : 0;
+        const int64_t y = rq1(v[c], rq->mult[j], rq->shift[j], rq->zp, rq->qmin, rq->qmax);
+        if (rq->otype == 2) ((int32_t *)o)[c] = (int32_t)y;
+        else if (rq->otype == 1) ((int16_t *)o)[c] = (int16_t)y;
+        else ((int8_t *)o)[c] = (int8_t)y;
+    }
+}
+
 /* epilogue of one MR x NR tile, full panel (16 columns): out = t + ci[n] - bz * rowsum[r] (int32 wrapping: the result
  * fits, so it is exact), rows < rc */
 static inline void store32(int32_t *o, int64_t ldo, const int32_t *t, const int32_t *ci, const int64_t *rowsum,
@@ -238,7 +269,9 @@ static inline void store32(int32_t *o, int64_t ldo, const int32_t *t, const int3
 /* ... int64: v = t + ci[n] - bz * rowsum[r], rounded down by 2^rshift (half up; |v| < 2^62: the shift is logical
  * on v + 2^62), + post[n] */
 static inline void store64(int64_t *o, int64_t ldo, const int64_t *t, const int64_t *ci, const int64_t *rowsum,
-                           int64_t bz, int rshift, const int64_t *post, int64_t rc) {
+                           int64_t bz, int rshift, const int64_t *post, int64_t rc, const rq_epilogue *rq,
+                           int64_t m0, int64_t n0) {
+    int64_t row[NR];
     const __m256i bias = _mm256_set1_epi64x(rshift ? ((int64_t)1 << 62) + ((int64_t)1 << (rshift - 1)) : 0);
     const __m256i fix = _mm256_set1_epi64x(rshift ? (int64_t)1 << (62 - rshift) : 0);
     for (int64_t r = 0; r < rc; r++) {
@@ -248,16 +281,23 @@ static inline void store64(int64_t *o, int64_t ldo, const int64_t *t, const int6
                                                           _mm256_loadu_si256((const __m256i *)(ci + h))), rs);
             if (rshift) v = _mm256_sub_epi64(_mm256_srli_epi64(_mm256_add_epi64(v, bias), rshift), fix);
             if (post) v = _mm256_add_epi64(v, _mm256_loadu_si256((const __m256i *)(post + h)));
-            _mm256_storeu_si256((__m256i *)(o + r * ldo + h), v);
+            _mm256_storeu_si256((__m256i *)(rq ? row + h : o + r * ldo + h), v);
         }
+        if (rq) rq_tile_row(rq, row, m0 + r, n0, NR);
     }
 }
 
 void qasr_qgemm(const void *a, int atype, int64_t lda, int32_t off, int reps, int64_t M, int64_t K,
                 const int16_t *bp, int64_t Kp, int64_t Np, int64_t N, int64_t gs, const int32_t *ratio,
                 const int64_t *init, int64_t bz, int rshift, const int64_t *post, int32_t *out32, int64_t *out64,
-                int64_t ldo, const int8_t *bq, const int64_t *colsum, int nthreads) {
+                int64_t ldo, const int8_t *bq, const int64_t *colsum, const int64_t *rq_mult, const int64_t *rq_shift,
+                int rq_per_col, int64_t rq_zp, int64_t rq_qmin, int64_t rq_qmax, void *rq_out, int rq_otype,
+                int64_t ldr, int nthreads) {
     const int64_t panels = Np / NR, groups = (Kp + gs - 1) / gs, gp = gs / 2, pairs = Kp / 2, Kh = Kp / reps;
+    /* rq_out: the int64 values are requantized in the epilogue (qasr_requant's arithmetic) instead of stored */
+    rq_epilogue rqe = {rq_mult, rq_shift, rq_per_col, rq_otype, 0, rq_zp, rq_qmin, rq_qmax, ldr, rq_out};
+    if (rq_out) rqe.vec = rq_vector_ok(rq_mult, rq_shift, rq_per_col ? N : 1, rq_otype, rq_qmin, rq_qmax);
+    const rq_epilogue *rq = rq_out && !out32 ? &rqe : 0;
     const int64_t Kq = (K + 3) / 4 * 4, quads = Kq / 4, gq = gs / 4;
     const int byteway = bq && colsum && atype == 0 && reps == 1 && (out32 || gs % 4 == 0);
 #pragma omp parallel num_threads(nthreads)
@@ -338,18 +378,19 @@ void qasr_qgemm(const void *a, int atype, int64_t lda, int32_t off, int reps, in
                                 add_outlier64(t64 + r * NR, b, k, ol[j].e, ratio ? ratio + (k / gs) * Np + n0 : 0);
                             }
                     if (nc == NR) {
-                        store64(out64 + (mb + i) * ldo + n0, ldo, t64, ci64 + n0, rowsum + i, bz, rshift,
-                                post ? post + n0 : 0, rc);
+                        store64(rq ? 0 : out64 + (mb + i) * ldo + n0, ldo, t64, ci64 + n0, rowsum + i, bz, rshift,
+                                post ? post + n0 : 0, rc, rq, mb + i, n0);
                         continue;
                     }
                     for (int64_t r = 0; r < rc; r++) {
-                        int64_t *o = out64 + (mb + i + r) * ldo + n0;
+                        int64_t row[NR], *o = rq ? row : out64 + (mb + i + r) * ldo + n0;
                         const int64_t rs = bz * rowsum[i + r];
                         for (int64_t c = 0; c < nc; c++) {
                             int64_t v = t64[r * NR + c] + ci64[n0 + c] - rs;
                             if (rshift) v = (v + ((int64_t)1 << (rshift - 1))) >> rshift;
                             o[c] = v + (post ? post[n0 + c] : 0);
                         }
+                        if (rq) rq_tile_row(rq, row, mb + i + r, n0, nc);
                     }
                 }
             }
@@ -770,13 +811,18 @@ static void rq_row(const void *acc, int type, int64_t cols, int64_t sub, const i
     }
 }
 
+/* whether rq_row's vector path applies: its operand ranges (n multipliers / shifts) */
+static int rq_vector_ok(const int64_t *mult, const int64_t *shift, int64_t n, int otype, int64_t qmin, int64_t qmax) {
+    int vec = otype == 2 ? qmin >= INT32_MIN && qmax <= INT32_MAX : qmin >= -32768 && qmax <= 32767;
+    for (int64_t j = 0; vec && j < n; j++)
+        vec = mult[j] >= 0 && mult[j] < ((int64_t)1 << 31) && shift[j] >= 1 && shift[j] <= 62;
+    return vec;
+}
+
 void qasr_requant(const void *acc, int type, int64_t rows, int64_t cols, int64_t sub, const int64_t *mult,
                   const int64_t *shift, int per_col, int64_t zp, int64_t qmin, int64_t qmax, void *out, int otype,
                   int nthreads) {
-    int vec = otype == 2 ? qmin >= INT32_MIN && qmax <= INT32_MAX : qmin >= -32768 && qmax <= 32767;
-    for (int64_t j = 0; vec && j < (per_col ? cols : 1); j++) /* the vector path's operand ranges */
-        vec = mult[j] >= 0 && mult[j] < ((int64_t)1 << 31) && shift[j] >= 1 && shift[j] <= 62;
-    if (vec) {
+    if (rq_vector_ok(mult, shift, per_col ? cols : 1, otype, qmin, qmax)) {
         const int64_t osize = (int64_t)1 << otype, asize = (int64_t)1 << type; /* 1, 2, 4, 8 bytes */
 #pragma omp parallel for num_threads(nthreads) schedule(static) if (rows * cols >= 65536)
         for (int64_t r = 0; r < rows; r++)
