@@ -1,6 +1,8 @@
-"""Exact integer GEMMs on the C kernels (:mod:`.cbuild`): int8 or 16-bit codes, ``vpmaddwd`` into int32, optional
-per-group partial sums combined with integer ratios in int64 (per-group weight scales), zero points and a rounding
-shift + bias folded into the epilogue; and the one-pass attention (QK^T, softmax, AV per head and 16 query rows).
+"""Exact integer GEMMs on the C kernels (:mod:`.cbuild`): int8 or 16-bit codes, ``vpmaddwd`` into int32 (int8 codes
+times right codes in [-127, 127]: the u8 x s8 ``vpmaddubsw`` way, bytes centred and clamped so no pair sum can
+saturate, outliers added back), optional per-group partial sums combined with integer ratios in int64 (per-group
+weight scales), zero points, a rounding shift + bias and optionally the consumer's requantization folded into the
+epilogue; and the one-pass attention (QK^T, softmax, AV per head and 16 query rows).
 
 Why: ``torch._int_mm`` is fast only with int8 dot-product instructions (VNNI/AMX). Without them the fastest exact
 integer GEMM had been the numba kernel (one horizontal reduction per output); this one is register-blocked (4 rows x
