@@ -114,9 +114,10 @@ static inline void flush(int64_t *t, __m256i acc, const int32_t *ratio) {
 }
 
 /* The u8 x s8 way (vpmaddubsw, 32 products an instruction) for int8 left codes and right codes in [-127, 127]
- * (bq: the same panels as bytes, [Np/16][Kq/4][16][4], Kq = K rounded up to 4). Each row m is centred on
- * c[m] = round(mean of its codes): u = clamp(a - c, -U8, U8) + U8 in [0, 2 U8] (bytes, unsigned), so a byte pair sums
- * to at most 2 x 128 x 127 < 2^15: vpmaddubsw cannot saturate, whatever the codes. What the clamp cut off (the
+ * (bq: the same panels as bytes, [Np/16][Kq/4][16][4], Kq = K rounded up to 4). The codes of a block of rows (GEMM),
+ * or of each row (attention queries), are centred on c = round(their mean): u = clamp(a - c, -U8, U8) + U8 in
+ * [0, 2 U8] (bytes, unsigned), so a byte pair sums to at most 2 x 128 x 127 < 2^15: vpmaddubsw cannot saturate,
+ * whatever the codes. What the clamp cut off (the
  * outliers: e = a - c - clamp(a - c)) is added back exactly, one (row, k) at a time, from the int16 panels:
  *   sum_k (a - off) b = sum_k u b + (c - off - U8) colsum + sum_outliers e b      (times the group ratios)
  * A block of rows with more than 1/OUT_DIV outliers takes the vpmaddwd way instead. */
@@ -203,7 +204,7 @@ static inline void add_outlier64(int64_t *t, const int16_t *b16, int64_t k, int6
     const __m256i sel = _mm256_set1_epi32(k & 1 ? 0x10000 : 1), ev = _mm256_set1_epi64x(e);
     for (int h = 0; h < 2; h++) {
         __m256i w = _mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)(b16 + (k / 2) * 2 * NR + 16 * h)), sel);
-        if (rg) w = _mm256_mullo_epi32(w, _mm256_loadu_si256((const __m256i *)(rg + 8 * h))); /* |w r| < 2^31 */
+        if (rg) w = _mm256_mullo_epi32(w, _mm256_loadu_si256((const __m256i *)(rg + 8 * h))); /* |w r| < 2^31: pack */
         __m256i lo = _mm256_mul_epi32(_mm256_cvtepi32_epi64(_mm256_castsi256_si128(w)), ev);
         __m256i hi = _mm256_mul_epi32(_mm256_cvtepi32_epi64(_mm256_extracti128_si256(w, 1)), ev);
         _mm256_storeu_si256((__m256i *)(t + 8 * h), _mm256_add_epi64(_mm256_loadu_si256((const __m256i *)(t + 8 * h)), lo));
