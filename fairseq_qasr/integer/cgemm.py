@@ -235,7 +235,7 @@ def mm(a: Tensor, p: Packed, za: int = 0, zb: int = 0, out: Optional[Tensor] = N
 
 def byte_way_blocks() -> Tuple[int, int]:
     """Row blocks of int8 left codes (times right codes in [-127, 127]) since the last call that took the vpmaddwd
-    way (too many codes far from their row's mean) and the u8 x s8 way; resets the counts."""
+    way (too many codes far from their block's mean) and the u8 x s8 way; resets the counts."""
     out = torch.zeros(2, dtype=torch.int64)
     cbuild.dll().qasr_byte_way_blocks(out.data_ptr())
     return int(out[0]), int(out[1])
