@@ -97,12 +97,14 @@ def _pack_into(b: Tensor, part: int, bp: Tensor, k0: int, colsum: Tensor) -> Non
 
 
 def _byte_panels(b: Tensor) -> Tensor:
-    """Codes ``b [K, N]`` in the u8 x s8 kernel's layout: ``[Np/16, Kq/4, 16, 4]`` int8 (zero padded)."""
-    k, n = b.shape
+    """Codes ``b [..., K, N]`` in the u8 x s8 kernel's layout: ``[..., Np/16, Kq/4, 16, 4]`` int8 (zero padded)."""
+    *lead, k, n = b.shape
     kq, np_ = -(-k // 4) * 4, -(-n // NR) * NR
-    full = torch.zeros(kq, np_, dtype=torch.int8)
-    full[:k, :n] = b
-    return full.view(kq // 4, 4, np_ // NR, NR).permute(2, 0, 3, 1).contiguous()
+    full = torch.zeros(*lead, kq, np_, dtype=torch.int8)
+    full[..., :k, :n] = b
+    d = len(lead)
+    perm = (*range(d), d + 2, d, d + 3, d + 1)
+    return full.view(*lead, kq // 4, 4, np_ // NR, NR).permute(*perm).contiguous()
 
 
 def pack(b: Tensor, group_size: int = 0, ratio: Optional[Tensor] = None, wide: bool = False,
@@ -294,11 +296,8 @@ def pack_kv(kt: Tensor, zq: int, zk: int, v: Tensor, zv: int) -> PackedKV:
     vp, _ = pack_batch(v if not vo else v.int() - vo, 16)  # (the kernel scans key pairs 8 at a time)
     kv = PackedKV(kp, kinit, vp, tk, vo - zv)
     if BYTE_WAY and d % 4 == 0 and kt.numel() and int(kt.min()) >= -127:
-        tkp = kp.shape[1] * NR
-        full = torch.zeros(bh, d, tkp, dtype=torch.int8)
-        full[:, :, :tk] = kt
-        kv.kq = full.view(bh, d // 4, 4, tkp // NR, NR).permute(0, 3, 1, 4, 2).contiguous()
-        kv.kcol = torch.zeros(bh, tkp, dtype=torch.int32)
+        kv.kq = _byte_panels(kt)
+        kv.kcol = torch.zeros(bh, kp.shape[1] * NR, dtype=torch.int32)
         kv.kcol[:, :tk] = kcol
     return kv
 

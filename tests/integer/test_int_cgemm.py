@@ -223,7 +223,7 @@ def test_one_pass_attention_equals_the_formula(tk, peaky, grid):
     p16 = "p16" in grid
     omax = 2 ** 16 - 1 if p16 else 255
     R = K.recip_bits(omax)
-    sm = (omax << R, R + (16 if p16 else 8), 0, 0, omax)
+    sm = (omax << R, R, 0, 0, omax)  # probability 1 -> code omax: the whole output grid is used
     prq = (2 ** 30, 30, -(2 ** 15), -(2 ** 15), 2 ** 15 - 1) if p16 else (2 ** 30, 30, -128, -128, 127)
     vlo, vhi, zv = {"p16_v16": (-(2 ** 15), 2 ** 15, 5479), "p16_u16": (0, 2 ** 16, 40000),
                     "p8_v8": (-128, 128, 3), "s16_p16_v16": (-(2 ** 15), 2 ** 15, -123)}[grid]
@@ -336,7 +336,7 @@ def test_one_pass_attention_with_key_padding_equals_the_formula():
     v = rnd(-(2 ** 15), 2 ** 15, (bh, tk, d), g)
     lut = K.exp_table(0.08, 256)
     R = K.recip_bits(2 ** 16 - 1)
-    sm = ((2 ** 16 - 1) << R, R + 16, 0, 0, 2 ** 16 - 1)
+    sm = ((2 ** 16 - 1) << R, R, 0, 0, 2 ** 16 - 1)  # probability 1 -> 65535
     prq = (2 ** 30, 30, -(2 ** 15), -(2 ** 15), 2 ** 15 - 1)
     klen = torch.tensor([0, 1, 17, 150, 299, 300], dtype=torch.int32)
     for shift in (39, 45):  # peaky, flat
@@ -431,7 +431,7 @@ def test_byte_way_attention_equals_the_formula(tq):
     v = rnd(-(2 ** 15), 2 ** 15, (bh, tk, d), g)
     lut = K.exp_table(0.08, 256)
     R = K.recip_bits(2 ** 16 - 1)
-    sm = ((2 ** 16 - 1) << R, R + 16, 0, 0, 2 ** 16 - 1)
+    sm = ((2 ** 16 - 1) << R, R, 0, 0, 2 ** 16 - 1)  # probability 1 -> 65535
     prq = (2 ** 30, 30, -(2 ** 15), -(2 ** 15), 2 ** 15 - 1)
     srq = (int(0.6 * 2 ** 31), 41, -3, -128, 127)  # ~1/1700 of a score a code, unclamped: outlier terms show
     kv = cgemm.pack_kv(kt, 5, -7, v, 123)
@@ -448,25 +448,28 @@ def test_byte_way_attention_equals_the_formula(tq):
 
 
 def test_byte_way_attention_outliers_and_widest_bytes_are_exact():
-    """A query row with two outliers (their terms added back) and one whose byte pairs sit at the top of the byte
-    range against a key of +127s (the largest byte-pair sums), identity values: the probabilities themselves."""
+    """Scores seen ~1/256 a code, probabilities through identity values. (1) a query row with two large outliers
+    (their terms added back) against random keys; (2) a row whose byte pairs sit at the top of the byte range against
+    a key of +127s (the largest byte-pair sums) among small keys, so that key's probability shows any saturation."""
     g = torch.Generator().manual_seed(0)
-    q = torch.zeros(1, 4, 64, dtype=torch.int8)
-    q[0, 0, 0], q[0, 0, 1] = 70, -70  # mean 0, two outliers
-    q[0, 1, :32], q[0, 1, 32:] = 64, -64  # mean 0, pairs of bytes 128 (then 0)
-    kt = rnd(-127, 128, (1, 64, 16), g, torch.int8)
-    kt[0, :, 0] = 127
-    v = (torch.eye(16, 64) * 1000).int().unsqueeze(0)  # AV shows the probabilities
     lut = K.exp_table(0.08, 256)
     R = K.recip_bits(2 ** 16 - 1)
-    sm = ((2 ** 16 - 1) << R, R + 16, 0, 0, 2 ** 16 - 1)
+    sm = ((2 ** 16 - 1) << R, R, 0, 0, 2 ** 16 - 1)  # probability 1 -> 65535
     prq = (2 ** 30, 30, -(2 ** 15), -(2 ** 15), 2 ** 15 - 1)
     srq = (2 ** 30, 38, 0, -128, 127)
-    kv = cgemm.pack_kv(kt, 0, 0, v, 0)
-    cgemm.byte_way_blocks()
-    got = cgemm.attention(q, 0, kt, 0, srq, lut, sm, prq, v, 0, kv=kv)
-    assert cgemm.byte_way_blocks() == (0, 1)
-    assert torch.equal(got, attention_ref(q, 0, kt, 0, srq, lut, sm, prq, v, 0))
+    v = (torch.eye(16, 64) * 1000).int().unsqueeze(0)
+    q = torch.zeros(1, 4, 64, dtype=torch.int8)
+    q[0, 0, 0], q[0, 0, 32] = 100, -100  # mean 0, outliers of 36
+    q[0, 1, :32], q[0, 1, 32:] = 64, -64  # mean 0, bytes 128 then 0
+    random_keys = rnd(-127, 128, (1, 64, 16), g, torch.int8)
+    small_keys = rnd(-3, 4, (1, 64, 16), g, torch.int8)
+    small_keys[0, :, 0] = 127
+    for kt in (random_keys, small_keys):
+        kv = cgemm.pack_kv(kt, 0, 0, v, 0)
+        cgemm.byte_way_blocks()
+        got = cgemm.attention(q, 0, kt, 0, srq, lut, sm, prq, v, 0, kv=kv)
+        assert cgemm.byte_way_blocks() == (0, 1)
+        assert torch.equal(got, attention_ref(q, 0, kt, 0, srq, lut, sm, prq, v, 0))
 
 
 @pytest.mark.parametrize("out_dtype", [torch.int8, torch.int16, torch.int32])
