@@ -48,6 +48,22 @@ def decoding_steps(batches: List[dict]) -> List[Any]:
     return [lambda m, b=b: step(m, b) for b in batches]
 
 
+def search_steps(batches: List[dict], max_steps: int = 8) -> List[Any]:
+    """Run each batch the way fairseq's search (``fairseq-generate``) calls the model: ``encoder.forward_torchscript``,
+    then ``decoder.forward`` one token at a time with the incremental state (the reference tokens, at most
+    ``max_steps``), then ``get_normalized_probs``. Those calls bypass ``module(...)``; the auditor sees whether the
+    model's own ops still run quantized."""
+    def steps(model: torch.nn.Module, b: dict) -> None:
+        enc = model.encoder.forward_torchscript(b)
+        state: dict = {}
+        prev = b["prev_output_tokens"]
+        for t in range(min(prev.shape[1], max_steps)):
+            out = model.decoder.forward(prev[:, : t + 1], encoder_out=enc, incremental_state=state)
+            model.get_normalized_probs((out[0][:, -1:], out[1]), log_probs=True)
+
+    return [lambda m, b=b: steps(m, b) for b in batches]
+
+
 def unfuse_fairseq_attention(model: torch.nn.Module) -> int:
     """fairseq's MultiheadAttention calls the fused F.multi_head_attention_forward (raw weights, not
     auditable) unless its embed-dim check is skipped; skipping it selects the unfused path only."""
@@ -133,7 +149,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.float_pattern:
             print(f"audit: quantizers off in {disable_quantizers(model, args.float_pattern)} modules "
                   f"matching {args.float_pattern!r}")
-        batches = decoding_steps(utterance_batches(task, rows, args.max_utts))
+        utts = utterance_batches(task, rows, args.max_utts)
+        batches = decoding_steps(utts) + (search_steps(utts) if hasattr(model, "decoder") else [])
         report = audit(model, batches)
     except (UnsupportedOpError, RecipeError, ValueError, OSError) as e:
         print(f"audit: error: {e}", file=sys.stderr)

@@ -6,7 +6,7 @@ alone, not drift accumulated upstream. Plain torch: the fake model is any module
 """
 from __future__ import annotations
 
-from typing import Dict, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
@@ -107,3 +107,114 @@ def summarize(stats: Dict[str, Dict[str, float]], logits: torch.Tensor, ref: tor
                 differ={k: round(v["frac_diff"] * v["n"]) for k, v in stats.items() if v["frac_diff"] > 0}, logits_max_lsb=float(err.max()) if err.numel() else 0.0,
                 argmax_positions=int(argmax_diff.numel() if pad_mask is None else (~pad_mask).sum()),
                 argmax_differ=int(argmax_diff.sum()))
+
+
+
+SCORES = "decoder.output_log_softmax.in_q.0"  # the grid greedy search decides on (log-softmax input codes)
+
+
+def fake_greedy(model, inputs, max_len: int = 200, bos: int = 2, eos: int = 2, pad: int = 1,
+                cache: bool = True) -> List[int]:
+    """Greedy decoding of one utterance by the fake-quantized model, on its log-probabilities (the argmax; ``pad``
+    never). ``cache=True`` decodes incrementally with the key/value cache, as fairseq's search does;
+    ``cache=False`` runs the whole prefix every step (the shapes the teacher-forced comparisons see)."""
+    toks = [bos]
+    state: Optional[Dict] = {} if cache else None
+    with torch.no_grad():
+        enc = model.encoder(inputs["src_tokens"], inputs["src_lengths"])
+        for _ in range(max_len):
+            out = model.decoder(torch.tensor([toks]), encoder_out=enc, incremental_state=state)
+            lp = model.get_normalized_probs((out[0][:, -1:], out[1]), log_probs=True)[0, -1]
+            lp[pad] = -float("inf")
+            nxt = int(lp.argmax())
+            if nxt == eos:
+                break
+            toks.append(nxt)
+    return toks[1:]
+
+
+def _fake_score_codes(model, inputs) -> torch.Tensor:
+    """The fake model's codes minus zero point on the :data:`SCORES` grid (float; suppressed lanes -inf),
+    teacher-forced."""
+    q = model.get_submodule(SCORES)
+    got = {}
+
+    def hook(mod, args, out):
+        s, _ = mod.qparams(out.dim())
+        got["c"] = torch.where(torch.isfinite(out), torch.round(out / s), torch.full_like(out, -float("inf")))
+
+    h = q.register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            model.get_normalized_probs(model(**inputs), log_probs=True)
+    finally:
+        h.remove()
+    return got["c"][0]
+
+
+def _engine_score_codes(engine, inputs, pad: int) -> torch.Tensor:
+    """The engine's codes minus zero point on the :data:`SCORES` grid (float; suppressed and ``pad`` lanes -inf),
+    teacher-forced."""
+    got = {}
+
+    def hook(path, out, masked):
+        if path == SCORES:
+            c = (out.c.long() - out.z).double()
+            got["c"] = c.masked_fill(masked, -float("inf")) if masked is not None else c
+
+    prev, engine.hook = engine.hook, hook
+    try:
+        with torch.no_grad():
+            enc = engine.encode(engine.quantize_input(inputs["src_tokens"]), inputs["src_lengths"])
+            logits = engine.decode_step(inputs["prev_output_tokens"], enc, None)
+            forbid = torch.zeros(logits.shape[-1], dtype=torch.bool)
+            forbid[pad] = True
+            engine.log_probs(logits, forbid)
+    finally:
+        engine.hook = prev
+    return got["c"][0]
+
+
+def free_running_divergence(engine, model, inputs, tokens: List[int], max_len: int = 200, bos: int = 2,
+                            eos: int = 2, pad: int = 1) -> Dict[str, Any]:
+    """Where the fake model's greedy decoding (whole prefix each step) would leave the engine's free-running
+    ``tokens`` (its greedy output for one utterance).
+
+    Both models run teacher-forced on the engine's tokens, so up to the first step where the fake model's choice
+    differs they are in the very state free-running decoding puts them in. Returns that ``step`` (None: the fake
+    model decodes the same tokens), the two tokens and both models' preference at that step in LSB of the grid the
+    decision is made on (:data:`SCORES`, one LSB = ``lsb`` nats; ``fake_margin`` 0: a tie), the largest difference
+    between the two models' codes over the common steps (``max_lsb``) and the fake model's top-2 margin at each of
+    them (``margins``).
+    """
+    decided = tokens + [eos] if len(tokens) < max_len else list(tokens)
+    forced = dict(inputs, prev_output_tokens=torch.tensor([[bos] + decided[:-1]]))
+    f = _fake_score_codes(model, forced).double()
+    f[:, pad] = -float("inf")
+    e = _engine_score_codes(engine, forced, pad)
+    lsb = float(model.get_submodule(SCORES).current_scale().reshape(-1)[0])
+    step = next((t for t, tok in enumerate(decided) if f[t, tok] < f[t].max()), None)
+    last = len(decided) if step is None else step + 1
+    top2 = f[:last].topk(2, dim=-1).values
+    both = torch.isfinite(f[:last]) & torch.isfinite(e[:last])
+    out: Dict[str, Any] = dict(steps=len(decided), step=step, lsb=lsb, margins=(top2[:, 0] - top2[:, 1]).tolist(),
+                               max_lsb=float((f[:last] - e[:last]).abs()[both].max()) if bool(both.any()) else 0.0)
+    if step is not None:
+        ft, et = int(f[step].argmax()), decided[step]
+        out.update(fake_token=ft, engine_token=et, fake_margin=float(f[step, ft] - f[step, et]),
+                   engine_margin=float(e[step, et] - e[step, ft]))
+    return out
+
+
+def free_running_compare(engine, model, inputs, max_len: int = 200, bos: int = 2, eos: int = 2,
+                         pad: int = 1) -> Dict[str, Any]:
+    """One utterance decoded free-running by both: the engine's greedy tokens (its integer log-softmax) and the fake
+    model's (:func:`fake_greedy`, incremental as fairseq's search), whether they are identical, and where they are
+    not, :func:`free_running_divergence`'s account of the first differing step."""
+    tokens = engine.greedy(inputs["src_tokens"], inputs["src_lengths"], max_len=max_len, bos=bos, eos=eos, pad=pad,
+                           scores="log_softmax")[0]
+    fake = fake_greedy(model, inputs, max_len=max_len, bos=bos, eos=eos, pad=pad)
+    row: Dict[str, Any] = dict(identical=tokens == fake, engine_tokens=tokens, fake_tokens=fake)
+    if tokens != fake:
+        row.update(free_running_divergence(engine, model, inputs, tokens, max_len, bos, eos, pad))
+    return row

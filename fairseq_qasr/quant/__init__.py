@@ -10,7 +10,7 @@ from .modules import OP_CLASSES, QConfig, QModule, QMultiheadAttention
 from .qtype import QSpec, SpecError
 from .quantizer import AccumulatorOverflowError, NotCalibratedError, Quantizer
 from .recipe import Recipe, RecipeError, load_recipe, recipe_from_dict
-from .replace import (calibrate, freeze_wrappers, materialize_wrappers, quant_checkpoint_state,
+from .replace import (called_without_hooks, calibrate, freeze_wrappers, materialize_wrappers, quant_checkpoint_state,
                       quantize_model, run_model, set_observing, set_quantization, uncalibrated)
 from .routing import UnsupportedOpError
 
@@ -22,7 +22,7 @@ __all__ = [
     # recipes
     "Recipe", "RecipeError", "load_recipe", "recipe_from_dict",
     # model-level tools
-    "quantize_model", "calibrate", "set_quantization", "set_observing", "uncalibrated", "freeze_wrappers",
+    "quantize_model", "called_without_hooks", "calibrate", "set_quantization", "set_observing", "uncalibrated", "freeze_wrappers",
     "materialize_wrappers", "quant_checkpoint_state", "run_model", "UnsupportedOpError",
     # honesty audit
     "audit", "Auditor", "AuditReport",

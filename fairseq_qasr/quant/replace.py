@@ -112,7 +112,17 @@ def _install(model: nn.Module, state: RoutingState) -> None:
         else:
             m.register_forward_pre_hook(state.pre_hook)
             m.register_forward_hook(state.post_hook, always_call=True)
+            m._qasr_routing = state
         m._qasr_hooked = True
+
+
+def called_without_hooks(module: nn.Module) -> bool:
+    """True when ``module``'s ``forward`` runs without its routing hooks: called as ``module.forward(...)``
+    (fairseq's search calls ``encoder.forward_torchscript`` and ``decoder.forward`` so) instead of ``module(...)``.
+    Its own ops (a positional add) would then run unrouted, in float; its ``forward`` must re-enter through
+    ``module(...)``. False for modules :func:`quantize_model` did not hook."""
+    st = getattr(module, "_qasr_routing", None)
+    return st is not None and not any(m is module for m in st.stack)
 
 
 def run_model(model: nn.Module, inputs: Any) -> Any:

@@ -61,3 +61,22 @@ def test_compare_engine_script_on_real_audio(prepared_sample: Path, quantized_ck
     assert abs(sum(total["differ"].values()) - differing) <= len(total["differ"]) + 1
     assert all(".in_q." in k or k.endswith(".out_q") for k in total["differ"])
     assert "bit-exact codes" in proc.stdout
+
+
+def test_compare_engine_free_running(prepared_sample: Path, quantized_ckpt: Path, tmp_path: Path):
+    """--free-running: both decode on their own; the counts, tokens and divergence reports agree with each other."""
+    out = tmp_path / "free.json"
+    proc = subprocess.run([sys.executable, "scripts/compare_engine.py", str(quantized_ckpt), "--data",
+                           str(prepared_sample), "--split", "dev-clean", "--utts", "2", "--json", str(out),
+                           "--free-running", "--max-len", "12", "--no-progress"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)
+    res = json.loads(out.read_text())
+    rows = res["utterances"]
+    same = sum(r["identical"] for r in rows)
+    assert proc.returncode == (0 if same == 2 else 1), proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert res["total"] == {"utterances": 2, "identical": same} and f"{same} of 2 greedy transcripts" in proc.stdout
+    for r in rows:
+        assert r["identical"] == (r["engine_tokens"] == r["fake_tokens"]) and len(r["engine_tokens"]) <= 12
+        if not r["identical"] and r["step"] is not None:  # (None: only the fake model's incremental run differs)
+            assert r["engine_token"] == (r["engine_tokens"] + [2])[r["step"]] and r["fake_token"] != r["engine_token"]
+            assert r["fake_margin"] > 0 and len(r["margins"]) == r["step"] + 1 and r["lsb"] > 0

@@ -149,6 +149,26 @@ def w8_engine():
     return IntegerEngine.from_quantized(model, cfg)
 
 
+def test_free_running_divergence_names_the_first_step_the_fake_model_would_not_take():
+    """Tokens the fake model would not choose at step 0 (its least likely one): the divergence is reported there,
+    with the fake model's own choice, a positive margin for it and one margin per common step."""
+    from fairseq_qasr.integer.equivalence import free_running_divergence
+
+    recipe, model, cfg, inp, eng = H.quantized_engine("w8a8-whisper_layout")
+    one = {k: inp[k][:1] for k in ("src_tokens", "src_lengths")}
+    tokens = eng.greedy(one["src_tokens"], one["src_lengths"], max_len=6, scores="log_softmax")[0]
+    first = free_running_divergence(eng, model, one, tokens, max_len=6)
+    assert first["steps"] == len(tokens) + (len(tokens) < 6) and first["max_lsb"] >= 0 and first["lsb"] > 0
+    with torch.no_grad():
+        logits = model(**one, prev_output_tokens=torch.tensor([[2]]))[0][0, 0]
+    allowed = torch.isfinite(logits)  # (not the suppressed tokens)
+    allowed[1] = False  # nor the pad token
+    worst = int(torch.where(allowed, logits, torch.full_like(logits, float("inf"))).argmin())
+    r = free_running_divergence(eng, model, one, [worst] + tokens[1:], max_len=6)
+    assert r["step"] == 0 and r["engine_token"] == worst and r["fake_token"] != worst
+    assert r["fake_margin"] > 0 and len(r["margins"]) == 1
+
+
 def test_beam_search_batched_equals_single_and_beam1_equals_greedy(w8_engine):
     eng = w8_engine
     g = torch.Generator().manual_seed(5)

@@ -24,7 +24,11 @@ def make_data(tmp_path):
     (tmp_path / "test.tsv").write_text("\n".join(lines) + "\n")
 
 
-def make_checkpoint(tmp_path, quantized: bool):
+# positional adds inside the encoder's and the decoder's own forward (Whisper's layout)
+POSITIONAL_ADDS = {"encoder_frontend": "conv1d_gelu", "encoder_pos": "sinusoidal", "decoder_context": "learned_pos"}
+
+
+def make_checkpoint(tmp_path, quantized: bool, **model_options):
     from fairseq import tasks
     from omegaconf import OmegaConf
 
@@ -35,7 +39,7 @@ def make_checkpoint(tmp_path, quantized: bool):
 
     fairseq_qasr.register()
     cfg = OmegaConf.create({"task": {"_name": "librispeech_asr", "data": str(tmp_path)},
-                            "model": {"_name": "qtransformer_conv_xs"}})
+                            "model": {"_name": "qtransformer_conv_xs", **model_options}})
     task = tasks.setup_task(cfg.task)
     torch.manual_seed(0)
     model = task.build_model(cfg.model)
@@ -84,3 +88,25 @@ def test_audit_cli_float_pattern_must_match(tmp_path, capsys):
     ckpt = make_checkpoint(tmp_path, quantized=True)
     assert main(["--path", str(ckpt), "--data", str(tmp_path / "test.tsv"), "--float", "no_such_module"]) == 2
     assert "no quantized module path matches" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bypass", [False, True])
+def test_audit_runs_the_calls_fairseq_search_makes(tmp_path, capsys, monkeypatch, bypass):
+    """fairseq-generate calls ``encoder.forward_torchscript`` and ``decoder.forward`` directly, so module hooks do not
+    run for those two modules. Their own ops (here the positional adds) must still run quantized. The audit makes
+    those calls too: it passes, and fails naming the float add when the models' re-entry through ``module(...)``
+    is switched off."""
+    import fairseq_qasr.models.qtransformer_conv as qtc
+    from fairseq_qasr.audit import main
+
+    make_data(tmp_path)
+    ckpt = make_checkpoint(tmp_path, quantized=True, **POSITIONAL_ADDS)
+    if bypass:
+        monkeypatch.setattr(qtc, "called_without_hooks", lambda module: False)
+    rc = main(["--path", str(ckpt), "--data", str(tmp_path / "test.tsv"), "--max-utts", "1"])
+    out = capsys.readouterr().out
+    if bypass:
+        assert rc == 1 and "VERDICT: FAIL" in out
+        assert "aten.add.Tensor at '<root>': float compute outside any quantized op" in out
+    else:
+        assert rc == 0 and "VERDICT: PASS" in out, out

@@ -4,8 +4,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fairseq_qasr.quant import (UnsupportedOpError, calibrate, freeze_wrappers, materialize_wrappers,
-                                quantize_model, set_quantization)
+from fairseq_qasr.quant import (UnsupportedOpError, called_without_hooks, calibrate, freeze_wrappers,
+                                materialize_wrappers, quantize_model, set_quantization)
 from fairseq_qasr.quant.modules import QAdd, QLayerNorm, QLinear, QMatMul, QMul, QSoftmax
 
 from quant_toy import ToyBlock, toy_inputs
@@ -58,6 +58,25 @@ def test_frozen_wrappers_refuse_new_call_sites():
     m.forward = lambda x: F.relu(ToyBlock.forward(m, x, None))  # a call site never seen before
     with pytest.raises(UnsupportedOpError, match="relu"):
         m(x)
+
+
+def test_a_forward_called_directly_runs_its_own_ops_unrouted_and_says_so():
+    """``m.forward(...)`` skips m's hooks: its own ops (here the residual add) run in float. called_without_hooks
+    tells a forward so; re-entering through ``m(...)`` gives the quantized result."""
+    m, x, mask = quantized_toy()
+    seen = []
+    forward = m.forward
+
+    def spy(*args):
+        seen.append(called_without_hooks(m))
+        return forward(*args)
+
+    m.forward = spy
+    y = m(x, mask)
+    direct = m.forward(x, mask)
+    assert seen == [False, True]
+    assert not torch.equal(direct, y)  # the add (and the ops around it) in float
+    assert not called_without_hooks(nn.Linear(2, 2))  # a module quantize_model never hooked
 
 
 def test_sdpa_is_decomposed():
