@@ -3,6 +3,11 @@
 Teacher forcing: every op of the engine is fed exactly the fake model's input codes (an engine hook replaces its
 own codes by the fake model's after recording the difference), so each quantizer's difference measures that op
 alone, not drift accumulated upstream. Plain torch: the fake model is any module with the plugin's quantizers.
+
+Free running (:func:`free_running_compare`): both decode an utterance greedily on their own; where the transcripts
+differ, :func:`free_running_divergence` finds the first differing step and how strongly each model preferred its
+token there. Here the fake model needs fairseq's encoder-decoder interface (``encoder``, ``decoder``,
+``get_normalized_probs``).
 """
 from __future__ import annotations
 
@@ -109,7 +114,6 @@ def summarize(stats: Dict[str, Dict[str, float]], logits: torch.Tensor, ref: tor
                 argmax_differ=int(argmax_diff.sum()))
 
 
-
 SCORES = "decoder.output_log_softmax.in_q.0"  # the grid greedy search decides on (log-softmax input codes)
 
 
@@ -177,8 +181,8 @@ def _engine_score_codes(engine, inputs, pad: int) -> torch.Tensor:
 
 def free_running_divergence(engine, model, inputs, tokens: List[int], max_len: int = 200, bos: int = 2,
                             eos: int = 2, pad: int = 1) -> Dict[str, Any]:
-    """Where the fake model's greedy decoding (whole prefix each step) would leave the engine's free-running
-    ``tokens`` (its greedy output for one utterance).
+    """Where the fake model's greedy choices would leave the engine's free-running ``tokens`` (its greedy output for
+    one utterance).
 
     Both models run teacher-forced on the engine's tokens, so up to the first step where the fake model's choice
     differs they are in the very state free-running decoding puts them in. Returns that ``step`` (None: the fake
