@@ -84,7 +84,7 @@ def prepare_model(model: torch.nn.Module, state: dict, recipe: str, calib: List[
         return model
     quant = state.get(QUANT_KEY)
     if quant is not None:
-        quantize_model(model, quant["recipe"])
+        quantize_model(model, quant["recipe"], methods=quant.get("methods", ()))
         materialize_wrappers(model, state["model"])
         model.load_state_dict(state["model"])
         return model

@@ -29,7 +29,6 @@ from fairseq.models import (
     register_model_architecture,
 )
 
-from fairseq_qasr.quant import called_without_hooks
 
 from .quantized import _is_quant_key, is_quantized, quantize_fairseq_model, split_float_state
 from .layers import (
@@ -194,8 +193,6 @@ class QTransformerConvEncoder(FairseqEncoder):
 
     def forward(self, src_tokens: Tensor, src_lengths: Tensor, return_all_hiddens: bool = False, **unused) -> Dict[str, List[Tensor]]:
         """``src_tokens``: features ``(B, T, F)``; returns fairseq's dict with batch-first ``encoder_out``."""
-        if called_without_hooks(self):  # fairseq's forward_torchscript: this forward's own ops must be routed too
-            return self(src_tokens, src_lengths, return_all_hiddens, **unused)
         x = self.frontend(src_tokens)
         lengths = self.frontend.output_lengths(src_lengths)
         if self.embed_positions is not None:
@@ -271,8 +268,6 @@ class QTransformerConvDecoder(FairseqIncrementalDecoder):
     def forward(self, prev_output_tokens: Tensor, encoder_out: Optional[Dict[str, List[Tensor]]] = None,
                 incremental_state: Optional[Dict[str, Dict[str, Optional[Tensor]]]] = None,
                 features_only: bool = False, **unused):
-        if called_without_hooks(self):  # fairseq's search calls decoder.forward: route this forward's own ops too
-            return self(prev_output_tokens, encoder_out, incremental_state, features_only, **unused)
         x, extra = self.extract_features(prev_output_tokens, encoder_out, incremental_state)
         if not features_only:
             x = self._suppress(self.output_layer(x), bool(extra.get("first_is_begin", False)))

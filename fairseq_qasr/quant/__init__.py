@@ -11,7 +11,7 @@ from .qtype import QSpec, SpecError
 from .quantizer import AccumulatorOverflowError, NotCalibratedError, Quantizer
 from .recipe import Recipe, RecipeError, load_recipe, recipe_from_dict
 from .replace import (called_without_hooks, calibrate, freeze_wrappers, materialize_wrappers, quant_checkpoint_state,
-                      quantize_model, run_model, set_observing, set_quantization, uncalibrated)
+                      quantize_model, route_method, run_model, set_observing, set_quantization, uncalibrated)
 from .routing import UnsupportedOpError
 
 __all__ = [
@@ -23,7 +23,7 @@ __all__ = [
     "Recipe", "RecipeError", "load_recipe", "recipe_from_dict",
     # model-level tools
     "quantize_model", "called_without_hooks", "calibrate", "set_quantization", "set_observing", "uncalibrated", "freeze_wrappers",
-    "materialize_wrappers", "quant_checkpoint_state", "run_model", "UnsupportedOpError",
+    "materialize_wrappers", "quant_checkpoint_state", "route_method", "run_model", "UnsupportedOpError",
     # honesty audit
     "audit", "Auditor", "AuditReport",
 ]

@@ -1,7 +1,7 @@
 """``quantize_model``: swap modules for quantized twins and route functional ops through wrappers."""
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Type, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Type, Union
 
 import torch
 from torch import nn
@@ -29,11 +29,14 @@ def _twin(m: nn.Module) -> Optional[Type[QModule]]:
 
 def quantize_model(model: nn.Module, recipe: Union[str, Mapping, Recipe],
                    example_inputs: Optional[Union[tuple, dict, Callable[[nn.Module], Any]]] = None,
-                   strict: bool = True) -> nn.Module:
+                   strict: bool = True, methods: Sequence[str] = ()) -> nn.Module:
     """Quantize ``model`` in place and return it.
 
     Swaps every module with a quantized twin, hooks every other module so functional ops inside its
-    forward are routed through quantized wrapper submodules, and, with ``example_inputs`` (args tuple,
+    forward are routed through quantized wrapper submodules (also when a caller runs ``module.forward(...)``
+    directly: that re-enters through ``module(...)``). ``methods`` names other methods that callers invoke
+    directly and that compute, as dotted paths (``"decoder.get_normalized_probs"``): their ops are routed
+    too, to wrappers under a container ``qasr_<method>`` of the owner. With ``example_inputs`` (args tuple,
     kwargs dict, or a callable ``f(model)`` that runs it), runs one forward (quantization disabled)
     to create all wrappers and check recipe patterns. Strict mode raises UnsupportedOpError for
     anything it cannot quantize; permissive mode records it in ``model.qasr_problems``.
@@ -78,12 +81,15 @@ def quantize_model(model: nn.Module, recipe: Union[str, Mapping, Recipe],
         _sync_state(w, state)
         return w
 
+    for dotted in methods:
+        route_method(model, dotted)
     state = RoutingState(model, factory, strict=strict)
     state.problems.extend(problems)
     state.quant_enabled, state.observing = True, False
     _install(model, state)
     model.qasr_routing = state
     model.qasr_recipe = recipe
+    model.qasr_methods = list(methods)
     model.qasr_problems = state.problems
 
     if example_inputs is not None:
@@ -113,7 +119,54 @@ def _install(model: nn.Module, state: RoutingState) -> None:
             m.register_forward_pre_hook(state.pre_hook)
             m.register_forward_hook(state.post_hook, always_call=True)
             m._qasr_routing = state
+            m.forward = _ReenteringForward(m, m.__dict__.get("forward"))
         m._qasr_hooked = True
+
+
+class _ReenteringForward:
+    """The ``forward`` of every module :func:`quantize_model` hooks. A caller that runs ``module.forward(...)``
+    directly skips the module's hooks (fairseq's search does: ``encoder.forward_torchscript`` ends in
+    ``self.forward(...)``, ``SequenceGenerator`` calls ``decoder.forward(...)``), and the ops of that forward itself
+    would run unrouted, in float; this re-enters through ``module(...)``. Survives ``copy.deepcopy``."""
+
+    def __init__(self, module: nn.Module, inner: Optional[Callable] = None):
+        self.module = module
+        self.inner = inner  # an instance-level forward that was already set, else the class's is used
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        m = self.module
+        if called_without_hooks(m):
+            return m(*args, **kwargs)
+        return (self.inner or type(m).forward.__get__(m))(*args, **kwargs)
+
+
+class RoutedMethod(nn.Module):
+    """Runs ``owner.<method>`` as a module call, so that the ops it computes are routed to wrappers under this
+    module (for methods callers invoke directly besides ``forward``, e.g. fairseq's ``get_normalized_probs``)."""
+
+    def __init__(self, owner: nn.Module, method: str):
+        super().__init__()
+        self.__dict__["owner"] = owner  # not a submodule: no cycle in named_modules()
+        self.method = method
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return getattr(type(self.owner), self.method)(self.owner, *args, **kwargs)
+
+
+def route_method(model: nn.Module, dotted: str) -> RoutedMethod:
+    """Make ``model.<dotted>`` (``"decoder.get_normalized_probs"``) run through a :class:`RoutedMethod`
+    registered as ``qasr_<method>`` on its owner (call before the model is hooked)."""
+    owner_path, _, name = dotted.rpartition(".")
+    try:
+        owner = model.get_submodule(owner_path) if owner_path else model
+    except AttributeError as e:
+        raise ValueError(f"methods: no module '{owner_path}' for '{dotted}'") from e
+    if not callable(getattr(type(owner), name, None)) or name == "forward":
+        raise ValueError(f"methods: '{dotted}' is not a method (other than forward) of {type(owner).__name__}")
+    routed = RoutedMethod(owner, name)
+    owner.add_module(f"qasr_{name}", routed)
+    object.__setattr__(owner, name, routed)  # the instance attribute shadows the class's method
+    return routed
 
 
 def called_without_hooks(module: nn.Module) -> bool:
@@ -221,6 +274,7 @@ def materialize_wrappers(model: nn.Module, state_dict: Mapping[str, Any]) -> Lis
 
 def quant_checkpoint_state(model: nn.Module) -> Dict[str, Any]:
     """What a checkpoint needs besides ``model.state_dict()`` to rebuild the quantized model:
-    ``{"recipe": <recipe dict>}`` (store it under ``state["qasr_quant"]``; wrappers are recreated from
-    the state_dict keys by :func:`materialize_wrappers`)."""
-    return {"recipe": model.qasr_recipe.to_dict(), "version": model.qasr_recipe.version}
+    ``{"recipe": <recipe dict>, "methods": [...]}`` (store it under ``state["qasr_quant"]``; pass both back to
+    :func:`quantize_model`; wrappers are recreated from the state_dict keys by :func:`materialize_wrappers`)."""
+    return {"recipe": model.qasr_recipe.to_dict(), "version": model.qasr_recipe.version,
+            "methods": list(getattr(model, "qasr_methods", []))}

@@ -86,6 +86,7 @@ class RoutingState:
             mod = self.factory(path, op_type)
             ref = next(owner.parameters(), None)
             ref = next(owner.buffers(), None) if ref is None else ref
+            ref = next(self.root.parameters(), None) if ref is None else ref  # e.g. a RoutedMethod container
             if ref is not None:
                 mod.to(ref.device)
             owner.add_module(name, mod)

@@ -94,15 +94,15 @@ def test_audit_cli_float_pattern_must_match(tmp_path, capsys):
 def test_audit_runs_the_calls_fairseq_search_makes(tmp_path, capsys, monkeypatch, bypass):
     """fairseq-generate calls ``encoder.forward_torchscript`` and ``decoder.forward`` directly, so module hooks do not
     run for those two modules. Their own ops (here the positional adds) must still run quantized. The audit makes
-    those calls too: it passes, and fails naming the float add when the models' re-entry through ``module(...)``
-    is switched off."""
-    import fairseq_qasr.models.qtransformer_conv as qtc
+    those calls too: it passes, and fails naming the float add when quantize_model's re-entry through
+    ``module(...)`` is switched off."""
     from fairseq_qasr.audit import main
+    from fairseq_qasr.quant import replace
 
     make_data(tmp_path)
     ckpt = make_checkpoint(tmp_path, quantized=True, **POSITIONAL_ADDS)
     if bypass:
-        monkeypatch.setattr(qtc, "called_without_hooks", lambda module: False)
+        monkeypatch.setattr(replace, "called_without_hooks", lambda module: False)
     rc = main(["--path", str(ckpt), "--data", str(tmp_path / "test.tsv"), "--max-utts", "1"])
     out = capsys.readouterr().out
     if bypass:

@@ -60,23 +60,26 @@ def test_frozen_wrappers_refuse_new_call_sites():
         m(x)
 
 
-def test_a_forward_called_directly_runs_its_own_ops_unrouted_and_says_so():
-    """``m.forward(...)`` skips m's hooks: its own ops (here the residual add) run in float. called_without_hooks
-    tells a forward so; re-entering through ``m(...)`` gives the quantized result."""
+def test_a_forward_called_directly_reenters_through_the_hooks():
+    """``m.forward(...)`` skips m's hooks (fairseq's search calls forwards so). quantize_model's forward re-enters
+    through ``m(...)``: the forward's own ops (here the residual add) are routed as in a module call."""
+    from fairseq_qasr.quant import replace
+
     m, x, mask = quantized_toy()
-    seen = []
-    forward = m.forward
-
-    def spy(*args):
-        seen.append(called_without_hooks(m))
-        return forward(*args)
-
-    m.forward = spy
     y = m(x, mask)
-    direct = m.forward(x, mask)
-    assert seen == [False, True]
-    assert not torch.equal(direct, y)  # the add (and the ops around it) in float
+    assert torch.equal(m.forward(x, mask), y)
     assert not called_without_hooks(nn.Linear(2, 2))  # a module quantize_model never hooked
+    seen = []
+    m.forward.inner = lambda *a: seen.append(called_without_hooks(m)) or ToyBlock.forward(m, *a)
+    m.forward(x, mask)
+    assert seen == [False]  # the inner forward ran once, inside the hooks
+    m.forward.inner = None
+    original = replace.called_without_hooks
+    try:
+        replace.called_without_hooks = lambda module: False  # no re-entry: the add and the ops around it in float
+        assert not torch.equal(m.forward(x, mask), y)
+    finally:
+        replace.called_without_hooks = original
 
 
 def test_sdpa_is_decomposed():
@@ -151,6 +154,11 @@ def test_deepcopy_keeps_routing():
     freeze_wrappers(c)
     assert torch.equal(c(x, mask), y)
     assert c.softmax_0 is not m.softmax_0
+    assert c.forward.module is c  # a direct forward call re-enters the copy, not the original
+    with torch.no_grad():
+        for p in c.parameters():
+            p.mul_(0.5)
+    assert torch.equal(c.forward(x, mask), c(x, mask)) and not torch.equal(c(x, mask), y)
 
 
 def test_uncalibrated_lists_unreached_call_sites():
