@@ -47,20 +47,31 @@ class Acc:
     scale: Any = None    # compile mode only: scalar tensor or per-last-dim tensor
     headroom: int = 0    # bits beyond the int32 range (int64 values; consumers' multipliers are shortened to match)
 
+    @property
+    def shape(self) -> torch.Size:
+        return self.t.shape
+
 
 class GemmAcc(Acc):
     """An Acc still to be computed by a GEMM: ``run(None)`` gives the accumulator (on first use of ``t``),
     ``run((m, shift, zp, qmin, qmax, dtype))`` the codes requantized in the GEMM's epilogue (the accumulator never
     reaches memory; :meth:`IntegerEngine.requant` does this when the accumulator is not needed otherwise)."""
 
-    def __init__(self, run: Callable[[Optional[tuple]], Tensor], cols: int, scale: Any = None, headroom: int = 0):
+    def __init__(self, run: Callable[[Optional[tuple]], Tensor], cols: int, scale: Any = None, headroom: int = 0,
+                 lead: Tuple[int, ...] = ()):
         self.run, self.cols, self._t, self.scale, self.headroom = run, cols, None, scale, headroom
+        self.lead = tuple(lead)
 
     @property
     def t(self) -> Tensor:
         if self._t is None:
             self._t = self.run(None)
         return self._t
+
+    @property
+    def shape(self) -> torch.Size:
+        """The accumulator's shape, without running the GEMM."""
+        return torch.Size((*self.lead, self.cols))
 
 
 def _has(model: torch.nn.Module, path: str) -> bool:
@@ -263,13 +274,16 @@ class IntegerEngine:
         if ratios is not None:
             f = self.GROUP_ACC_FRAC_BITS
             if K.int8_gemm_backend() == "avx2" and not self.compiling:  # the consumer's requantization may fuse
-                return GemmAcc(lambda rq: self._grouped_gemm(name, x, ratios, rq), ratios.shape[0], None, f)
+                return GemmAcc(lambda rq: self._grouped_gemm(name, x, ratios, rq), ratios.shape[0], None, f,
+                               x.c.shape[:-1])
             return Acc(self._grouped_gemm(name, x, ratios), scale * 2.0 ** -f if scale is not None else None, f)
         if x.c.dtype != torch.int8:  # 16-bit codes: exact int64 accumulator (int32 could overflow at K = 1536)
             prepared = self._prep.get("linw:" + name)
             if prepared is None and K.int8_gemm_backend() == "avx2":
                 prepared = self._prep["linw:" + name] = cgemm.pack(w_t, wide=True)
             return Acc(K.linear_int(x.c, w_t, bias_eff.long(), prepared), scale, self._wide_headroom(x, w_t.shape[0]))
+        if self.FUSE_REQUANT and K.int8_gemm_backend() == "avx2" and not self.compiling and w_t.shape[0] % 4 == 0:
+            return GemmAcc(lambda rq: self._channel_gemm(name, x, rq), w_t.shape[1], None, 0, x.c.shape[:-1])
         small = x.c.numel() // x.c.shape[-1] <= K.SMALL_M and K.int8_gemm_backend() != "avx2"  # decoder: int32
         key = ("lin32:" if small else "linp:") + name
         prepared = self._prep.get(key)  # the weights in the GEMM backend's layout, cached
@@ -277,6 +291,22 @@ class IntegerEngine:
             prepared = self._prep[key] = w_t.int() if small else K.prepare_weight(w_t)
         acc = K.linear_int(x.c, w_t, bias_eff, prepared)
         return Acc(acc, scale)
+
+    def _channel_gemm(self, name: str, x: QT, requant: Optional[tuple] = None) -> Tensor:
+        """A per-channel Linear on int8 codes through the C kernel's int64 way (one weight group of ratio 1), so that
+        the consumer's requantization can run in its epilogue: the same integers as :func:`K.linear_int` (int32
+        accumulator plus the folded bias), returned as int32 without ``requant``."""
+        w_t, bias_eff = self._linear_params(name, x.z)
+        packed = self._prep.get("chc:" + name)
+        if packed is None:
+            k, n = w_t.shape
+            pk = cgemm.pack(w_t, k, torch.ones(n, 1, dtype=torch.int32))
+            post = torch.zeros(pk.np_, dtype=torch.int64)
+            post[:n] = bias_eff.long()
+            packed = self._prep["chc:" + name] = (pk, post)
+        lead = x.c.shape[:-1]
+        out = cgemm.mm(x.c.reshape(-1, x.c.shape[-1]), packed[0], 0, post=packed[1], requant=requant)
+        return (out if requant is not None else out.int()).view(*lead, w_t.shape[1])
 
     def _wide_headroom(self, x: QT, k: int) -> int:
         """Bits beyond int32 that ``k`` products of ``x``'s codes (minus zero point) and int8 weights can need."""
@@ -586,7 +616,7 @@ class IntegerEngine:
     def attention(self, name: str, x, memory, mask: Optional[Tensor], causal: bool,
                   cache: Optional[Dict[str, Any]], heads: int) -> Acc:
         q = self.linear(name + ".q_proj", self.requant(x, name + ".q_proj.in_q.0"))
-        b, tq, d = q.t.shape
+        b, tq, d = q.shape
         hd = d // heads
         kk, vk = name + ".k", name + ".v"
         if memory is None or cache is None or cache.get(kk) is None:

@@ -16,7 +16,8 @@ from fairseq_qasr.integer.honesty import run_integer_only
 @pytest.fixture(scope="module", params=["w8a8", "w4a8", "w2a8", H.GROUPED, "w8a8-whisper_layout",
                                                        "w4a8-whisper_layout", H.GROUPED + "-whisper_layout",
                                                        "w8a8_r16-whisper_layout",  # 16-bit residual stream, fc2 inputs
-                                                       H.GROUPED_16BIT + "-whisper_layout"])  # grouped -> 16-bit
+                                                       H.GROUPED_16BIT + "-whisper_layout",  # grouped -> 16-bit
+                                                       "w8a8_g64_e8-whisper_layout"])  # per-channel 8-bit encoder
 def compiled(request):
     return H.quantized_engine(request.param)
 
