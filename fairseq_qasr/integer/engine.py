@@ -644,8 +644,7 @@ class IntegerEngine:
             self._c_attention_ok(qs, kc)  # (one query: no causal mask)
         klen = _key_lengths(mask, heads) if c_path and mask is not None else None
         if c_path and (mask is None or klen is not None):
-            out = self._c_attention(name, qs, kc, vc, klen)
-            return self.linear(name + ".out_proj", self.requant(out, name + ".out_proj.in_q.0"))
+            return self.linear(name + ".out_proj", self._c_attention(name, qs, kc, vc, klen))
         if self.fused and not self.compiling and self.hook is None and tq > K.SMALL_M and not causal and \
                 (mask is None or not bool(mask.any())) and self._fusable_attention(name):
             out = self._fused_attention(name, qs, kc, vc)
@@ -671,11 +670,11 @@ class IntegerEngine:
         return K.int8_gemm_backend() == "avx2" and qs.c.dtype == torch.int8 and kc.c.dtype == torch.int8 and \
             qs.c.shape[-1] % 2 == 0
 
-    def _c_attention(self, name: str, qs: QT, kc: QT, vc: QT, klen: Optional[Tensor] = None) -> Acc:
+    def _c_attention(self, name: str, qs: QT, kc: QT, vc: QT, klen: Optional[Tensor] = None) -> QT:
         """QK^T, softmax input requantization, integer softmax, requantization onto the AV grid and AV in one C
         pass per (head, 16 query rows): the same integers as the unfused path (no [Tq, Tk] tensor in memory). Keys
         and values with a derived-tensor cache (cross-attention during a decode) are packed once; ``klen`` (keys per
-        batch row x head): key padding."""
+        batch row x head): key padding. Returns the codes on ``out_proj``'s input grid."""
         sm, av = name + ".softmax_0", name + ".matmul_1"
 
         def rq(key: str) -> Tuple[int, int, int, int, int]:
@@ -697,7 +696,12 @@ class IntegerEngine:
                 kc.aux["cgemm_kv"] = kv
         out = cgemm.attention(qs.c.reshape(b * h, tq, d), qs.z, None, kc.z, rq(sm + ".in_q.0"),
                               self.t["sm:" + sm + ".exp"], softmax, rq(av + ".in_q.0"), None, vc.z, kv, klen)
-        return Acc(out.view(b, h, tq, d).transpose(1, 2).reshape(b, tq, h * d))
+        consumer = name + ".out_proj.in_q.0"
+        if self._mult("rq:" + consumer)[0].numel() == 1:  # one multiplier: requantize before the head transpose
+            codes = self.requant(Acc(out), consumer)  # (int8 codes to move instead of int64 accumulators)
+            codes.c = codes.c.view(b, h, tq, d).transpose(1, 2).reshape(b, tq, h * d)
+            return codes
+        return self.requant(Acc(out.view(b, h, tq, d).transpose(1, 2).reshape(b, tq, h * d)), consumer)
 
     def _fusable_attention(self, name: str) -> bool:
         """The fused kernel takes int8 codes on every attention grid (QK^T and AV operands, softmax input and
