@@ -180,8 +180,8 @@ def _qgemm_op(a: Tensor, bp: Tensor, bq: Tensor, colsum: Tensor, ratio: Tensor, 
 
 
 def mm(a: Tensor, p: Packed, za: int = 0, zb: int = 0, out: Optional[Tensor] = None, rshift: int = 0,
-       post: Optional[Tensor] = None, requant: Optional[Tuple[Tensor, Tensor, int, int, int, torch.dtype]] = None
-       ) -> Tensor:
+       post: Optional[Tensor] = None, requant: Optional[Tuple[Tensor, Tensor, int, int, int, torch.dtype]] = None,
+       bias: Optional[Tensor] = None) -> Tensor:
     """Exact ``sum_g ratio_g * ((a - za)_g @ (b - zb)_g)`` (plain ``(a - za) @ (b - zb)`` without ratios; ``zb``
     must be 0 with them) for integer codes ``a [M, K]`` of up to 16 bits (int8, or int16/int32 storage spanning at
     most 2^16 values; rows may be strided): int32 when one int32 accumulator holds the whole sum (int8 codes, no
@@ -189,7 +189,8 @@ def mm(a: Tensor, p: Packed, za: int = 0, zb: int = 0, out: Optional[Tensor] = N
     ``rshift`` rounds the result down by ``2^rshift`` (half up), then ``post [N]`` (int64; or padded to ``Np``) is
     added. ``requant = (multiplier, shift, zp, qmin, qmax, dtype)`` (int64 only; one multiplier/shift or one per
     column): the int64 results never reach memory; returns their codes as :func:`cops.requantize` would
-    (``clamp(((v * m + 2^(sh-1)) >> sh) + zp, qmin, qmax)``) in ``dtype`` (int8/int16/int32)."""
+    (``clamp(((v * m + 2^(sh-1)) >> sh) + zp, qmin, qmax)``) in ``dtype`` (int8/int16/int32). ``bias [N]``: added
+    to every row, within the kernel's column terms (no extra pass over the output)."""
     cbuild.dll()  # (a clear error where the kernels are not available)
     if a.dim() != 2 or a.shape[1] != p.k:
         raise ValueError(f"cgemm.mm: left operand {tuple(a.shape)} does not match K={p.k}")
@@ -223,6 +224,12 @@ def mm(a: Tensor, p: Packed, za: int = 0, zb: int = 0, out: Optional[Tensor] = N
     elif out.dtype != dtype or tuple(out.shape) != (a.shape[0], p.n) or (out.numel() and out.stride(1) != 1):
         raise ValueError(f"cgemm.mm: out must be a row-major {dtype} [{a.shape[0]}, {p.n}] view")
     init = p.init(off - za, zb) if off != za or zb else cbuild.NONE64
+    if bias is not None:
+        if bias.numel() != p.n:
+            raise ValueError(f"cgemm.mm: bias of {bias.numel()} values for N={p.n}")
+        col = torch.zeros(p.np_, dtype=torch.int64)
+        col[:p.n] = bias.reshape(-1)
+        init = col if init is cbuild.NONE64 else col + init
     if (rshift or post is not None) and not p.out64:
         raise ValueError("cgemm.mm: rshift/post apply to int64 outputs only")
     if post is not None and post.numel() != p.np_:  # (callers that repeat a post term pass it padded to Np)

@@ -282,8 +282,6 @@ class IntegerEngine:
             if prepared is None and K.int8_gemm_backend() == "avx2":
                 prepared = self._prep["linw:" + name] = cgemm.pack(w_t, wide=True)
             return Acc(K.linear_int(x.c, w_t, bias_eff.long(), prepared), scale, self._wide_headroom(x, w_t.shape[0]))
-        if self.FUSE_REQUANT and K.int8_gemm_backend() == "avx2" and not self.compiling and w_t.shape[0] % 4 == 0:
-            return GemmAcc(lambda rq: self._channel_gemm(name, x, rq), w_t.shape[1], None, 0, x.c.shape[:-1])
         small = x.c.numel() // x.c.shape[-1] <= K.SMALL_M and K.int8_gemm_backend() != "avx2"  # decoder: int32
         key = ("lin32:" if small else "linp:") + name
         prepared = self._prep.get(key)  # the weights in the GEMM backend's layout, cached
@@ -291,22 +289,6 @@ class IntegerEngine:
             prepared = self._prep[key] = w_t.int() if small else K.prepare_weight(w_t)
         acc = K.linear_int(x.c, w_t, bias_eff, prepared)
         return Acc(acc, scale)
-
-    def _channel_gemm(self, name: str, x: QT, requant: Optional[tuple] = None) -> Tensor:
-        """A per-channel Linear on int8 codes through the C kernel's int64 way (one weight group of ratio 1), so that
-        the consumer's requantization can run in its epilogue: the same integers as :func:`K.linear_int` (int32
-        accumulator plus the folded bias), returned as int32 without ``requant``."""
-        w_t, bias_eff = self._linear_params(name, x.z)
-        packed = self._prep.get("chc:" + name)
-        if packed is None:
-            k, n = w_t.shape
-            pk = cgemm.pack(w_t, k, torch.ones(n, 1, dtype=torch.int32))
-            post = torch.zeros(pk.np_, dtype=torch.int64)
-            post[:n] = bias_eff.long()
-            packed = self._prep["chc:" + name] = (pk, post)
-        lead = x.c.shape[:-1]
-        out = cgemm.mm(x.c.reshape(-1, x.c.shape[-1]), packed[0], 0, post=packed[1], requant=requant)
-        return (out if requant is not None else out.int()).view(*lead, w_t.shape[1])
 
     def _wide_headroom(self, x: QT, k: int) -> int:
         """Bits beyond int32 that ``k`` products of ``x``'s codes (minus zero point) and int8 weights can need."""

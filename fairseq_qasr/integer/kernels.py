@@ -224,6 +224,9 @@ def linear_int(x: Tensor, w_t: Tensor, bias_eff: Tensor | None, prepared: Tensor
     int64 for wider ones (then ``bias_eff`` must be int64 too)."""
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
+    if x.dtype == torch.int8 and bias_eff is not None and _prepared_for(prepared, "avx2") \
+            and int8_gemm_backend() == "avx2":  # the bias joins the C kernel's column terms: no pass over acc
+        return cgemm.mm(x2, prepared, bias=bias_eff).view(*lead, w_t.shape[1])
     acc = int_mm(x2, w_t, prepared) if x.dtype == torch.int8 else wide_mm(x2, w_t, prepared)
     if bias_eff is not None:
         acc += bias_eff

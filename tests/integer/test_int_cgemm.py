@@ -493,3 +493,19 @@ def test_requantization_in_the_gemm_epilogue_equals_requantize(out_dtype, per_co
         assert got.dtype == out_dtype and torch.equal(got, expect)
     with pytest.raises(ValueError, match="requant"):
         cgemm.mm(a, cgemm.pack(b), requant=(m, sh, zp, info.min, info.max, out_dtype))
+
+
+@pytest.mark.parametrize("za", [0, 5])
+def test_bias_in_the_column_terms_equals_adding_it(za):
+    """``mm(..., bias=...)`` (int32 outputs): the bias joins the kernel's column terms; equal to adding it to the
+    result, on both ways (byte and int16), with and without a left zero point, on partial panels (N = 37)."""
+    g = torch.Generator().manual_seed(17 + za)
+    k, n = 256, 37
+    b = rnd(-127, 128, (k, n), g, torch.int8)
+    p = cgemm.pack(b)
+    bias = rnd(-2 ** 24, 2 ** 24, (n,), g)
+    for a in (_centred_codes((101, k), g, 0.002, centre=3), rnd(-128, 128, (101, k), g, torch.int8)):
+        got = cgemm.mm(a, p, za, bias=bias)
+        assert got.dtype == torch.int32 and torch.equal(got, cgemm.mm(a, p, za) + bias)
+    with pytest.raises(ValueError, match="bias of 36 values"):
+        cgemm.mm(a, p, bias=bias[:36])
