@@ -29,7 +29,6 @@ from fairseq.models import (
     register_model_architecture,
 )
 
-
 from .quantized import _is_quant_key, is_quantized, quantize_fairseq_model, split_float_state
 from .layers import (
     CausalConvContext,
