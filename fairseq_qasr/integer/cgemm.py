@@ -165,13 +165,14 @@ def pack(b: Tensor, group_size: int = 0, ratio: Optional[Tensor] = None, wide: b
            "Tensor rq_mult, Tensor rq_shift, Tensor(a!) out, int[] ints) -> ()")
 def _qgemm_op(a: Tensor, bp: Tensor, bq: Tensor, colsum: Tensor, ratio: Tensor, init: Tensor, post: Tensor,
               rq_mult: Tensor, rq_shift: Tensor, out: Tensor, ints: List[int]) -> None:
-    off, reps, k, n, gs, bz, rshift, rq, rq_zp, rq_qmin, rq_qmax = ints
-    out64 = out.dtype == torch.int64 or bool(rq)  # rq: int64 values requantized into out's codes
+    off, reps, k, n, gs, bz, rshift, rq, rq_zp, rq_qmin, rq_qmax, acc64 = ints
+    out64 = bool(acc64)  # int64 accumulators (else int32); rq: either requantized into out's codes
     cbuild.dll().qasr_qgemm(a.data_ptr(), cbuild.TYPES[a.dtype], a.stride(0), off, reps, a.shape[0], k,
                             bp.data_ptr(), bp.shape[1] * 2, bp.shape[0] * NR, n, gs,
                             ratio.data_ptr() if ratio.numel() else None, init.data_ptr() if init.numel() else None,
                             bz, rshift, post.data_ptr() if post.numel() else None,
                             None if out64 else out.data_ptr(), out.data_ptr() if out64 and not rq else None,
+                            # (int32 way with rq: the out32 pointer only selects the way, rq writes the codes)
                             out.stride(0), bq.data_ptr() if bq.numel() else None,
                             colsum.data_ptr() if colsum.numel() else None,
                             rq_mult.data_ptr() if rq else None, rq_shift.data_ptr() if rq else None,
@@ -187,8 +188,8 @@ def mm(a: Tensor, p: Packed, za: int = 0, zb: int = 0, out: Optional[Tensor] = N
     most 2^16 values; rows may be strided): int32 when one int32 accumulator holds the whole sum (int8 codes, no
     groups), else int64. ``out``: a preallocated ``[M, N]`` tensor of that dtype (rows may be strided). int64 only:
     ``rshift`` rounds the result down by ``2^rshift`` (half up), then ``post [N]`` (int64; or padded to ``Np``) is
-    added. ``requant = (multiplier, shift, zp, qmin, qmax, dtype)`` (int64 only; one multiplier/shift or one per
-    column): the int64 results never reach memory; returns their codes as :func:`cops.requantize` would
+    added. ``requant = (multiplier, shift, zp, qmin, qmax, dtype)`` (one multiplier/shift or one per column): the
+    int32/int64 results never reach memory; returns their codes as :func:`cops.requantize` would
     (``clamp(((v * m + 2^(sh-1)) >> sh) + zp, qmin, qmax)``) in ``dtype`` (int8/int16/int32). ``bias [N]``: added
     to every row, within the kernel's column terms (no extra pass over the output)."""
     cbuild.dll()  # (a clear error where the kernels are not available)
@@ -212,9 +213,9 @@ def mm(a: Tensor, p: Packed, za: int = 0, zb: int = 0, out: Optional[Tensor] = N
     rq_m, rq_sh, rq_ints = cbuild.NONE64, cbuild.NONE64, [0, 0, 0, 0]
     if requant is not None:
         m, sh, zp, qmin, qmax, rq_dtype = requant
-        if not p.out64 or out is not None or rq_dtype not in (torch.int8, torch.int16, torch.int32) \
+        if out is not None or rq_dtype not in (torch.int8, torch.int16, torch.int32) \
                 or m.numel() not in (1, p.n) or sh.numel() not in (1, m.numel()):
-            raise ValueError("cgemm.mm: requant needs int64 results, one multiplier/shift or one per column, no out")
+            raise ValueError("cgemm.mm: requant needs one multiplier/shift or one per column, int8/16/32 codes, no out")
         rq_m = m.reshape(-1).long().contiguous()
         rq_sh = sh.reshape(-1).long().expand(rq_m.numel()).contiguous()
         rq_ints = [1, int(zp), int(qmin), int(qmax)]
@@ -238,7 +239,7 @@ def mm(a: Tensor, p: Packed, za: int = 0, zb: int = 0, out: Optional[Tensor] = N
     _qgemm_op(a, p.bp, p.bq if byteway else NONE8, p.colsum_np if byteway else cbuild.NONE64,
               p.ratio if p.ratio is not None else cbuild.NONE32, init,
               cbuild.NONE64 if post is None else post.contiguous(), rq_m, rq_sh, out,
-              [off, p.reps, p.k, p.n, p.gs, zb, rshift, *rq_ints])
+              [off, p.reps, p.k, p.n, p.gs, zb, rshift, *rq_ints, int(p.out64)])
     return out
 
 

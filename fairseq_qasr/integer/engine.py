@@ -257,7 +257,7 @@ class IntegerEngine:
     ADD_FRAC_BITS = 14  # residual adds of 8-bit codes sum on max(s_a, s_b) * 2^-14 (int32)
     ADD_FRAC_BITS_WIDE = 22  # ... of 16-bit codes on max(s_a, s_b) * 2^-22 (int64): factor and multiplier
     #                          rounding balanced (2^-23 and 2^-23 relative), ~1/64 LSB of a 16-bit code
-    FUSE_REQUANT = True  # grouped Linears (C kernels): the consumer's requantization runs in the GEMM's epilogue
+    FUSE_REQUANT = True  # Linears on the C kernels: the consumer's requantization runs in the GEMM's epilogue
     GROUP_ACC_FRAC_BITS = 8  # grouped accumulators keep 8 more fractional bits (int64, |acc| < 2^39)
 
     def linear(self, name: str, x: QT) -> Acc:
@@ -287,6 +287,13 @@ class IntegerEngine:
         prepared = self._prep.get(key)  # the weights in the GEMM backend's layout, cached
         if prepared is None:
             prepared = self._prep[key] = w_t.int() if small else K.prepare_weight(w_t)
+        if isinstance(prepared, cgemm.Packed) and not self.compiling and self.FUSE_REQUANT:
+            def run(rq: Optional[tuple]) -> Tensor:  # the consumer's requantization in the int32 epilogue
+                if rq is None:
+                    return K.linear_int(x.c, w_t, bias_eff, prepared)
+                out = cgemm.mm(x.c.reshape(-1, x.c.shape[-1]), prepared, bias=bias_eff, requant=rq)
+                return out.view(*x.c.shape[:-1], w_t.shape[1])
+            return GemmAcc(run, w_t.shape[1], None, 0, x.c.shape[:-1])
         acc = K.linear_int(x.c, w_t, bias_eff, prepared)
         return Acc(acc, scale)
 

@@ -475,8 +475,9 @@ def test_byte_way_attention_outliers_and_widest_bytes_are_exact():
 @pytest.mark.parametrize("out_dtype", [torch.int8, torch.int16, torch.int32])
 @pytest.mark.parametrize("per_col", [False, True])
 def test_requantization_in_the_gemm_epilogue_equals_requantize(out_dtype, per_col):
-    """``mm(..., requant=...)``: the grouped GEMM's int64 results (rounding shift, bias) requantized in its epilogue,
-    never stored, equal :func:`cops.requantize` of the stored results; partial panels (N = 37) and both ways."""
+    """``mm(..., requant=...)``: the grouped GEMM's int64 results (rounding shift, bias), and a plain GEMM's int32
+    results (bias in the column terms), requantized in its epilogue, never stored, equal :func:`cops.requantize` of the
+    stored results; partial panels (N = 37) and both ways."""
     g = torch.Generator().manual_seed(per_col + 3 * out_dtype.itemsize)
     m_rows, k, n = 101, 256, 37
     b = rnd(-127, 128, (k, n), g, torch.int8)
@@ -491,8 +492,14 @@ def test_requantization_in_the_gemm_epilogue_equals_requantize(out_dtype, per_co
         expect = cops.requantize(cgemm.mm(a, p, 5, rshift=8, post=post), m, sh, zp, info.min, info.max, out_dtype)
         got = cgemm.mm(a, p, 5, rshift=8, post=post, requant=(m, sh, zp, info.min, info.max, out_dtype))
         assert got.dtype == out_dtype and torch.equal(got, expect)
+    p32 = cgemm.pack(b)  # int32 accumulators (per-channel weights): the same epilogue, with the bias
+    bias = rnd(-2 ** 20, 2 ** 20, (n,), g)
+    for a in (_centred_codes((m_rows, k), g, 0.002, centre=3), rnd(-128, 128, (m_rows, k), g, torch.int8)):
+        expect = cops.requantize(cgemm.mm(a, p32, 5, bias=bias), m, sh, zp, info.min, info.max, out_dtype)
+        got = cgemm.mm(a, p32, 5, bias=bias, requant=(m, sh, zp, info.min, info.max, out_dtype))
+        assert got.dtype == out_dtype and torch.equal(got, expect)
     with pytest.raises(ValueError, match="requant"):
-        cgemm.mm(a, cgemm.pack(b), requant=(m, sh, zp, info.min, info.max, out_dtype))
+        cgemm.mm(a, p32, requant=(m[:3] if per_col else m.expand(3), sh, zp, info.min, info.max, out_dtype))
 
 
 @pytest.mark.parametrize("za", [0, 5])

@@ -236,17 +236,18 @@ typedef struct {
     void *out;
 } rq_epilogue;
 
-/* values v[0..nc) of output row m, columns n0.. -> their codes */
-static inline void rq_tile_row(const rq_epilogue *rq, const int64_t *v, int64_t m, int64_t n0, int64_t nc) {
+/* values v[0..nc) (int32: vtype 2, int64: 3) of output row m, columns n0.. -> their codes */
+static inline void rq_tile_row(const rq_epilogue *rq, const void *v, int vtype, int64_t m, int64_t n0, int64_t nc) {
     char *o = (char *)rq->out + (m * rq->ldr + n0) * ((int64_t)1 << rq->otype);
     const int64_t j0 = rq->per_col ? n0 : 0;
     if (rq->vec && nc == NR) {
-        rq_row(v, 3, NR, 0, rq->mult + j0, rq->shift + j0, rq->per_col, rq->zp, rq->qmin, rq->qmax, o, rq->otype);
+        rq_row(v, vtype, NR, 0, rq->mult + j0, rq->shift + j0, rq->per_col, rq->zp, rq->qmin, rq->qmax, o, rq->otype);
         return;
     }
     for (int64_t c = 0; c < nc; c++) {
         const int64_t j = rq->per_col ? j0 + c : 0;
-        const int64_t y = rq1(v[c], rq->mult[j], rq->shift[j], rq->zp, rq->qmin, rq->qmax);
+        const int64_t a = vtype == 3 ? ((const int64_t *)v)[c] : ((const int32_t *)v)[c];
+        const int64_t y = rq1(a, rq->mult[j], rq->shift[j], rq->zp, rq->qmin, rq->qmax);
         if (rq->otype == 2) ((int32_t *)o)[c] = (int32_t)y;
         else if (rq->otype == 1) ((int16_t *)o)[c] = (int16_t)y;
         else ((int8_t *)o)[c] = (int8_t)y;
@@ -284,7 +285,7 @@ static inline void store64(int64_t *o, int64_t ldo, const int64_t *t, const int6
             if (post) v = _mm256_add_epi64(v, _mm256_loadu_si256((const __m256i *)(post + h)));
             _mm256_storeu_si256((__m256i *)(rq ? row + h : o + r * ldo + h), v);
         }
-        if (rq) rq_tile_row(rq, row, m0 + r, n0, NR);
+        if (rq) rq_tile_row(rq, row, 3, m0 + r, n0, NR);
     }
 }
 
@@ -298,7 +299,7 @@ void qasr_qgemm(const void *a, int atype, int64_t lda, int32_t off, int reps, in
     /* rq_out: the int64 values are requantized in the epilogue (qasr_requant's arithmetic) instead of stored */
     rq_epilogue rqe = {rq_mult, rq_shift, rq_per_col, rq_otype, 0, rq_zp, rq_qmin, rq_qmax, ldr, rq_out};
     if (rq_out) rqe.vec = rq_vector_ok(rq_mult, rq_shift, rq_per_col ? N : 1, rq_otype, rq_qmin, rq_qmax);
-    const rq_epilogue *rq = rq_out && !out32 ? &rqe : 0;
+    const rq_epilogue *rq = rq_out ? &rqe : 0; /* (int32 accumulators too: out32 then only selects that way) */
     const int64_t Kq = (K + 3) / 4 * 4, quads = Kq / 4, gq = gs / 4;
     const int byteway = bq && colsum && atype == 0 && reps == 1 && (out32 || gs % 4 == 0);
 #pragma omp parallel num_threads(nthreads)
@@ -351,6 +352,15 @@ void qasr_qgemm(const void *a, int atype, int64_t lda, int32_t off, int reps, in
                             for (int64_t r = 0; r < rc; r++)
                                 for (int32_t j = ostart[i + r]; j < ostart[i + r + 1]; j++)
                                     add_outlier32(t32 + r * NR, b, ol[j].k, ol[j].e);
+                        if (rq) { /* the int32 values requantized here, never stored */
+                            int32_t v[NR];
+                            for (int64_t r = 0; r < rc; r++) {
+                                const int64_t rs = bz * rowsum[i + r];
+                                for (int64_t c = 0; c < nc; c++) v[c] = (int32_t)(t32[r * NR + c] + ci64[n0 + c] - rs);
+                                rq_tile_row(rq, v, 2, mb + i + r, n0, nc);
+                            }
+                            continue;
+                        }
                         if (nc == NR) {
                             store32(out32 + (mb + i) * ldo + n0, ldo, t32, ci32 + n0, rowsum + i, bz, rc);
                             continue;
@@ -391,7 +401,7 @@ void qasr_qgemm(const void *a, int atype, int64_t lda, int32_t off, int reps, in
                             if (rshift) v = (v + ((int64_t)1 << (rshift - 1))) >> rshift;
                             o[c] = v + (post ? post[n0 + c] : 0);
                         }
-                        if (rq) rq_tile_row(rq, row, mb + i + r, n0, nc);
+                        if (rq) rq_tile_row(rq, row, 3, mb + i + r, n0, nc);
                     }
                 }
             }
