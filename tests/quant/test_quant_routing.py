@@ -60,7 +60,7 @@ def test_frozen_wrappers_refuse_new_call_sites():
         m(x)
 
 
-def test_a_forward_called_directly_reenters_through_the_hooks():
+def test_a_forward_called_directly_reenters_through_the_hooks(monkeypatch):
     """``m.forward(...)`` skips m's hooks (fairseq's search calls forwards so). quantize_model's forward re-enters
     through ``m(...)``: the forward's own ops (here the residual add) are routed as in a module call."""
     from fairseq_qasr.quant import replace
@@ -74,12 +74,8 @@ def test_a_forward_called_directly_reenters_through_the_hooks():
     m.forward(x, mask)
     assert seen == [False]  # the inner forward ran once, inside the hooks
     m.forward.inner = None
-    original = replace.called_without_hooks
-    try:
-        replace.called_without_hooks = lambda module: False  # no re-entry: the add and the ops around it in float
-        assert not torch.equal(m.forward(x, mask), y)
-    finally:
-        replace.called_without_hooks = original
+    monkeypatch.setattr(replace, "called_without_hooks", lambda module: False)  # no re-entry: the add etc. in float
+    assert not torch.equal(m.forward(x, mask), y)
 
 
 def test_sdpa_is_decomposed():
