@@ -234,6 +234,49 @@ def test_one_pass_attention_equals_the_formula(tk, peaky, grid):
     assert torch.equal(got, attention_ref(q, 5, kt, -7, srq, lut, sm, prq, v, zv))
 
 
+@pytest.mark.parametrize("m1, sh1, zp1", [(2 ** 29, 30, -3), (2 ** 29 + 1, 30, 5), (2 ** 31 - 1, 31, 0),
+                                           (2 ** 30, 40, 2 ** 29 - 1), (2 ** 30, 40, -(2 ** 29)),
+                                           (2 ** 31 - 1, 19, 0)])
+def test_attention_score_codes_at_every_multiplier_range(m1, sh1, zp1):
+    """The scores' requantization takes 32-bit lanes where every unclamped code fits int32 (multiplier at most half
+    of 2^shift, |zero point| < 2^29) and 64-bit lanes otherwise: both equal the formula, at the boundary of each
+    condition, with scores that land inside the code range and others that clamp."""
+    g = torch.Generator().manual_seed(m1 % 1000 + sh1)
+    bh, tq, tk, d = 2, 21, 70, 64
+    q, kt = rnd(-6, 7, (bh, tq, d), g, torch.int8), rnd(-6, 7, (bh, d, tk), g, torch.int8)
+    q[0, 0], kt[0, :, 0] = 127, 127  # a score of 64 * 127 * 127: clamped at the top
+    lo1, hi1 = -128, 127
+    if abs(zp1) > 2 ** 16:  # a shift of the codes by zp1: the code range follows it
+        lo1, hi1 = zp1 - 128, zp1 + 127
+    lut = K.exp_table(0.05, hi1 - lo1 + 1)
+    R = K.recip_bits(255)
+    sm, prq = (255 << R, R, 0, 0, 255), (2 ** 30, 30, -128, -128, 127)
+    v = rnd(-128, 128, (bh, tk, d), g, torch.int8)
+    srq = (m1, sh1, zp1, lo1, hi1)
+    assert torch.equal(cgemm.attention(q, 0, kt, 0, srq, lut, sm, prq, v, 3),
+                       attention_ref(q, 0, kt, 0, srq, lut, sm, prq, v, 3))
+
+
+@pytest.mark.parametrize("omax", [255, 2 ** 16 - 1])
+def test_attention_with_an_exponential_table_that_ends_early(omax):
+    """A steep exponential table (its last ~220 of 256 entries 0) over scores spread across the whole code range:
+    the codes whose exponential is 0 are skipped in the row sums and probabilities, and still give the formula's
+    result (8- and 16-bit probability grids)."""
+    g = torch.Generator().manual_seed(omax)
+    bh, tq, tk, d = 2, 19, 333, 64
+    q, kt = rnd(-128, 128, (bh, tq, d), g, torch.int8), rnd(-128, 128, (bh, d, tk), g, torch.int8)
+    lut = K.exp_table(0.6, 256)
+    assert 20 < int((lut > 0).sum()) < 60
+    R = K.recip_bits(omax)
+    sm = (omax << R, R, 0, 0, omax)
+    prq = (2 ** 30, 30, -(2 ** 15), -(2 ** 15), 2 ** 15 - 1) if omax > 255 else (2 ** 30, 30, -128, -128, 127)
+    v = rnd(-128, 128, (bh, tk, d), g, torch.int8)
+    srq = (2 ** 30, 31 + 9, 0, -128, 127)  # scores / 1024: rows across the whole 8-bit range
+    for klen in (None, torch.tensor([333, 100], dtype=torch.int32)):
+        assert torch.equal(cgemm.attention(q, 0, kt, 0, srq, lut, sm, prq, v, 3, klen=klen),
+                           attention_ref(q, 0, kt, 0, srq, lut, sm, prq, v, 3, None if klen is None else klen.long()))
+
+
 @pytest.mark.parametrize("param", ["w8a8", "w8a8_r16-whisper_layout"])
 def test_incremental_decode_steps_on_c_attention_equal_torch_paths(param, monkeypatch):
     """Decoder steps one token at a time (self-attention over the cache, cross-attention with keys/values packed once

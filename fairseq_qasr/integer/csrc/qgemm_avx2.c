@@ -446,6 +446,16 @@ static inline __m256i rq8(__m256i s, __m256i m, __m256i bias, __m128i shv, __m25
                             _mm256_castsi256_si128(_mm256_permutevar8x32_epi32(a, even)));
 }
 
+/* rq8 where every unclamped code fits int32 (m <= 2^(sh-1), so |s * m / 2^sh| <= 2^30, and |zp| < 2^29): the even
+ * and odd lanes multiplied in place, their low dwords merged, the offset and the clamps in 32 bits (fix32: the low
+ * dword of 2^(62-sh) - zp) */
+static inline __m256i rq8n(__m256i s, __m256i m, __m256i bias, __m128i shv, __m256i fix32, __m256i lo, __m256i hi) {
+    __m256i e = _mm256_srl_epi64(_mm256_add_epi64(_mm256_mul_epi32(s, m), bias), shv);
+    __m256i o = _mm256_srl_epi64(_mm256_add_epi64(_mm256_mul_epi32(_mm256_srli_epi64(s, 32), m), bias), shv);
+    __m256i y = _mm256_sub_epi32(_mm256_blend_epi32(e, _mm256_slli_epi64(o, 32), 0xAA), fix32);
+    return _mm256_min_epi32(_mm256_max_epi32(y, lo), hi);
+}
+
 /* the pairs p < pairs (pairs % 8 == 0) where any of the MR rows at a (row stride lda) is nonzero -> idx; count */
 static inline int64_t active_pairs(const int16_t *a, int64_t lda, int64_t pairs, int32_t *idx) {
     int64_t n = 0;
@@ -502,7 +512,9 @@ void qasr_attention(const int8_t *q, int64_t BH, int64_t Tq, int64_t d,
         const __m256i vb1 = _mm256_set1_epi64x(((int64_t)1 << 62) + ((int64_t)1 << (sh1 - 1)));
         const __m256i vlo1 = _mm256_set1_epi64x(qmin1), vhi1 = _mm256_set1_epi64x(qmax1);
         const __m128i vsh1 = _mm_cvtsi32_si128(sh1);
-        const __m256i vq = _mm256_set1_epi32((int32_t)qmin1), lo8 = _mm256_set1_epi16(255);
+        const int narrow = m1 <= ((int64_t)1 << (sh1 - 1)) && zp1 > -((int64_t)1 << 29) && zp1 < ((int64_t)1 << 29);
+        const __m256i vfix32 = _mm256_set1_epi32((int32_t)(uint32_t)(((int64_t)1 << (62 - sh1)) - zp1));
+        const __m256i vlo32 = _mm256_set1_epi32((int32_t)qmin1), vhi32 = _mm256_set1_epi32((int32_t)qmax1);
 #pragma omp for schedule(static) collapse(2)
         for (int64_t h = 0; h < BH; h++) {
             for (int64_t blk = 0; blk < blocks; blk++) {
@@ -557,8 +569,13 @@ void qasr_attention(const int8_t *q, int64_t BH, int64_t Tq, int64_t d,
                             int32_t *o = sc + (i + r) * Tkp + pn * NR;
                             __m256i s0 = _mm256_sub_epi32(_mm256_add_epi32(acc[2 * r], k0), rs);
                             __m256i s1 = _mm256_sub_epi32(_mm256_add_epi32(acc[2 * r + 1], k1), rs);
-                            _mm256_storeu_si256((__m256i *)o, rq8(s0, vm1, vb1, vsh1, vfix1, vlo1, vhi1));
-                            _mm256_storeu_si256((__m256i *)(o + 8), rq8(s1, vm1, vb1, vsh1, vfix1, vlo1, vhi1));
+                            if (narrow) {
+                                _mm256_storeu_si256((__m256i *)o, rq8n(s0, vm1, vb1, vsh1, vfix32, vlo32, vhi32));
+                                _mm256_storeu_si256((__m256i *)(o + 8), rq8n(s1, vm1, vb1, vsh1, vfix32, vlo32, vhi32));
+                            } else {
+                                _mm256_storeu_si256((__m256i *)o, rq8(s0, vm1, vb1, vsh1, vfix1, vlo1, vhi1));
+                                _mm256_storeu_si256((__m256i *)(o + 8), rq8(s1, vm1, vb1, vsh1, vfix1, vlo1, vhi1));
+                            }
                         }
                     }
                 }
@@ -593,26 +610,35 @@ void qasr_attention(const int8_t *q, int64_t BH, int64_t Tq, int64_t d,
                             }
                             total = total > 1 ? total : 1;
                             const int64_t recip = mult_r / total;
+                            int64_t c0 = top + 1; /* the lowest code present whose d is not 0 */
                             for (int64_t c = 0; c <= top; c++) {
                                 if (!hist[c]) continue;
                                 int64_t p = clamp64(((lut[top - c] * recip + half) >> sh) + zpo, qmino, qmaxo);
                                 tab[c] = (int32_t)(clamp64(((((p - zpo) * m2) + ((int64_t)1 << (sh2 - 1))) >> sh2) + zp2,
                                                            qmin2, qmax2) - zp2); /* [0, 2^16) */
                                 s2 += hist[c] * (int64_t)tab[c];
+                                if (tab[c] && c < c0) c0 = c;
                             }
-                            for (j = 0; j + 16 <= tk; j += 16) { /* d = tab[row - qmin1], 16 lanes a step, as bytes */
-                                __m256i g0 = _mm256_i32gather_epi32(tab, _mm256_sub_epi32(
-                                    _mm256_loadu_si256((const __m256i *)(row + j)), vq), 4);
-                                __m256i g1 = _mm256_i32gather_epi32(tab, _mm256_sub_epi32(
-                                    _mm256_loadu_si256((const __m256i *)(row + j + 8)), vq), 4);
-                                __m256i w = _mm256_permute4x64_epi64(_mm256_packus_epi32(g0, g1), 0xD8);
-                                _mm256_storeu_si256((__m256i *)(dh + j), _mm256_srli_epi16(w, 8));
-                                _mm256_storeu_si256((__m256i *)(dl + j), _mm256_and_si256(w, lo8));
+                            /* d = tab[row - qmin1] as bytes: every lane below c0 is 0 (most lanes of long rows), so
+                             * the row is zeroed and only lanes at or above c0 are looked up */
+                            memset(dh, 0, (size_t)tk * sizeof(int16_t));
+                            memset(dl, 0, (size_t)tk * sizeof(int16_t));
+                            const __m256i vc0 = _mm256_set1_epi32((int32_t)(c0 + qmin1 - 1));
+                            for (j = 0; j + 8 <= tk; j += 8) {
+                                unsigned msk = (unsigned)_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(
+                                    _mm256_loadu_si256((const __m256i *)(row + j)), vc0)));
+                                while (msk) {
+                                    const int64_t l = j + __builtin_ctz(msk);
+                                    msk &= msk - 1;
+                                    dh[l] = (int16_t)(tab[row[l] - qmin1] >> 8);
+                                    dl[l] = (int16_t)(tab[row[l] - qmin1] & 255);
+                                }
                             }
-                            for (; j < tk; j++) {
-                                dh[j] = (int16_t)(tab[row[j] - qmin1] >> 8);
-                                dl[j] = (int16_t)(tab[row[j] - qmin1] & 255);
-                            }
+                            for (; j < tk; j++)
+                                if (row[j] - qmin1 >= c0) {
+                                    dh[j] = (int16_t)(tab[row[j] - qmin1] >> 8);
+                                    dl[j] = (int16_t)(tab[row[j] - qmin1] & 255);
+                                }
                         } else {
                             for (int64_t j = 0; j < tk; j++) total += lut[mx - row[j]];
                             total = total > 1 ? total : 1;
