@@ -166,17 +166,30 @@ static int load_rows8(const int8_t *a, int64_t lda, int32_t off, int64_t M, int6
         const int64_t c = per_row ? floordiv(2 * rowsum[r] + K, 2 * K) : cb;
         rowsum[r] -= K * off;
         cterm[r] = c - off - U8;
-        for (int64_t k = 0; k < K; k++) {
-            int64_t v = src[k] - c;
-            if (v > U8 || v < -U8) {
-                if (n >= maxout) return 0;
-                const int64_t cl = v > U8 ? U8 : -U8;
-                ol[n].k = (int32_t)k;
-                ol[n].e = (int32_t)(v - cl);
-                n++;
-                v = cl;
+        const __m256i vc = _mm256_set1_epi16((int16_t)c), hi = _mm256_set1_epi16(U8), lo = _mm256_set1_epi16(-U8);
+        for (int64_t k0 = 0; k0 < K; k0 += 16) { /* 16 codes a step; a step with an outlier (or the tail): scalar */
+            if (k0 + 16 <= K) {
+                const __m256i v = _mm256_sub_epi16(_mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(src + k0))),
+                                                   vc);
+                const __m256i out = _mm256_or_si256(_mm256_cmpgt_epi16(v, hi), _mm256_cmpgt_epi16(lo, v));
+                if (_mm256_testz_si256(out, out)) {
+                    const __m256i b = _mm256_permute4x64_epi64(_mm256_packus_epi16(_mm256_add_epi16(v, hi), hi), 0xD8);
+                    _mm_storeu_si128((__m128i *)(dst + k0), _mm256_castsi256_si128(b));
+                    continue;
+                }
             }
-            dst[k] = (uint8_t)(v + U8);
+            for (int64_t k = k0; k < k0 + 16 && k < K; k++) {
+                int64_t v = src[k] - c;
+                if (v > U8 || v < -U8) {
+                    if (n >= maxout) return 0;
+                    const int64_t cl = v > U8 ? U8 : -U8;
+                    ol[n].k = (int32_t)k;
+                    ol[n].e = (int32_t)(v - cl);
+                    n++;
+                    v = cl;
+                }
+                dst[k] = (uint8_t)(v + U8);
+            }
         }
         memset(dst + K, 0, (size_t)(Kq - K));
     }
