@@ -119,6 +119,9 @@ def test_layer_norm_lut_add_equal_torch_versions(bits, monkeypatch):
     lo, hi = (-128, 128) if bits == 8 else (-(2 ** 15), 2 ** 15)
     x = rnd(lo, hi, (7, 3, 384), g, torch.int8 if bits == 8 else torch.int32)
     x[0, 0] = 5  # a constant row: variance 0, eps only
+    for j in range(3):  # one extreme code against the other extreme: the largest |n x - sum x| of a row
+        x[1, j], x[2, j] = hi - 1, lo
+        x[1, j, 7 * j], x[2, j, 5 + j] = lo, hi - 1
     gain, bias = rnd(-128, 128, (384,), g, torch.int8), rnd(-(2 ** 20), 2 ** 20, (384,), g)
     k = K.ln_shift_bits(384, bits)
     table = rnd(-128, 128, (hi - lo,), g, torch.int8)
