@@ -77,7 +77,8 @@ def _pack_op(b: Tensor, bp: Tensor, colsum: Tensor, ints: List[int]) -> None:
 def _pack_batch_op(b: Tensor, bp: Tensor, colsum: Tensor) -> None:
     nb, k, n = b.shape
     cbuild.dll().qasr_pack_batch(b.data_ptr(), cbuild.TYPES[b.dtype], b.stride(0), b.stride(1), b.stride(2), k, n, 0,
-                                 bp.data_ptr(), bp[0].numel(), bp.shape[2] * 2, bp.shape[1] * NR, colsum.data_ptr(), nb)
+                                 bp.data_ptr(), bp[0].numel(), bp.shape[2] * 2, bp.shape[1] * NR, colsum.data_ptr(), nb,
+                                 torch.get_num_threads())
 
 
 def pack_batch(b: Tensor, k_align: int = 2) -> Tuple[Tensor, Tensor]:

@@ -46,8 +46,10 @@ void qasr_pack(const void *b, int type, int64_t ldk, int64_t ldn, int64_t K, int
 /* qasr_pack of `batch` matrices: matrix i at b + i * bstride elements, packed to bp + i * bpstride, its column sums
  * to colsum + i * N */
 void qasr_pack_batch(const void *b, int type, int64_t bstride, int64_t ldk, int64_t ldn, int64_t K, int64_t N, int part,
-                     int16_t *bp, int64_t bpstride, int64_t Kp, int64_t Np, int64_t *colsum, int64_t batch) {
+                     int16_t *bp, int64_t bpstride, int64_t Kp, int64_t Np, int64_t *colsum, int64_t batch,
+                     int nthreads) {
     const int64_t size = type == 0 ? 1 : type == 1 ? 2 : 4;
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (batch > 1 && K * N >= 4096)
     for (int64_t i = 0; i < batch; i++)
         qasr_pack((const char *)b + i * bstride * size, type, ldk, ldn, K, N, part, bp + i * bpstride, Kp, Np,
                   colsum + i * N);
