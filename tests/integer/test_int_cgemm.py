@@ -540,10 +540,15 @@ def test_requantization_in_the_gemm_epilogue_equals_requantize(out_dtype, per_co
         assert got.dtype == out_dtype and torch.equal(got, expect)
     p32 = cgemm.pack(b)  # int32 accumulators (per-channel weights): the same epilogue, with the bias
     bias = rnd(-2 ** 20, 2 ** 20, (n,), g)
-    for a in (_centred_codes((m_rows, k), g, 0.002, centre=3), rnd(-128, 128, (m_rows, k), g, torch.int8)):
-        expect = cops.requantize(cgemm.mm(a, p32, 5, bias=bias), m, sh, zp, info.min, info.max, out_dtype)
-        got = cgemm.mm(a, p32, 5, bias=bias, requant=(m, sh, zp, info.min, info.max, out_dtype))
-        assert got.dtype == out_dtype and torch.equal(got, expect)
+    # int32 lanes where every code fits int32 unclamped; int64 lanes where a multiplier passes 2^(shift-1) (the
+    # first column's, or the only one) or the zero point is 2^29
+    wide_m, wide_sh = m.clone(), sh.clone()
+    wide_m.view(-1)[0], wide_sh.view(-1)[0] = 2 ** 30, 10  # codes ~2^20 x the values: past int32, clamped
+    for mm_, sh_, zp_ in ((m, sh, zp), (wide_m, wide_sh, zp), (m, sh, 2 ** 29 if out_dtype == torch.int32 else zp)):
+        for a in (_centred_codes((m_rows, k), g, 0.002, centre=3), rnd(-128, 128, (m_rows, k), g, torch.int8)):
+            expect = cops.requantize(cgemm.mm(a, p32, 5, bias=bias), mm_, sh_, zp_, info.min, info.max, out_dtype)
+            got = cgemm.mm(a, p32, 5, bias=bias, requant=(mm_, sh_, zp_, info.min, info.max, out_dtype))
+            assert got.dtype == out_dtype and torch.equal(got, expect)
     with pytest.raises(ValueError, match="requant"):
         cgemm.mm(a, p32, requant=(m[:3] if per_col else m.expand(3), sh, zp, info.min, info.max, out_dtype))
 

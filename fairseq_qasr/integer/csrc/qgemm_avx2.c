@@ -249,7 +249,55 @@ typedef struct {
     int per_col, otype, vec;
     int64_t zp, qmin, qmax, ldr;
     void *out;
+    __m256i *narrow; /* int32 values whose codes fit int32 unclamped: 7 vectors per 8 columns (rq8n's constants) */
 } rq_epilogue;
+
+/* rq8n's constants for columns c..c+7 of every 8 (one multiplier: the same for all): multipliers, biases
+ * 2^62 + 2^(sh-1) and shifts of the even and odd columns as int64 lanes, then fix = 2^(62-sh) - zp as 8 int32;
+ * 0 (the int64 lanes' arithmetic stays) unless every multiplier is at most 2^(sh-1), 1 <= sh <= 62, |zp| < 2^29 */
+static __m256i *narrow_constants(const int64_t *mult, const int64_t *shift, int per_col, int64_t n, int64_t zp) {
+    if (zp <= -((int64_t)1 << 29) || zp >= ((int64_t)1 << 29)) return 0;
+    for (int64_t j = 0; j < (per_col ? n : 1); j++)
+        if (shift[j] < 1 || shift[j] > 62 || mult[j] < 0 || mult[j] > ((int64_t)1 << (shift[j] - 1))) return 0;
+    const int64_t chunks = (n + 7) / 8;
+    __m256i *k = aligned_alloc(32, (size_t)chunks * 7 * sizeof(__m256i));
+    for (int64_t c = 0; c < chunks; c++) {
+        int64_t v[7][4];
+        int32_t fix[8];
+        for (int l = 0; l < 8; l++) {
+            const int64_t col = c * 8 + l < n ? c * 8 + l : n - 1, j = per_col ? col : 0;
+            const int64_t m = mult[j], sh = shift[j];
+            v[l & 1][l / 2] = m;
+            v[2 + (l & 1)][l / 2] = ((int64_t)1 << 62) + ((int64_t)1 << (sh - 1));
+            v[4 + (l & 1)][l / 2] = sh;
+            fix[l] = (int32_t)(uint32_t)(((int64_t)1 << (62 - sh)) - zp);
+        }
+        for (int i = 0; i < 6; i++) k[c * 7 + i] = _mm256_loadu_si256((const __m256i *)v[i]);
+        k[c * 7 + 6] = _mm256_loadu_si256((const __m256i *)fix);
+    }
+    return k;
+}
+
+/* 8 int32 values -> their codes (clamped, int32 lanes) with rq8n's arithmetic and the column constants k */
+static inline __m256i rq8k(__m256i s, const __m256i *k, __m256i lo, __m256i hi) {
+    __m256i e = _mm256_srlv_epi64(_mm256_add_epi64(_mm256_mul_epi32(s, k[0]), k[2]), k[4]);
+    __m256i o = _mm256_srlv_epi64(_mm256_add_epi64(_mm256_mul_epi32(_mm256_srli_epi64(s, 32), k[1]), k[3]), k[5]);
+    __m256i y = _mm256_sub_epi32(_mm256_blend_epi32(e, _mm256_slli_epi64(o, 32), 0xAA), k[6]);
+    return _mm256_min_epi32(_mm256_max_epi32(y, lo), hi);
+}
+
+/* 16 int32 codes -> out (otype 0 int8, 1 int16, 2 int32) */
+static inline void store_codes16(void *out, int otype, __m256i y0, __m256i y1) {
+    if (otype == 2) {
+        _mm256_storeu_si256((__m256i *)out, y0);
+        _mm256_storeu_si256((__m256i *)out + 1, y1);
+        return;
+    }
+    const __m256i w = _mm256_permute4x64_epi64(_mm256_packs_epi32(y0, y1), 0xD8); /* (in range: no saturation) */
+    if (otype == 1) _mm256_storeu_si256((__m256i *)out, w);
+    else _mm_storeu_si128((__m128i *)out, _mm256_castsi256_si128(_mm256_permute4x64_epi64(
+             _mm256_packs_epi16(w, w), 0xD8)));
+}
 
 /* values v[0..nc) (int32: vtype 2, int64: 3) of output row m, columns n0.. -> their codes */
 static inline void rq_tile_row(const rq_epilogue *rq, const void *v, int vtype, int64_t m, int64_t n0, int64_t nc) {
@@ -312,8 +360,9 @@ void qasr_qgemm(const void *a, int atype, int64_t lda, int32_t off, int reps, in
                 int64_t ldr, int nthreads) {
     const int64_t panels = Np / NR, groups = (Kp + gs - 1) / gs, gp = gs / 2, pairs = Kp / 2, Kh = Kp / reps;
     /* rq_out: the int64 values are requantized in the epilogue (qasr_requant's arithmetic) instead of stored */
-    rq_epilogue rqe = {rq_mult, rq_shift, rq_per_col, rq_otype, 0, rq_zp, rq_qmin, rq_qmax, ldr, rq_out};
+    rq_epilogue rqe = {rq_mult, rq_shift, rq_per_col, rq_otype, 0, rq_zp, rq_qmin, rq_qmax, ldr, rq_out, 0};
     if (rq_out) rqe.vec = rq_vector_ok(rq_mult, rq_shift, rq_per_col ? N : 1, rq_otype, rq_qmin, rq_qmax);
+    if (rq_out && out32 && rqe.vec) rqe.narrow = narrow_constants(rq_mult, rq_shift, rq_per_col, N, rq_zp);
     const rq_epilogue *rq = rq_out ? &rqe : 0; /* (int32 accumulators too: out32 then only selects that way) */
     const int64_t Kq = (K + 3) / 4 * 4, quads = Kq / 4, gq = gs / 4;
     const int byteway = bq && colsum && atype == 0 && reps == 1 && (out32 || gs % 4 == 0);
@@ -367,6 +416,23 @@ void qasr_qgemm(const void *a, int atype, int64_t lda, int32_t off, int reps, in
                             for (int64_t r = 0; r < rc; r++)
                                 for (int32_t j = ostart[i + r]; j < ostart[i + r + 1]; j++)
                                     add_outlier32(t32 + r * NR, b, ol[j].k, ol[j].e);
+                        if (rq && rq->narrow && nc == NR) { /* 16 columns at once in int32 lanes */
+                            const __m256i *k0 = rq->narrow + (n0 / 8) * 7, *k1 = k0 + 7;
+                            const __m256i c0 = _mm256_loadu_si256((const __m256i *)(ci32 + n0));
+                            const __m256i c1 = _mm256_loadu_si256((const __m256i *)(ci32 + n0 + 8));
+                            const __m256i lo = _mm256_set1_epi32((int32_t)rq->qmin);
+                            const __m256i hi = _mm256_set1_epi32((int32_t)rq->qmax);
+                            for (int64_t r = 0; r < rc; r++) {
+                                const __m256i rs = _mm256_set1_epi32((int32_t)(bz * rowsum[i + r]));
+                                const __m256i t0 = _mm256_loadu_si256((const __m256i *)(t32 + r * NR));
+                                const __m256i t1 = _mm256_loadu_si256((const __m256i *)(t32 + r * NR + 8));
+                                const __m256i v0 = _mm256_sub_epi32(_mm256_add_epi32(t0, c0), rs);
+                                const __m256i v1 = _mm256_sub_epi32(_mm256_add_epi32(t1, c1), rs);
+                                char *o = (char *)rq->out + ((mb + i + r) * rq->ldr + n0) * ((int64_t)1 << rq->otype);
+                                store_codes16(o, rq->otype, rq8k(v0, k0, lo, hi), rq8k(v1, k1, lo, hi));
+                            }
+                            continue;
+                        }
                         if (rq) { /* the int32 values requantized here, never stored */
                             int32_t v[NR];
                             for (int64_t r = 0; r < rc; r++) {
@@ -427,6 +493,7 @@ void qasr_qgemm(const void *a, int atype, int64_t lda, int32_t off, int reps, in
         free(ci64);
         free(ci32);
     }
+    free(rqe.narrow);
 }
 
 /* Fused attention (key padding as per-head key counts), per (batch x head, block of AB query rows), no [Tq, Tk]
