@@ -190,6 +190,24 @@ class IntegerEngine:
         self._emit(qpath, out, masked)
         return out
 
+    def _requant_as(self, done: QT, same_source: bool, x, qpath: str) -> QT:
+        """``requant(x, qpath)``, reusing ``done`` (codes of ``x`` when ``same_source``) where ``qpath``'s grid and
+        multiplier equal those of ``done`` (self-attention's q/k/v inputs share one grid): no second pass over ``x``.
+        Not while a hook watches each quantizer or while compiling."""
+        if same_source and self.hook is None and not self.compiling and self._same_grid(done.on, qpath):
+            return QT(done.c, done.z, done.scale, qpath)
+        return self.requant(x, qpath)
+
+    def _same_grid(self, a: str, b: str) -> bool:
+        """Quantizers ``a`` and ``b`` have one grid and one multiplier from their source (cached)."""
+        flag = self._prep.get("same:" + a + ":" + b)
+        if flag is None:
+            (ma, sa), (mb, sb) = self._mult("rq:" + a), self._mult("rq:" + b)
+            flag = self._qinfo(a) == self._qinfo(b) and ma.shape == mb.shape and torch.equal(ma, mb) and \
+                torch.equal(sa, sb)
+            self._prep["same:" + a + ":" + b] = flag
+        return flag
+
     def _identity(self, key: str, x, zp: int, qmin: int, qmax: int) -> bool:
         """True when ``x`` already holds the codes: multiplier exactly 1, same zero point and range."""
         if not isinstance(x, QT) or x.on is None or x.z != zp or self.compiling:
@@ -604,14 +622,15 @@ class IntegerEngine:
     # ---------------------------------------------------------------- model
     def attention(self, name: str, x, memory, mask: Optional[Tensor], causal: bool,
                   cache: Optional[Dict[str, Any]], heads: int) -> Acc:
-        q = self.linear(name + ".q_proj", self.requant(x, name + ".q_proj.in_q.0"))
+        xq = self.requant(x, name + ".q_proj.in_q.0")
+        q = self.linear(name + ".q_proj", xq)
         b, tq, d = q.shape
         hd = d // heads
         kk, vk = name + ".k", name + ".v"
         if memory is None or cache is None or cache.get(kk) is None:
             src = x if memory is None else memory
-            k = self.linear(name + ".k_proj", self.requant(src, name + ".k_proj.in_q.0"))
-            v = self.linear(name + ".v_proj", self.requant(src, name + ".v_proj.in_q.0"))
+            k = self.linear(name + ".k_proj", self._requant_as(xq, src is x, src, name + ".k_proj.in_q.0"))
+            v = self.linear(name + ".v_proj", self._requant_as(xq, src is x, src, name + ".v_proj.in_q.0"))
             kc = self.requant(k, name + ".matmul_0.in_q.1")
             vc = self.requant(v, name + ".matmul_1.in_q.1")
             kc.c = kc.c.view(b, -1, heads, hd).permute(0, 2, 3, 1).contiguous()  # (B, H, d, Tk)

@@ -126,6 +126,39 @@ def test_incremental_decoding_equals_full(compiled):
     assert torch.equal(torch.cat(steps, dim=1), full)
 
 
+def test_self_attention_inputs_on_one_grid_are_requantized_once(compiled, monkeypatch):
+    """Where q/k/v_proj's input quantizers share grid and multiplier (one calibration of one tensor), the engine
+    reuses the codes; the result equals requantizing each, and a grid that differs is requantized on its own."""
+    recipe, model, cfg, inp, eng = compiled
+    layers = [n[:-len(".q_proj.in_q.0")] for n in eng.scales if n.endswith("self_attn.q_proj.in_q.0")]
+    shared = [n for n in layers if eng._same_grid(n + ".q_proj.in_q.0", n + ".k_proj.in_q.0")]
+    assert shared, "no layer shares the grid: the reuse is never exercised"
+    x = eng.quantize_input(inp["src_tokens"])
+
+    def encoder_codes():
+        out = eng.encode(x, inp["src_lengths"])["out"]
+        return out.c if hasattr(out, "c") else out.t
+
+    reused = encoder_codes()
+    monkeypatch.setattr(type(eng), "_same_grid", lambda self, a, b: False)
+    assert torch.equal(reused, encoder_codes())
+    monkeypatch.undo()
+    k_in = shared[0] + ".k_proj.in_q.0"  # k's multiplier 1/8 larger: another grid, requantized on its own
+    m, sh = eng._mult("rq:" + k_in)
+    eng._prep["rq:" + k_in] = (m + m // 8, sh)
+    eng._prep.pop("same:" + shared[0] + ".q_proj.in_q.0:" + k_in, None)
+    try:
+        assert not eng._same_grid(shared[0] + ".q_proj.in_q.0", k_in)
+        other = encoder_codes()
+        assert not torch.equal(other, reused)
+        monkeypatch.setattr(type(eng), "_same_grid", lambda self, a, b: False)
+        assert torch.equal(other, encoder_codes())
+    finally:
+        monkeypatch.undo()
+        eng._prep["rq:" + k_in] = (m, sh)
+        eng._prep.pop("same:" + shared[0] + ".q_proj.in_q.0:" + k_in, None)
+
+
 def test_kernels_isqrt_and_requant():
     v = torch.randint(0, 2 ** 62, (5000,), generator=torch.Generator().manual_seed(0))
     r = K.isqrt(v)
