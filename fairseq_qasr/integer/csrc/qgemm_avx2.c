@@ -249,21 +249,47 @@ typedef struct {
     int per_col, otype, vec;
     int64_t zp, qmin, qmax, ldr;
     void *out;
-    __m256i *narrow; /* int32 values whose codes fit int32 unclamped: 7 vectors per 8 columns (rq8n's constants) */
+    __m256i *narrow; /* int32 values: 9 vectors of constants per 8 columns (narrow_constants) */
 } rq_epilogue;
 
-/* rq8n's constants for columns c..c+7 of every 8 (one multiplier: the same for all): multipliers, biases
- * 2^62 + 2^(sh-1) and shifts of the even and odd columns as int64 lanes, then fix = 2^(62-sh) - zp as 8 int32;
- * 0 (the int64 lanes' arithmetic stays) unless every multiplier is at most 2^(sh-1), 1 <= sh <= 62, |zp| < 2^29 */
-static __m256i *narrow_constants(const int64_t *mult, const int64_t *shift, int per_col, int64_t n, int64_t zp) {
-    if (zp <= -((int64_t)1 << 29) || zp >= ((int64_t)1 << 29)) return 0;
+static int64_t floordiv128(__int128 a, int64_t b) { /* b > 0; the quotient fits int64 here */
+    __int128 q = a / b;
+    if (a % b != 0 && a < 0) q--;
+    return (int64_t)q;
+}
+
+/* The int32 values that clamp: y(v) = ((v * m + 2^(sh-1)) >> sh) + zp is non-decreasing in v, so
+ * clamp(y(v), qmin, qmax) = clamp(y(clamp(v, vlo, vhi)), qmin, qmax) with vlo the largest v where y(v) <= qmin and vhi
+ * the smallest where y(v) >= qmax (each kept within int32). Between them y stays within [qmin, qmax] +- (2^30 + 1)
+ * (m < 2^31, sh >= 1: a step of v moves y by at most 2^30 + 1), inside int32 where |qmin|, |qmax| < 2^30 - 1, so it
+ * is computed in 32-bit lanes whatever the multiplier and zero point. */
+static void clamp_bounds(int64_t m, int64_t sh, int64_t zp, int64_t qmin, int64_t qmax, int32_t *vlo, int32_t *vhi) {
+    if (m == 0) { /* y = zp for every v */
+        *vlo = INT32_MIN;
+        *vhi = INT32_MAX;
+        return;
+    }
+    const __int128 h = (__int128)1 << (sh - 1), p = (__int128)1 << sh;
+    const int64_t hi = -floordiv128(-((__int128)(qmax - zp) * p - h), m); /* ceil */
+    const int64_t lo = -floordiv128(-((__int128)(qmin - zp + 1) * p - h), m) - 1;
+    *vhi = hi > INT32_MAX ? INT32_MAX : hi < INT32_MIN ? INT32_MIN : (int32_t)hi;
+    *vlo = lo > INT32_MAX ? INT32_MAX : lo < INT32_MIN ? INT32_MIN : (int32_t)lo;
+}
+
+/* The constants of rq8k for columns c..c+7 of every 8 (one multiplier: the same for all): multipliers, biases
+ * 2^62 + 2^(sh-1) and shifts of the even and odd columns as int64 lanes, fix = 2^(62-sh) - zp, vlo and vhi as 8 int32
+ * each; 0 (the int64 lanes' arithmetic stays) where a multiplier or shift is out of range (0 <= m < 2^31, 1 <= sh <= 62,
+ * rq_vector_ok's ranges) */
+static __m256i *narrow_constants(const int64_t *mult, const int64_t *shift, int per_col, int64_t n, int64_t zp,
+                                 int64_t qmin, int64_t qmax) {
+    if (qmin < -((int64_t)1 << 30) + 1 || qmax > ((int64_t)1 << 30) - 2) return 0; /* y within qmin/qmax +- 2^30 + 1 */
     for (int64_t j = 0; j < (per_col ? n : 1); j++)
-        if (shift[j] < 1 || shift[j] > 62 || mult[j] < 0 || mult[j] > ((int64_t)1 << (shift[j] - 1))) return 0;
+        if (shift[j] < 1 || shift[j] > 62 || mult[j] < 0 || mult[j] >= ((int64_t)1 << 31)) return 0;
     const int64_t chunks = (n + 7) / 8;
-    __m256i *k = aligned_alloc(32, (size_t)chunks * 7 * sizeof(__m256i));
+    __m256i *k = aligned_alloc(32, (size_t)chunks * 9 * sizeof(__m256i));
     for (int64_t c = 0; c < chunks; c++) {
-        int64_t v[7][4];
-        int32_t fix[8];
+        int64_t v[6][4];
+        int32_t fix[8], vlo[8], vhi[8];
         for (int l = 0; l < 8; l++) {
             const int64_t col = c * 8 + l < n ? c * 8 + l : n - 1, j = per_col ? col : 0;
             const int64_t m = mult[j], sh = shift[j];
@@ -271,15 +297,19 @@ static __m256i *narrow_constants(const int64_t *mult, const int64_t *shift, int 
             v[2 + (l & 1)][l / 2] = ((int64_t)1 << 62) + ((int64_t)1 << (sh - 1));
             v[4 + (l & 1)][l / 2] = sh;
             fix[l] = (int32_t)(uint32_t)(((int64_t)1 << (62 - sh)) - zp);
+            clamp_bounds(m, sh, zp, qmin, qmax, vlo + l, vhi + l);
         }
-        for (int i = 0; i < 6; i++) k[c * 7 + i] = _mm256_loadu_si256((const __m256i *)v[i]);
-        k[c * 7 + 6] = _mm256_loadu_si256((const __m256i *)fix);
+        for (int i = 0; i < 6; i++) k[c * 9 + i] = _mm256_loadu_si256((const __m256i *)v[i]);
+        k[c * 9 + 6] = _mm256_loadu_si256((const __m256i *)fix);
+        k[c * 9 + 7] = _mm256_loadu_si256((const __m256i *)vlo);
+        k[c * 9 + 8] = _mm256_loadu_si256((const __m256i *)vhi);
     }
     return k;
 }
 
 /* 8 int32 values -> their codes (clamped, int32 lanes) with rq8n's arithmetic and the column constants k */
 static inline __m256i rq8k(__m256i s, const __m256i *k, __m256i lo, __m256i hi) {
+    s = _mm256_min_epi32(_mm256_max_epi32(s, k[7]), k[8]);
     __m256i e = _mm256_srlv_epi64(_mm256_add_epi64(_mm256_mul_epi32(s, k[0]), k[2]), k[4]);
     __m256i o = _mm256_srlv_epi64(_mm256_add_epi64(_mm256_mul_epi32(_mm256_srli_epi64(s, 32), k[1]), k[3]), k[5]);
     __m256i y = _mm256_sub_epi32(_mm256_blend_epi32(e, _mm256_slli_epi64(o, 32), 0xAA), k[6]);
@@ -362,7 +392,8 @@ void qasr_qgemm(const void *a, int atype, int64_t lda, int32_t off, int reps, in
     /* rq_out: the int64 values are requantized in the epilogue (qasr_requant's arithmetic) instead of stored */
     rq_epilogue rqe = {rq_mult, rq_shift, rq_per_col, rq_otype, 0, rq_zp, rq_qmin, rq_qmax, ldr, rq_out, 0};
     if (rq_out) rqe.vec = rq_vector_ok(rq_mult, rq_shift, rq_per_col ? N : 1, rq_otype, rq_qmin, rq_qmax);
-    if (rq_out && out32 && rqe.vec) rqe.narrow = narrow_constants(rq_mult, rq_shift, rq_per_col, N, rq_zp);
+    if (rq_out && out32 && rqe.vec)
+        rqe.narrow = narrow_constants(rq_mult, rq_shift, rq_per_col, N, rq_zp, rq_qmin, rq_qmax);
     const rq_epilogue *rq = rq_out ? &rqe : 0; /* (int32 accumulators too: out32 then only selects that way) */
     const int64_t Kq = (K + 3) / 4 * 4, quads = Kq / 4, gq = gs / 4;
     const int byteway = bq && colsum && atype == 0 && reps == 1 && (out32 || gs % 4 == 0);
@@ -417,7 +448,7 @@ void qasr_qgemm(const void *a, int atype, int64_t lda, int32_t off, int reps, in
                                 for (int32_t j = ostart[i + r]; j < ostart[i + r + 1]; j++)
                                     add_outlier32(t32 + r * NR, b, ol[j].k, ol[j].e);
                         if (rq && rq->narrow && nc == NR) { /* 16 columns at once in int32 lanes */
-                            const __m256i *k0 = rq->narrow + (n0 / 8) * 7, *k1 = k0 + 7;
+                            const __m256i *k0 = rq->narrow + (n0 / 8) * 9, *k1 = k0 + 9;
                             const __m256i c0 = _mm256_loadu_si256((const __m256i *)(ci32 + n0));
                             const __m256i c1 = _mm256_loadu_si256((const __m256i *)(ci32 + n0 + 8));
                             const __m256i lo = _mm256_set1_epi32((int32_t)rq->qmin);
