@@ -51,6 +51,12 @@ def interleaved(fns, repeat: int, warmup: int = 1):
     return ts
 
 
+def paired_ratios(other_ms, engine_ms):
+    """Per round, the other runtime's time over the engine's, both timed in that round (the VM's drift between
+    rounds cancels in each pair)."""
+    return [round(o / e, 3) for o, e in zip(other_ms, engine_ms)]
+
+
 def random_models(vocab: int):
     """Float model + W8A8 fake-quantized twin at tiny.en dimensions, random weights."""
     from fairseq.data import Dictionary
@@ -238,12 +244,15 @@ def main() -> None:
     if torch.get_num_threads() != args.threads:  # (a library that resets OpenMP's count would void the timings)
         raise SystemExit(f"torch ran on {torch.get_num_threads()} threads, not --threads {args.threads}: timings void")
     base = res["integer_engine_w8a8"]
-    print("\nratios (other / integer engine; >1 = engine faster):")
+    print("\nratios (other / integer engine; >1 = engine faster), of the medians and of each round's pair:")
     for name in runs:
         if name != "integer_engine_w8a8":
             r = res[name]
+            pairs = paired_ratios(r["encoder_ms_all"], base["encoder_ms_all"])
+            r["encoder_ratio_rounds"] = pairs
             print(f"  {name:28s} encoder x{r['encoder_ms'] / base['encoder_ms']:.2f}   "
-                  f"decode x{r['decode_ms'] / base['decode_ms']:.2f}")
+                  f"decode x{r['decode_ms'] / base['decode_ms']:.2f}   encoder per round: median "
+                  f"x{statistics.median(pairs):.2f}, x{min(pairs):.2f}-x{max(pairs):.2f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=1)
