@@ -165,9 +165,6 @@ def test_layer_norm_and_add_with_their_consumer_requantization_equal_requantizin
     assert got.dtype == dtype and torch.equal(got, want)
     assert int(got.min()) == qmin or int(got.max()) == qmax
     assert len(set(got.flatten().tolist())) > 100
-    monkeypatch.undo()
-    with pytest.raises(ValueError, match="fits the dtype"):  # codes the dtype cannot hold
-        cops.add(x, 7, 1 << 22, y, -5, 3 << 20, (int(m2), int(sh2), 0, -200, 200, torch.int8))
 
 
 def requant_c_equals_torch(acc, m, sh, zp, qmin, qmax, dt, sub, monkeypatch):

@@ -278,8 +278,8 @@ static void clamp_bounds(int64_t m, int64_t sh, int64_t zp, int64_t qmin, int64_
 
 /* The constants of rq8k for columns c..c+7 of every 8 (one multiplier: the same for all): multipliers, biases
  * 2^62 + 2^(sh-1) and shifts of the even and odd columns as int64 lanes, fix = 2^(62-sh) - zp, vlo and vhi as 8 int32
- * each; 0 (the int64 lanes' arithmetic stays) where a multiplier or shift is out of range (0 <= m < 2^31,
- * 1 <= sh <= 62, rq_vector_ok's ranges) */
+ * each; 0 (the int64 lanes' arithmetic stays) where a multiplier or shift is out of range (0 <= m < 2^31, 1 <= sh <= 62,
+ * rq_vector_ok's ranges) */
 static __m256i *narrow_constants(const int64_t *mult, const int64_t *shift, int per_col, int64_t n, int64_t zp,
                                  int64_t qmin, int64_t qmax) {
     if (qmin < -((int64_t)1 << 30) + 1 || qmax > ((int64_t)1 << 30) - 2) return 0; /* y within qmin/qmax +- 2^30 + 1 */
@@ -826,38 +826,32 @@ static inline int64_t rq1(int64_t a, int64_t m, int64_t sh, int64_t zp, int64_t 
 
 /* kernels.layer_norm_int over rows of n codes: c = n x - sum x, D = max(isqrt((sum c^2 << 2k) / n + eps), 1),
  * xhat = floor((c 2^(17+k) + D) / 2D), y = xhat * gain + bias: int64 out (otype -1), or (otype 0/1/2: int8/16/32)
- * its codes clamp(((y * m + 2^(sh-1)) >> sh) + zp, qmin, qmax), qasr_requant's 8-lane path on each row in cache (y
- * never stored; the caller checks rq_vector_ok's ranges: 0 <= m < 2^31, 1 <= sh <= 62, codes within otype) */
+ * its codes clamp(((y * m + 2^(sh-1)) >> sh) + zp, qmin, qmax) as qasr_requant gives them (y never stored) */
 void qasr_layer_norm(const void *x, int type, int64_t rows, int64_t n, const int8_t *gain, const int32_t *bias,
                      int64_t eps_term, int k, void *out, int otype, int64_t m, int64_t sh, int64_t zp, int64_t qmin,
                      int64_t qmax, int nthreads) {
-#pragma omp parallel num_threads(nthreads)
-    {
-        int64_t *row = otype >= 0 ? malloc((size_t)n * sizeof(int64_t)) : 0; /* a row's values before their codes */
-#pragma omp for schedule(static)
-        for (int64_t r = 0; r < rows; r++) {
-            int64_t s = 0, ss = 0;
-            for (int64_t i = 0; i < n; i++) s += code(x, type, r * n + i);
-            for (int64_t i = 0; i < n; i++) {
-                int64_t c = n * code(x, type, r * n + i) - s;
-                ss += c * c;
-            }
-            uint64_t v = (uint64_t)(((ss * ((int64_t)1 << (2 * k))) / n) + eps_term), d = 0;
-            for (int b = 31; b >= 0; b--) {
-                uint64_t cand = d | ((uint64_t)1 << b);
-                if (cand * cand <= v) d = cand;
-            }
-            const int64_t dd = d ? (int64_t)d : 1, mul = (int64_t)1 << (17 + k);
-            for (int64_t i = 0; i < n; i++) {
-                int64_t c = n * code(x, type, r * n + i) - s;
-                const int64_t y = floordiv(c * mul + dd, 2 * dd) * gain[i] + (bias ? bias[i] : 0);
-                if (row) row[i] = y;
-                else ((int64_t *)out)[r * n + i] = y;
-            }
-            if (row)
-                rq_row(row, 3, n, 0, &m, &sh, 0, zp, qmin, qmax, (char *)out + r * n * ((int64_t)1 << otype), otype);
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
+        int64_t s = 0, ss = 0;
+        for (int64_t i = 0; i < n; i++) s += code(x, type, r * n + i);
+        for (int64_t i = 0; i < n; i++) {
+            int64_t c = n * code(x, type, r * n + i) - s;
+            ss += c * c;
         }
-        free(row);
+        uint64_t v = (uint64_t)(((ss * ((int64_t)1 << (2 * k))) / n) + eps_term), d = 0;
+        for (int b = 31; b >= 0; b--) {
+            uint64_t cand = d | ((uint64_t)1 << b);
+            if (cand * cand <= v) d = cand;
+        }
+        const int64_t dd = d ? (int64_t)d : 1, mul = (int64_t)1 << (17 + k);
+        for (int64_t i = 0; i < n; i++) {
+            int64_t c = n * code(x, type, r * n + i) - s;
+            const int64_t y = floordiv(c * mul + dd, 2 * dd) * gain[i] + (bias ? bias[i] : 0);
+            if (otype < 0) ((int64_t *)out)[r * n + i] = y;
+            else if (otype == 0) ((int8_t *)out)[r * n + i] = (int8_t)rq1(y, m, sh, zp, qmin, qmax);
+            else if (otype == 1) ((int16_t *)out)[r * n + i] = (int16_t)rq1(y, m, sh, zp, qmin, qmax);
+            else ((int32_t *)out)[r * n + i] = (int32_t)rq1(y, m, sh, zp, qmin, qmax);
+        }
     }
 }
 
@@ -880,8 +874,7 @@ int64_t qasr_lut(const void *x, int type, int64_t n, int64_t base, const void *t
 }
 
 /* y[i] = (a[i] - za) * ka + (b[i] - zb) * kb: int64 out (otype -1), or (otype 0/1/2: int8/16/32) its codes
- * clamp(((y * m + 2^(sh-1)) >> sh) + zp, qmin, qmax), qasr_requant's 8-lane path on 1024 sums at a time in cache (y
- * never stored; the caller checks rq_vector_ok's ranges) */
+ * clamp(((y * m + 2^(sh-1)) >> sh) + zp, qmin, qmax) as qasr_requant gives them (y never stored) */
 void qasr_add(const void *a, int atype, int64_t za, int64_t ka, const void *b, int btype, int64_t zb, int64_t kb,
               int64_t n, void *out, int otype, int64_t m, int64_t sh, int64_t zp, int64_t qmin, int64_t qmax,
               int nthreads) {
@@ -891,14 +884,12 @@ void qasr_add(const void *a, int atype, int64_t za, int64_t ka, const void *b, i
             ((int64_t *)out)[i] = (code(a, atype, i) - za) * ka + (code(b, btype, i) - zb) * kb;
         return;
     }
-    const int64_t chunks = (n + 1023) / 1024; /* sums of 1024 values in cache, then their codes */
 #pragma omp parallel for num_threads(nthreads) schedule(static) if (n >= 65536)
-    for (int64_t c = 0; c < chunks; c++) {
-        int64_t y[1024];
-        const int64_t i0 = c * 1024, cnt = n - i0 < 1024 ? n - i0 : 1024;
-        for (int64_t i = 0; i < cnt; i++)
-            y[i] = (code(a, atype, i0 + i) - za) * ka + (code(b, btype, i0 + i) - zb) * kb;
-        rq_row(y, 3, cnt, 0, &m, &sh, 0, zp, qmin, qmax, (char *)out + i0 * ((int64_t)1 << otype), otype);
+    for (int64_t i = 0; i < n; i++) {
+        const int64_t y = rq1((code(a, atype, i) - za) * ka + (code(b, btype, i) - zb) * kb, m, sh, zp, qmin, qmax);
+        if (otype == 0) ((int8_t *)out)[i] = (int8_t)y;
+        else if (otype == 1) ((int16_t *)out)[i] = (int16_t)y;
+        else ((int32_t *)out)[i] = (int32_t)y;
     }
 }
 
