@@ -74,18 +74,6 @@ class GemmAcc(Acc):
         return torch.Size((*self.lead, self.cols))
 
 
-def _requant_inside(kernel: Callable[[Optional[tuple]], Tensor]) -> Callable[[Optional[tuple]], Tensor]:
-    """A ``GemmAcc.run`` for an elementwise kernel that takes its consumer's requantization ``(m, shift, zp, qmin,
-    qmax, dtype)`` with one multiplier (``kernel(None)``: the int64 values); per-column multipliers requantize the
-    int64 values afterwards."""
-    def run(rq: Optional[tuple]) -> Tensor:
-        if rq is None or rq[0].numel() != 1:
-            y = kernel(None)
-            return y if rq is None else K.requantize(y, *rq)
-        return kernel((int(rq[0]), int(rq[1]), *rq[2:]))
-    return run
-
-
 def _has(model: torch.nn.Module, path: str) -> bool:
     try:
         model.get_submodule(path)
@@ -473,10 +461,13 @@ class IntegerEngine:
         f = self.meta[key]
         scale = torch.tensor(self.scales[name + ".out"], dtype=torch.float64) if self.compiling else None
         if wide:  # 16-bit codes x 2^22 factors: int64, consumers' multipliers shortened by the headroom
-            if cbuild.available() and qa.c.shape == qb.c.shape and not self.compiling:  # (each consumer's
-                return GemmAcc(_requant_inside(  # requantization inside the kernel, the int64 sum never stored)
-                    lambda rq: cops.add(qa.c, qa.z, f["ka"], qb.c, qb.z, f["kb"], rq)),
-                    qa.c.shape[-1], scale, 17 + frac - 31, lead=qa.c.shape[:-1])
+            if cbuild.available() and qa.c.shape == qb.c.shape and not self.compiling:
+                def run(rq: Optional[tuple]) -> Tensor:  # each consumer's requantization inside the kernel
+                    if rq is None or rq[0].numel() != 1:
+                        y = cops.add(qa.c, qa.z, f["ka"], qb.c, qb.z, f["kb"])
+                        return y if rq is None else K.requantize(y, *rq)
+                    return cops.add(qa.c, qa.z, f["ka"], qb.c, qb.z, f["kb"], (int(rq[0]), int(rq[1]), *rq[2:]))
+                return GemmAcc(run, qa.c.shape[-1], scale, 17 + frac - 31, lead=qa.c.shape[:-1])
             if cbuild.available() and qa.c.shape == qb.c.shape:
                 acc = cops.add(qa.c, qa.z, f["ka"], qb.c, qb.z, f["kb"])
             else:
@@ -513,8 +504,12 @@ class IntegerEngine:
         gain = self.t["lng:" + name]
         bias = self.t.get("b:" + name)
         if cbuild.available() and not self.compiling:  # the consumer's requantization inside the kernel
-            return GemmAcc(_requant_inside(lambda rq: cops.layer_norm(q.c, gain, bias, f["eps_term"], f["k"], rq)),
-                           q.c.shape[-1], lead=q.c.shape[:-1])
+            def run(rq: Optional[tuple]) -> Tensor:
+                if rq is None or rq[0].numel() != 1:
+                    y = cops.layer_norm(q.c, gain, bias, f["eps_term"], f["k"])
+                    return y if rq is None else K.requantize(y, *rq)
+                return cops.layer_norm(q.c, gain, bias, f["eps_term"], f["k"], (int(rq[0]), int(rq[1]), *rq[2:]))
+            return GemmAcc(run, q.c.shape[-1], lead=q.c.shape[:-1])
         if cbuild.available():
             y = cops.layer_norm(q.c, gain, bias, f["eps_term"], f["k"])
         elif self.fused and not self.compiling:
