@@ -43,9 +43,15 @@ def layer_norm(x: Tensor, gain: Tensor, bias: Optional[Tensor], eps_term: int, k
     cbuild.dll()
     if gain.dtype != torch.int8 or (bias is not None and bias.dtype != torch.int32) or gain.numel() != x.shape[-1]:
         raise ValueError("cops.layer_norm: int8 gain codes and int32 bias of the row length expected")
+    rq = [0, 1, 0, 0, 0]
+    if requant is not None:
+        m, sh, zp, qmin, qmax, dtype = requant
+        if dtype not in cbuild.TYPES or not 0 <= int(m) < 2 ** 31 or not 1 <= int(sh) <= 62:
+            raise ValueError("cops.layer_norm: requant needs int8/16/32 codes, 0 <= multiplier < 2^31, shift 1..62")
+        rq = [int(m), int(sh), int(zp), int(qmin), int(qmax)]
     out = torch.empty(x.shape, dtype=torch.int64 if requant is None else requant[5])
-    _layer_norm(cbuild.codes(x).contiguous(), gain.contiguous(), bias.contiguous() if bias is not None else cbuild.NONE32,
-                out, [int(eps_term), int(k), *_rq_ints(requant, "cops.layer_norm")])
+    _layer_norm(cbuild.codes(x).contiguous(), gain.contiguous(),
+                bias.contiguous() if bias is not None else cbuild.NONE32, out, [int(eps_term), int(k), *rq])
     return out
 
 
@@ -68,35 +74,22 @@ def lut(table: Tensor, x: Tensor, base: int) -> Tensor:
     return out
 
 
-@cbuild.op("add_avx2(Tensor a, Tensor b, Tensor(a!) out, int[] ints) -> ()")
-def _add(a: Tensor, b: Tensor, out: Tensor, ints: List[int]) -> None:
-    za, ka, zb, kb, m, sh, zp, qmin, qmax = ints
+@cbuild.op("add_avx2(Tensor a, Tensor b, int[] ints) -> Tensor")
+def _add(a: Tensor, b: Tensor, ints: List[int]) -> Tensor:
+    za, ka, zb, kb = ints
+    out = torch.empty(a.shape, dtype=torch.int64)
     t = cbuild.TYPES
     cbuild.dll().qasr_add(a.data_ptr(), t[a.dtype], za, ka, b.data_ptr(), t[b.dtype], zb, kb, a.numel(), out.data_ptr(),
-                          t.get(out.dtype, -1), m, sh, zp, qmin, qmax, torch.get_num_threads())
-
-
-def add(a: Tensor, za: int, ka: int, b: Tensor, zb: int, kb: int,
-        requant: Optional[Tuple[int, int, int, int, int, torch.dtype]] = None) -> Tensor:
-    """``(a - za) * ka + (b - zb) * kb`` as int64, one pass (same shapes); with ``requant = (multiplier, shift, zp,
-    qmin, qmax, dtype)`` the codes :func:`requantize` would give of it (the int64 sum never stored)."""
-    cbuild.dll()
-    if a.shape != b.shape:
-        raise ValueError(f"cops.add: shapes {tuple(a.shape)} and {tuple(b.shape)} differ")
-    out = torch.empty(a.shape, dtype=torch.int64 if requant is None else requant[5])
-    _add(cbuild.codes(a).contiguous(), cbuild.codes(b).contiguous(), out,
-         [int(za), int(ka), int(zb), int(kb), *_rq_ints(requant, "cops.add")])
+                          torch.get_num_threads())
     return out
 
 
-def _rq_ints(requant, who: str) -> List[int]:
-    """(multiplier, shift, zp, qmin, qmax) of a fused requantization, checked; placeholders without one."""
-    if requant is None:
-        return [0, 1, 0, 0, 0]
-    m, sh, zp, qmin, qmax, dtype = requant
-    if dtype not in cbuild.TYPES or not 0 <= int(m) < 2 ** 31 or not 1 <= int(sh) <= 62:
-        raise ValueError(f"{who}: requant needs int8/16/32 codes, 0 <= multiplier < 2^31, shift 1..62")
-    return [int(m), int(sh), int(zp), int(qmin), int(qmax)]
+def add(a: Tensor, za: int, ka: int, b: Tensor, zb: int, kb: int) -> Tensor:
+    """``(a - za) * ka + (b - zb) * kb`` as int64, one pass (same shapes)."""
+    cbuild.dll()
+    if a.shape != b.shape:
+        raise ValueError(f"cops.add: shapes {tuple(a.shape)} and {tuple(b.shape)} differ")
+    return _add(cbuild.codes(a).contiguous(), cbuild.codes(b).contiguous(), [int(za), int(ka), int(zb), int(kb)])
 
 
 ACC_TYPES = {**cbuild.TYPES, torch.int64: 3}

@@ -461,13 +461,6 @@ class IntegerEngine:
         f = self.meta[key]
         scale = torch.tensor(self.scales[name + ".out"], dtype=torch.float64) if self.compiling else None
         if wide:  # 16-bit codes x 2^22 factors: int64, consumers' multipliers shortened by the headroom
-            if cbuild.available() and qa.c.shape == qb.c.shape and not self.compiling:
-                def run(rq: Optional[tuple]) -> Tensor:  # each consumer's requantization inside the kernel
-                    if rq is None or rq[0].numel() != 1:
-                        y = cops.add(qa.c, qa.z, f["ka"], qb.c, qb.z, f["kb"])
-                        return y if rq is None else K.requantize(y, *rq)
-                    return cops.add(qa.c, qa.z, f["ka"], qb.c, qb.z, f["kb"], (int(rq[0]), int(rq[1]), *rq[2:]))
-                return GemmAcc(run, qa.c.shape[-1], scale, 17 + frac - 31, lead=qa.c.shape[:-1])
             if cbuild.available() and qa.c.shape == qb.c.shape:
                 acc = cops.add(qa.c, qa.z, f["ka"], qb.c, qb.z, f["kb"])
             else:

@@ -873,24 +873,11 @@ int64_t qasr_lut(const void *x, int type, int64_t n, int64_t base, const void *t
     return bad;
 }
 
-/* y[i] = (a[i] - za) * ka + (b[i] - zb) * kb: int64 out (otype -1), or (otype 0/1/2: int8/16/32) its codes
- * clamp(((y * m + 2^(sh-1)) >> sh) + zp, qmin, qmax) as qasr_requant gives them (y never stored) */
+/* out[i] = (a[i] - za) * ka + (b[i] - zb) * kb (int64) */
 void qasr_add(const void *a, int atype, int64_t za, int64_t ka, const void *b, int btype, int64_t zb, int64_t kb,
-              int64_t n, void *out, int otype, int64_t m, int64_t sh, int64_t zp, int64_t qmin, int64_t qmax,
-              int nthreads) {
-    if (otype < 0) {
+              int64_t n, int64_t *out, int nthreads) {
 #pragma omp parallel for num_threads(nthreads) schedule(static) if (n >= 65536)
-        for (int64_t i = 0; i < n; i++)
-            ((int64_t *)out)[i] = (code(a, atype, i) - za) * ka + (code(b, btype, i) - zb) * kb;
-        return;
-    }
-#pragma omp parallel for num_threads(nthreads) schedule(static) if (n >= 65536)
-    for (int64_t i = 0; i < n; i++) {
-        const int64_t y = rq1((code(a, atype, i) - za) * ka + (code(b, btype, i) - zb) * kb, m, sh, zp, qmin, qmax);
-        if (otype == 0) ((int8_t *)out)[i] = (int8_t)y;
-        else if (otype == 1) ((int16_t *)out)[i] = (int16_t)y;
-        else ((int32_t *)out)[i] = (int32_t)y;
-    }
+    for (int64_t i = 0; i < n; i++) out[i] = (code(a, atype, i) - za) * ka + (code(b, btype, i) - zb) * kb;
 }
 
 /* kernels.requantize: out = clamp((((acc - sub) * m[j] + 2^(sh[j]-1)) >> sh[j]) + zp, qmin, qmax), j = the column
