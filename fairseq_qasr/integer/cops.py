@@ -3,7 +3,7 @@ integer square root, table look-ups (GELU), 16-bit residual adds. Each is bit fo
 :mod:`.kernels` (``tests/integer/test_int_cgemm.py``), one pass instead of a chain of int64 tensor ops."""
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import List, Optional
 
 import torch
 from torch import Tensor
@@ -26,33 +26,24 @@ def isqrt(v: Tensor) -> Tensor:
     return _isqrt(v.long().contiguous())
 
 
-@cbuild.op("layer_norm_avx2(Tensor x, Tensor gain, Tensor bias, Tensor(a!) out, int[] ints) -> ()")
-def _layer_norm(x: Tensor, gain: Tensor, bias: Tensor, out: Tensor, ints: List[int]) -> None:
-    eps_term, k, m, sh, zp, qmin, qmax = ints
+@cbuild.op("layer_norm_avx2(Tensor x, Tensor gain, Tensor bias, int[] ints) -> Tensor")
+def _layer_norm(x: Tensor, gain: Tensor, bias: Tensor, ints: List[int]) -> Tensor:
+    eps_term, k = ints
+    out = torch.empty(x.shape, dtype=torch.int64)
     n = x.shape[-1]
     cbuild.dll().qasr_layer_norm(x.data_ptr(), cbuild.TYPES[x.dtype], x.numel() // n, n, gain.data_ptr(),
                                  bias.data_ptr() if bias.numel() else None, eps_term, k, out.data_ptr(),
-                                 cbuild.TYPES.get(out.dtype, -1), m, sh, zp, qmin, qmax, torch.get_num_threads())
+                                 torch.get_num_threads())
+    return out
 
 
-def layer_norm(x: Tensor, gain: Tensor, bias: Optional[Tensor], eps_term: int, k: int,
-               requant: Optional[Tuple[int, int, int, int, int, torch.dtype]] = None) -> Tensor:
-    """:func:`kernels.layer_norm_int` in one pass per row (int64 out), bit for bit; with ``requant = (multiplier,
-    shift, zp, qmin, qmax, dtype)`` (one multiplier) the codes :func:`requantize` would give of that int64 output,
-    which is never stored."""
+def layer_norm(x: Tensor, gain: Tensor, bias: Optional[Tensor], eps_term: int, k: int) -> Tensor:
+    """:func:`kernels.layer_norm_int` in one pass per row (int64 out), bit for bit."""
     cbuild.dll()
     if gain.dtype != torch.int8 or (bias is not None and bias.dtype != torch.int32) or gain.numel() != x.shape[-1]:
         raise ValueError("cops.layer_norm: int8 gain codes and int32 bias of the row length expected")
-    rq = [0, 1, 0, 0, 0]
-    if requant is not None:
-        m, sh, zp, qmin, qmax, dtype = requant
-        if dtype not in cbuild.TYPES or not 0 <= int(m) < 2 ** 31 or not 1 <= int(sh) <= 62:
-            raise ValueError("cops.layer_norm: requant needs int8/16/32 codes, 0 <= multiplier < 2^31, shift 1..62")
-        rq = [int(m), int(sh), int(zp), int(qmin), int(qmax)]
-    out = torch.empty(x.shape, dtype=torch.int64 if requant is None else requant[5])
-    _layer_norm(cbuild.codes(x).contiguous(), gain.contiguous(),
-                bias.contiguous() if bias is not None else cbuild.NONE32, out, [int(eps_term), int(k), *rq])
-    return out
+    return _layer_norm(cbuild.codes(x).contiguous(), gain.contiguous(),
+                       bias.contiguous() if bias is not None else cbuild.NONE32, [int(eps_term), int(k)])
 
 
 @cbuild.op("lut_avx2(Tensor x, Tensor table, Tensor(a!) out, int base) -> int")

@@ -496,13 +496,6 @@ class IntegerEngine:
         f = self.meta[key]
         gain = self.t["lng:" + name]
         bias = self.t.get("b:" + name)
-        if cbuild.available() and not self.compiling:  # the consumer's requantization inside the kernel
-            def run(rq: Optional[tuple]) -> Tensor:
-                if rq is None or rq[0].numel() != 1:
-                    y = cops.layer_norm(q.c, gain, bias, f["eps_term"], f["k"])
-                    return y if rq is None else K.requantize(y, *rq)
-                return cops.layer_norm(q.c, gain, bias, f["eps_term"], f["k"], (int(rq[0]), int(rq[1]), *rq[2:]))
-            return GemmAcc(run, q.c.shape[-1], lead=q.c.shape[:-1])
         if cbuild.available():
             y = cops.layer_norm(q.c, gain, bias, f["eps_term"], f["k"])
         elif self.fused and not self.compiling:

@@ -822,14 +822,10 @@ void qasr_isqrt(const int64_t *v, int64_t *out, int64_t n) {
 
 /* --- element-wise integer ops of the engine (kernels.py twins, bit for bit) ----------------------------------- */
 
-static inline int64_t rq1(int64_t a, int64_t m, int64_t sh, int64_t zp, int64_t qmin, int64_t qmax);
-
 /* kernels.layer_norm_int over rows of n codes: c = n x - sum x, D = max(isqrt((sum c^2 << 2k) / n + eps), 1),
- * xhat = floor((c 2^(17+k) + D) / 2D), y = xhat * gain + bias: int64 out (otype -1), or (otype 0/1/2: int8/16/32)
- * its codes clamp(((y * m + 2^(sh-1)) >> sh) + zp, qmin, qmax) as qasr_requant gives them (y never stored) */
+ * xhat = floor((c 2^(17+k) + D) / 2D), out = xhat * gain + bias (int64) */
 void qasr_layer_norm(const void *x, int type, int64_t rows, int64_t n, const int8_t *gain, const int32_t *bias,
-                     int64_t eps_term, int k, void *out, int otype, int64_t m, int64_t sh, int64_t zp, int64_t qmin,
-                     int64_t qmax, int nthreads) {
+                     int64_t eps_term, int k, int64_t *out, int nthreads) {
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t r = 0; r < rows; r++) {
         int64_t s = 0, ss = 0;
@@ -846,11 +842,7 @@ void qasr_layer_norm(const void *x, int type, int64_t rows, int64_t n, const int
         const int64_t dd = d ? (int64_t)d : 1, mul = (int64_t)1 << (17 + k);
         for (int64_t i = 0; i < n; i++) {
             int64_t c = n * code(x, type, r * n + i) - s;
-            const int64_t y = floordiv(c * mul + dd, 2 * dd) * gain[i] + (bias ? bias[i] : 0);
-            if (otype < 0) ((int64_t *)out)[r * n + i] = y;
-            else if (otype == 0) ((int8_t *)out)[r * n + i] = (int8_t)rq1(y, m, sh, zp, qmin, qmax);
-            else if (otype == 1) ((int16_t *)out)[r * n + i] = (int16_t)rq1(y, m, sh, zp, qmin, qmax);
-            else ((int32_t *)out)[r * n + i] = (int32_t)rq1(y, m, sh, zp, qmin, qmax);
+            out[r * n + i] = floordiv(c * mul + dd, 2 * dd) * gain[i] + (bias ? bias[i] : 0);
         }
     }
 }
