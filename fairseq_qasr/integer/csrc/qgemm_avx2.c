@@ -307,6 +307,8 @@ static __m256i *narrow_constants(const int64_t *mult, const int64_t *shift, int 
     return k;
 }
 
+#define NARROW_MIN_ROWS 32 /* GEMMs with fewer rows do not pay for narrow_constants */
+
 /* 8 int32 values -> their codes (clamped, int32 lanes) with rq8n's arithmetic and the column constants k */
 static inline __m256i rq8k(__m256i s, const __m256i *k, __m256i lo, __m256i hi) {
     s = _mm256_min_epi32(_mm256_max_epi32(s, k[7]), k[8]);
@@ -392,7 +394,8 @@ void qasr_qgemm(const void *a, int atype, int64_t lda, int32_t off, int reps, in
     /* rq_out: the int64 values are requantized in the epilogue (qasr_requant's arithmetic) instead of stored */
     rq_epilogue rqe = {rq_mult, rq_shift, rq_per_col, rq_otype, 0, rq_zp, rq_qmin, rq_qmax, ldr, rq_out, 0};
     if (rq_out) rqe.vec = rq_vector_ok(rq_mult, rq_shift, rq_per_col ? N : 1, rq_otype, rq_qmin, rq_qmax);
-    if (rq_out && out32 && rqe.vec)
+    if (rq_out && out32 && rqe.vec && M >= NARROW_MIN_ROWS) /* (the constants cost ~25 ns a column: few rows, e.g.
+                                                               decoder steps over the vocabulary, keep rq_row) */
         rqe.narrow = narrow_constants(rq_mult, rq_shift, rq_per_col, N, rq_zp, rq_qmin, rq_qmax);
     const rq_epilogue *rq = rq_out ? &rqe : 0; /* (int32 accumulators too: out32 then only selects that way) */
     const int64_t Kq = (K + 3) / 4 * 4, quads = Kq / 4, gq = gs / 4;
