@@ -383,6 +383,8 @@ class IntegerEngine:
         if self.compiling:
             self._export_weight(name)
         w = self.t["w:" + name]
+        if w.dim() == 3:  # Conv1d [out, in, k] (never per group): tap-major columns, as conv1d's patches
+            w = w.transpose(1, 2)
         w2 = w.reshape(w.shape[0], -1)
         w_t = w2.t().contiguous()
         colsum = w2.int().sum(1)
@@ -882,14 +884,19 @@ class IntegerEngine:
         return self.linear(name, QT(cols, x.z, x.scale))
 
     def conv1d(self, name: str, x: QT, pad: int, stride: int, left: Optional[Tensor] = None) -> Acc:
-        """1-D conv over time on ``[B, T, C]`` codes as one int8 GEMM (im2col)."""
+        """1-D conv over time on ``[B, T, C]`` codes as one int8 GEMM (im2col). The patches are laid out tap-major,
+        ``(k, C)``, so that the copy moves whole rows of C codes; :meth:`_linear_params` orders the conv weight
+        the same way."""
         mod_k = self._kernel(name)
         c = x.c
         if left is not None:
             c = torch.cat([left, c], dim=1)
         if pad:
-            c = torch.nn.functional.pad(c.transpose(1, 2), (pad, pad), value=x.z).transpose(1, 2)
-        cols = c.unfold(1, mod_k, stride)  # (B, T', C, k)
+            b, t, ch = c.shape
+            padded = c.new_full((b, t + 2 * pad, ch), x.z)
+            padded[:, pad:pad + t] = c
+            c = padded
+        cols = c.unfold(1, mod_k, stride).transpose(2, 3)  # (B, T', k, C)
         return self.linear(name, QT(cols.reshape(cols.shape[0], cols.shape[1], -1), x.z, x.scale))
 
     def _kernel(self, name: str) -> int:
