@@ -66,6 +66,8 @@ def _build() -> Optional[ctypes.CDLL]:
     dll.qasr_pack_batch.argtypes = [ptr, ctypes.c_int, i64, i64, i64, i64, i64, ctypes.c_int, ptr, i64, i64, i64, ptr,
                                     i64, ctypes.c_int]
     dll.qasr_pack_batch.restype = None
+    dll.qasr_pack_bytes.argtypes = [ptr, i64, i64, i64, i64, i64, ptr, i64, i64, i64, ctypes.c_int]
+    dll.qasr_pack_bytes.restype = None
     dll.qasr_qgemm.argtypes = [ptr, ctypes.c_int, i64, i32, ctypes.c_int, i64, i64, ptr, i64, i64, i64, i64, ptr, ptr,
                                i64, ctypes.c_int, ptr, ptr, ptr, i64, ptr, ptr, ptr, ptr, ctypes.c_int, i64, i64, i64,
                                ptr, ctypes.c_int, i64, ctypes.c_int]

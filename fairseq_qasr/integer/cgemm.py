@@ -97,15 +97,22 @@ def _pack_into(b: Tensor, part: int, bp: Tensor, k0: int, colsum: Tensor) -> Non
     _pack_op(cbuild.codes(b), bp, colsum, [part, k0])
 
 
+@cbuild.op("pack_bytes_avx2(Tensor b, Tensor(a!) out) -> ()")
+def _pack_bytes_op(b: Tensor, out: Tensor) -> None:
+    nb, k, n = b.shape
+    cbuild.dll().qasr_pack_bytes(b.data_ptr(), b.stride(0), b.stride(1), b.stride(2), k, n, out.data_ptr(),
+                                 out.shape[2] * 4, out.shape[1] * NR, nb, torch.get_num_threads())
+
+
 def _byte_panels(b: Tensor) -> Tensor:
-    """Codes ``b [..., K, N]`` in the u8 x s8 kernel's layout: ``[..., Np/16, Kq/4, 16, 4]`` int8 (zero padded)."""
+    """Codes ``b [..., K, N]`` within int8 (any strides) in the u8 x s8 kernel's layout: ``[..., Np/16, Kq/4, 16, 4]``
+    int8 (zero padded)."""
+    b = b if b.dtype == torch.int8 else b.to(torch.int8)
     *lead, k, n = b.shape
     kq, np_ = -(-k // 4) * 4, -(-n // NR) * NR
-    full = torch.zeros(*lead, kq, np_, dtype=torch.int8)
-    full[..., :k, :n] = b
-    d = len(lead)
-    perm = (*range(d), d + 2, d, d + 3, d + 1)
-    return full.view(*lead, kq // 4, 4, np_ // NR, NR).permute(*perm).contiguous()
+    out = torch.empty(*lead, np_ // NR, kq // 4, NR, 4, dtype=torch.int8)
+    _pack_bytes_op(b.reshape(-1, k, n) if lead else b[None], out.view(-1, np_ // NR, kq // 4, NR, 4))
+    return out
 
 
 def pack(b: Tensor, group_size: int = 0, ratio: Optional[Tensor] = None, wide: bool = False,
@@ -329,6 +336,9 @@ def attention(q: Tensor, zq: int, kt: Tensor, zk: int, scores_rq: Tuple[int, int
         raise ValueError("cgemm.attention: int8 query codes and an even head dimension expected")
     if not 0 <= probs_rq[4] - probs_rq[2] < 2 ** 16:  # probabilities as offsets from the zero point: 16 bits
         raise ValueError("cgemm.attention: AV input grid wider than 16 bits")
+    if lut.numel() < scores_rq[4] - scores_rq[3] + 1:  # (indexed by max - code over the softmax input grid)
+        raise ValueError(f"cgemm.attention: exp table of {lut.numel()} entries for a grid of "
+                         f"{scores_rq[4] - scores_rq[3] + 1} codes")
     tk = kv.tk if kv is not None else kt.shape[-1]
     if klen is not None and (klen.shape != (bh,) or int(klen.min()) < 0 or int(klen.max()) > tk):
         raise ValueError(f"cgemm.attention: key lengths must be {bh} values in [0, {tk}]")

@@ -136,6 +136,61 @@ def test_layer_norm_lut_add_equal_torch_versions(bits, monkeypatch):
         assert a.dtype == b.dtype and torch.equal(a, b)
 
 
+@pytest.mark.parametrize("dtype,spread,n", [
+    (torch.int16, 3000, 384),   # wide rows: the division in vector lanes (reciprocal < 2^31, one exact check)
+    (torch.int16, 20, 387),     # narrow rows: the 64-bit reciprocal multiply; a tail of 3 codes
+    (torch.int8, 40, 390),      # 8-bit codes (k = 9): the 64-bit reciprocal multiply
+    (torch.int16, 30000, 9),    # short rows, saturated codes
+    (torch.int32, 3000, 384),   # 16-bit codes stored as int32 (the engine's storage): the vector lanes
+    (torch.int32, 2 ** 17, 384),  # int32 codes beyond 16 bits: the scalar loop with a division per element
+])
+def test_layer_norm_division_paths_equal_torch(dtype, spread, n, monkeypatch):
+    """Every way the C LayerNorm divides gives the torch kernel's integers, including rows holding one extreme code
+    and a row of zeros but one code (the largest |c| against a small variance)."""
+    g = torch.Generator().manual_seed(n + spread)
+    info = torch.iinfo(torch.int16 if dtype == torch.int32 and spread < 2 ** 15 else dtype)
+    lo, hi = (-spread, spread) if spread > 2 ** 15 else (info.min, info.max)
+    x = (torch.randn(600, n, generator=g) * spread).round().clamp(lo, hi).to(dtype)
+    x[::7, 1], x[::11, 2] = hi, lo
+    x[5] = 0
+    x[5, 0] = 1
+    if spread > 2 ** 15:
+        x[3] = 0
+        x[3, 0] = 6_000_000  # |n x - sum x| > 2^31: only the int64 loop holds it
+    gain, bias = rnd(-128, 128, (n,), g, torch.int8), rnd(-(2 ** 20), 2 ** 20, (n,), g)
+    k = 0 if spread > 2 ** 15 else K.ln_shift_bits(n, 8 if dtype == torch.int8 else 16)
+    got = [cops.layer_norm(x, gain, b, e, k) for b in (bias, None) for e in (0, 12345)]
+    monkeypatch.setattr(cbuild, "available", lambda: False)
+    want = [K.layer_norm_int(x, gain, b, e, k) for b in (bias, None) for e in (0, 12345)]
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("da,db", [(torch.int8, torch.int16), (torch.int32, torch.int32), (torch.int16, torch.int8)])
+def test_add_vector_and_int64_paths_equal_torch(da, db):
+    """The residual add in vector lanes, and its int64 loop for codes, zero points or multipliers beyond 2^30 (a
+    block of 1 024 codes with one wide code is redone whole), against the torch formula; 3 001 codes: a tail."""
+    g = torch.Generator().manual_seed(9)
+    a = rnd(torch.iinfo(da).min, torch.iinfo(da).max, (3001,), g, da)
+    b = rnd(torch.iinfo(db).min, torch.iinfo(db).max, (3001,), g, db)
+    if da == torch.int32:
+        a[1500] = -(2 ** 31)  # second block: a - za beyond int32, the int64 loop
+    for za, ka, zb, kb in [(3, 1 << 22, -7, 12345), (-(2 ** 30), 5, 0, -3), (0, 2 ** 30, 1, 2 ** 29 - 1)]:
+        want = (a.long() - za) * ka + (b.long() - zb) * kb
+        assert torch.equal(cops.add(a, za, ka, b, zb, kb), want), (za, ka, zb, kb)
+
+
+def test_layer_norm_reciprocal_multiply_one_short_is_corrected(monkeypatch):
+    """An 8-bit row and eps term (found by search) for which floor(u * floor((2^64 - 1) / D) / 2^64) is one less
+    than floor(u / D) on 389 of its 390 codes: the C kernel's correction step must fix them."""
+    x = torch.full((2, 390), -128, dtype=torch.int8)
+    x[:, 0] = 127
+    gain, k, eps = torch.ones(390, dtype=torch.int8), K.ln_shift_bits(390, 8), 544411618408036
+    got = cops.layer_norm(x, gain, None, eps, k)
+    monkeypatch.setattr(cbuild, "available", lambda: False)
+    assert torch.equal(got, K.layer_norm_int(x, gain, None, eps, k))
+
+
 def requant_c_equals_torch(acc, m, sh, zp, qmin, qmax, dt, sub, monkeypatch):
     """cops.requantize against the torch version (C kernels and numba off), bit for bit; returns the codes."""
     got = cops.requantize(acc, m, sh, zp, qmin, qmax, dt, sub)

@@ -55,6 +55,24 @@ void qasr_pack_batch(const void *b, int type, int64_t bstride, int64_t ldk, int6
                   colsum + i * N);
 }
 
+/* int8 codes of `batch` matrices b [K, N] (matrix i at b + i * bstride, element (k, n) at k * ldk + n * ldn) in the
+ * u8 x s8 kernels' layout: out [batch][Np/16][Kq/4][16][4] int8, every byte written (0 past K and N) */
+void qasr_pack_bytes(const int8_t *b, int64_t bstride, int64_t ldk, int64_t ldn, int64_t K, int64_t N, int8_t *out,
+                     int64_t Kq, int64_t Np, int64_t batch, int nthreads) {
+    const int64_t mat = Np * Kq;
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (batch > 1 && K * N >= 4096)
+    for (int64_t i = 0; i < batch; i++) {
+        int8_t *o = out + i * mat;
+        const int8_t *src = b + i * bstride;
+        memset(o, 0, (size_t)mat);
+        for (int64_t k = 0; k < K; k++) {
+            int8_t *row = o + (k / 4) * 4 * NR + (k & 3);
+            const int8_t *s = src + k * ldk;
+            for (int64_t n = 0; n < N; n++) row[(n / NR) * Kq * NR + (n % NR) * 4] = s[n * ldn];
+        }
+    }
+}
+
 static inline int64_t floordiv(int64_t a, int64_t b) { /* b > 0 */
     int64_t q = a / b;
     return (a % b != 0 && a < 0) ? q - 1 : q;
@@ -618,6 +636,13 @@ void qasr_attention(const int8_t *q, int64_t BH, int64_t Tq, int64_t d,
         int16_t *pb = aligned_alloc(64, (size_t)((AB * lda * 2 + 63) / 64 * 64));
         int32_t *idx = malloc((size_t)(2 * vpairs) * sizeof(int32_t));
         const int64_t span = qmax1 - qmin1 + 1;
+        int64_t lz = span; /* lut[lz..] are 0 (the table is non-increasing and non-negative) */
+        while (lz > 0 && lut[lz - 1] == 0) lz--;
+        /* short table loops: a non-increasing table, and probability 0 (p = zpo) taken to d = 0 on the AV grid; then
+         * the codes below the first (from the top) whose d is 0 all have d = 0 */
+        int shortcut = clamp64((((int64_t)1 << (sh2 - 1)) >> sh2) + zp2, qmin2, qmax2) == zp2 && zpo >= qmino &&
+                       zpo <= qmaxo;
+        for (int64_t i = 1; i < span && shortcut; i++) shortcut = lut[i] <= lut[i - 1] && lut[i] >= 0;
         int32_t *hist = span <= 4096 ? malloc((size_t)(4 * span) * sizeof(int32_t)) : 0; /* 4 interleaved counts */
         int32_t *tab = span <= 4096 ? malloc((size_t)span * sizeof(int32_t)) : 0;
         int64_t qsum[AB], psum[AB], t64[MR * NR];
@@ -720,20 +745,23 @@ void qasr_attention(const int8_t *q, int64_t BH, int64_t Tq, int64_t d,
                                 h3[row[j + 3] - qmin1]++;
                             }
                             for (; j < tk; j++) hist[row[j] - qmin1]++;
-                            for (int64_t c = 0; c <= top; c++) {
+                            /* codes from the top down; with the shortcut, the codes below top - lz add 0 to the sum
+                             * (lut[lz..] = 0) and have d = 0, and so do those below the first whose d is 0 */
+                            const int64_t cl = shortcut && top - lz + 1 > 0 ? top - lz + 1 : 0;
+                            for (int64_t c = top; c >= cl; c--) {
                                 hist[c] += h1[c] + h2[c] + h3[c];
                                 total += hist[c] * (int64_t)lut[top - c];
                             }
                             total = total > 1 ? total : 1;
                             const int64_t recip = mult_r / total;
                             int64_t c0 = top + 1; /* the lowest code present whose d is not 0 */
-                            for (int64_t c = 0; c <= top; c++) {
-                                if (!hist[c]) continue;
+                            for (int64_t c = top; c >= cl; c--) {
                                 int64_t p = clamp64(((lut[top - c] * recip + half) >> sh) + zpo, qmino, qmaxo);
                                 tab[c] = (int32_t)(clamp64(((((p - zpo) * m2) + ((int64_t)1 << (sh2 - 1))) >> sh2) + zp2,
                                                            qmin2, qmax2) - zp2); /* [0, 2^16) */
+                                if (!tab[c] && shortcut) break;
                                 s2 += hist[c] * (int64_t)tab[c];
-                                if (tab[c] && c < c0) c0 = c;
+                                if (tab[c] && hist[c]) c0 = c;
                             }
                             /* d = tab[row - qmin1] as bytes: every lane below c0 is 0 (most lanes of long rows), so
                              * the row is zeroed and only lanes at or above c0 are looked up */
@@ -826,27 +854,129 @@ void qasr_isqrt(const int64_t *v, int64_t *out, int64_t n) {
 /* --- element-wise integer ops of the engine (kernels.py twins, bit for bit) ----------------------------------- */
 
 /* kernels.layer_norm_int over rows of n codes: c = n x - sum x, D = max(isqrt((sum c^2 << 2k) / n + eps), 1),
- * xhat = floor((c 2^(17+k) + D) / 2D), out = xhat * gain + bias (int64) */
+ * xhat = floor((c 2^(17+k) + D) / 2D), out = xhat * gain + bias (int64).
+ * Rows of fewer than 2^14 codes within +-2^15 (c fits int32) take ln_row_fast: the sums in vector lanes, the division
+ * in vector lanes (a 31-bit reciprocal and one exact check) or as a multiply by floor((2^64 - 1) / 2D) and one
+ * correction; other rows the scalar loop with a division per element. */
+static int ln_row_fast(const void *x, int type, int64_t n, const int8_t *gain, const int32_t *bias, int64_t eps_term,
+                       int k, int32_t *c, int64_t *out) {
+    __m256i vs = _mm256_setzero_si256(), lim = _mm256_setzero_si256();
+    int64_t i = 0, s = 0;
+    for (; i + 8 <= n; i += 8) {
+        const __m256i v = type == 0 ? _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)((const int8_t *)x + i)))
+                        : type == 1 ? _mm256_cvtepi16_epi32(_mm_loadu_si128((const __m128i *)((const int16_t *)x + i)))
+                                    : _mm256_loadu_si256((const __m256i *)((const int32_t *)x + i));
+        _mm256_storeu_si256((__m256i *)(c + i), v);
+        lim = _mm256_or_si256(lim, _mm256_or_si256(_mm256_cmpgt_epi32(v, _mm256_set1_epi32(1 << 15)),
+                                                   _mm256_cmpgt_epi32(_mm256_set1_epi32(-(1 << 15)), v)));
+        vs = _mm256_add_epi32(vs, v); /* |sum| <= 2^14 x 2^15 where every |code| <= 2^15 */
+    }
+    for (; i < n; i++) {
+        c[i] = (int32_t)code(x, type, i);
+        if (c[i] > (1 << 15) || c[i] < -(1 << 15)) return 0;
+    }
+    if (!_mm256_testz_si256(lim, lim)) return 0; /* int32 codes beyond 16 bits: the scalar loop */
+    int32_t lanes[8];
+    _mm256_storeu_si256((__m256i *)lanes, vs);
+    for (int l = 0; l < 8; l++) s += lanes[l];
+    for (int64_t j = i - i % 8; j < n; j++) s += c[j];
+    const __m256i vn = _mm256_set1_epi32((int32_t)n), vsum = _mm256_set1_epi32((int32_t)s);
+    __m256i q0 = _mm256_setzero_si256(), q1 = _mm256_setzero_si256(), am = _mm256_setzero_si256();
+    for (i = 0; i + 8 <= n; i += 8) { /* c = n x - s (|c| < 2^30), sum c^2 in int64 lanes */
+        const __m256i v = _mm256_sub_epi32(_mm256_mullo_epi32(_mm256_loadu_si256((const __m256i *)(c + i)), vn), vsum);
+        _mm256_storeu_si256((__m256i *)(c + i), v);
+        am = _mm256_max_epi32(am, _mm256_abs_epi32(v));
+        q0 = _mm256_add_epi64(q0, _mm256_mul_epi32(v, v));
+        q1 = _mm256_add_epi64(q1, _mm256_mul_epi32(_mm256_srli_epi64(v, 32), _mm256_srli_epi64(v, 32)));
+    }
+    int64_t ss = 0, l64[4];
+    _mm256_storeu_si256((__m256i *)l64, _mm256_add_epi64(q0, q1));
+    for (int l = 0; l < 4; l++) ss += l64[l];
+    int64_t cmax = 0;
+    _mm256_storeu_si256((__m256i *)lanes, am);
+    for (int l = 0; l < 8; l++) cmax = lanes[l] > cmax ? lanes[l] : cmax;
+    for (; i < n; i++) {
+        c[i] = (int32_t)(n * c[i] - s);
+        ss += (int64_t)c[i] * c[i];
+        cmax = c[i] > cmax ? c[i] : -c[i] > cmax ? -c[i] : cmax;
+    }
+    uint64_t v = (uint64_t)(((ss * ((int64_t)1 << (2 * k))) / n) + eps_term), d = 0;
+    for (int b = 31; b >= 0; b--) {
+        uint64_t cand = d | ((uint64_t)1 << b);
+        if (cand * cand <= v) d = cand;
+    }
+    const int64_t dd = d ? (int64_t)d : 1, mul = (int64_t)1 << (17 + k), D = 2 * dd;
+    const int64_t R = D > ((int64_t)1 << (17 + k)) && dd < ((int64_t)1 << 31)
+                          ? (int64_t)((((unsigned __int128)1) << (48 + k)) / (uint64_t)D) : 0;
+    if (R && R < ((int64_t)1 << 31)) {
+        /* 4 lanes: e = floor((c R + 2^30) / 2^31) with R = floor(2^(48+k) / D) < 2^31 is floor(c 2^(17+k) / D + 1/2)
+         * or one off (|c| < 2^30), |e| < 2^30; then one exact check of r = c 2^(17+k) + dd - e D against [0, D) */
+        const __m256i vR = _mm256_set1_epi64x(R), bias62 = _mm256_set1_epi64x(((int64_t)1 << 62) + ((int64_t)1 << 30));
+        const __m256i off31 = _mm256_set1_epi64x((int64_t)1 << 31), vdd = _mm256_set1_epi64x(dd);
+        const __m256i vD = _mm256_set1_epi64x(D), one = _mm256_set1_epi64x(1), zero = _mm256_setzero_si256();
+        const __m128i sh = _mm_cvtsi32_si128(17 + k);
+        for (i = 0; i + 4 <= n; i += 4) {
+            const __m256i cv = _mm256_cvtepi32_epi64(_mm_loadu_si128((const __m128i *)(c + i)));
+            /* (c R + 2^30) >> 31 as a logical shift of c R + 2^30 + 2^62 (> 0), minus 2^31 */
+            __m256i e = _mm256_sub_epi64(_mm256_srli_epi64(_mm256_add_epi64(_mm256_mul_epi32(cv, vR), bias62), 31), off31);
+            const __m256i r = _mm256_sub_epi64(_mm256_add_epi64(_mm256_sll_epi64(cv, sh), vdd),
+                                               _mm256_slli_epi64(_mm256_mul_epi32(e, vdd), 1));
+            e = _mm256_add_epi64(e, _mm256_cmpgt_epi64(zero, r));                        /* r < 0: e - 1 */
+            e = _mm256_add_epi64(e, _mm256_andnot_si256(_mm256_cmpgt_epi64(vD, r), one)); /* r >= D: e + 1 */
+            int32_t g4;
+            memcpy(&g4, gain + i, 4);
+            __m256i y = _mm256_mul_epi32(e, _mm256_cvtepi8_epi64(_mm_cvtsi32_si128(g4)));
+            if (bias) y = _mm256_add_epi64(y, _mm256_cvtepi32_epi64(_mm_loadu_si128((const __m128i *)(bias + i))));
+            _mm256_storeu_si256((__m256i *)(out + i), y);
+        }
+        for (; i < n; i++) out[i] = floordiv((int64_t)c[i] * mul + dd, D) * gain[i] + (bias ? bias[i] : 0);
+        return 1;
+    }
+    const int64_t nmax = cmax * mul + dd; /* |c mul + dd| <= nmax */
+    if (nmax >= ((int64_t)1 << 61) || D >= ((int64_t)1 << 61)) return 0;
+    /* floor(N / D) = floor((N + B D) / D) - B with N + B D in [0, 2^62): q0 = (u * floor((2^64 - 1) / D)) >> 64 is
+     * floor(u / D) or one less (u < 2^63) */
+    const int64_t B = nmax / D + 1;
+    const uint64_t inv = UINT64_MAX / (uint64_t)D, BD = (uint64_t)(B * D);
+    for (i = 0; i < n; i++) {
+        const uint64_t u = (uint64_t)((int64_t)c[i] * mul + dd) + BD;
+        uint64_t q = (uint64_t)(((unsigned __int128)u * inv) >> 64);
+        q += u - q * (uint64_t)D >= (uint64_t)D;
+        out[i] = ((int64_t)q - B) * gain[i] + (bias ? bias[i] : 0);
+    }
+    return 1;
+}
+
 void qasr_layer_norm(const void *x, int type, int64_t rows, int64_t n, const int8_t *gain, const int32_t *bias,
                      int64_t eps_term, int k, int64_t *out, int nthreads) {
-#pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t r = 0; r < rows; r++) {
-        int64_t s = 0, ss = 0;
-        for (int64_t i = 0; i < n; i++) s += code(x, type, r * n + i);
-        for (int64_t i = 0; i < n; i++) {
-            int64_t c = n * code(x, type, r * n + i) - s;
-            ss += c * c;
+    const int fast = n < ((int64_t)1 << 14); /* (int32 codes: where every code of the row is within 2^15) */
+#pragma omp parallel num_threads(nthreads)
+    {
+        int32_t *cbuf = fast ? malloc((size_t)n * sizeof(int32_t)) : 0;
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < rows; r++) {
+            const size_t size = type == 0 ? 1 : type == 1 ? 2 : 4;
+            if (fast && ln_row_fast((const char *)x + r * n * size, type, n, gain, bias, eps_term, k, cbuf,
+                                    out + r * n))
+                continue;
+            int64_t s = 0, ss = 0;
+            for (int64_t i = 0; i < n; i++) s += code(x, type, r * n + i);
+            for (int64_t i = 0; i < n; i++) {
+                int64_t c = n * code(x, type, r * n + i) - s;
+                ss += c * c;
+            }
+            uint64_t v = (uint64_t)(((ss * ((int64_t)1 << (2 * k))) / n) + eps_term), d = 0;
+            for (int b = 31; b >= 0; b--) {
+                uint64_t cand = d | ((uint64_t)1 << b);
+                if (cand * cand <= v) d = cand;
+            }
+            const int64_t dd = d ? (int64_t)d : 1, mul = (int64_t)1 << (17 + k);
+            for (int64_t i = 0; i < n; i++) {
+                int64_t c = n * code(x, type, r * n + i) - s;
+                out[r * n + i] = floordiv(c * mul + dd, 2 * dd) * gain[i] + (bias ? bias[i] : 0);
+            }
         }
-        uint64_t v = (uint64_t)(((ss * ((int64_t)1 << (2 * k))) / n) + eps_term), d = 0;
-        for (int b = 31; b >= 0; b--) {
-            uint64_t cand = d | ((uint64_t)1 << b);
-            if (cand * cand <= v) d = cand;
-        }
-        const int64_t dd = d ? (int64_t)d : 1, mul = (int64_t)1 << (17 + k);
-        for (int64_t i = 0; i < n; i++) {
-            int64_t c = n * code(x, type, r * n + i) - s;
-            out[r * n + i] = floordiv(c * mul + dd, 2 * dd) * gain[i] + (bias ? bias[i] : 0);
-        }
+        free(cbuf);
     }
 }
 
@@ -868,11 +998,46 @@ int64_t qasr_lut(const void *x, int type, int64_t n, int64_t base, const void *t
     return bad;
 }
 
-/* out[i] = (a[i] - za) * ka + (b[i] - zb) * kb (int64) */
+/* 4 codes at i as int64 lanes */
+static inline __m256i load4(const void *x, int type, int64_t i) {
+    if (type == 0) {
+        int32_t v;
+        memcpy(&v, (const int8_t *)x + i, 4);
+        return _mm256_cvtepi8_epi64(_mm_cvtsi32_si128(v));
+    }
+    if (type == 1) return _mm256_cvtepi16_epi64(_mm_loadl_epi64((const __m128i *)((const int16_t *)x + i)));
+    return _mm256_cvtepi32_epi64(_mm_loadu_si128((const __m128i *)((const int32_t *)x + i)));
+}
+
+#define ADD_BLOCK 1024
+
+/* out[i] = (a[i] - za) * ka + (b[i] - zb) * kb (int64). Where both factors of each product fit int32 (multipliers
+ * and zero points checked once, codes a block of ADD_BLOCK at a time), 4 lanes with vpmuldq; else the int64 loop. */
 void qasr_add(const void *a, int atype, int64_t za, int64_t ka, const void *b, int btype, int64_t zb, int64_t kb,
               int64_t n, int64_t *out, int nthreads) {
+    const int64_t lim = (int64_t)1 << 30; /* |code|, |zero point| < 2^30: their difference fits int32 */
+    const int vec = ka > -lim && ka < lim && kb > -lim && kb < lim && za > -lim && za < lim && zb > -lim && zb < lim;
+    const int64_t blocks = (n + ADD_BLOCK - 1) / ADD_BLOCK;
 #pragma omp parallel for num_threads(nthreads) schedule(static) if (n >= 65536)
-    for (int64_t i = 0; i < n; i++) out[i] = (code(a, atype, i) - za) * ka + (code(b, btype, i) - zb) * kb;
+    for (int64_t blk = 0; blk < blocks; blk++) {
+        const int64_t i0 = blk * ADD_BLOCK, i1 = i0 + ADD_BLOCK < n ? i0 + ADD_BLOCK : n;
+        int64_t i = i0;
+        if (vec) {
+            const __m256i vza = _mm256_set1_epi64x(za), vzb = _mm256_set1_epi64x(zb), vka = _mm256_set1_epi64x(ka);
+            const __m256i vkb = _mm256_set1_epi64x(kb), hi = _mm256_set1_epi64x(lim - 1), lo = _mm256_set1_epi64x(-lim);
+            __m256i bad = _mm256_setzero_si256();
+            for (; i + 4 <= i1; i += 4) {
+                const __m256i x = load4(a, atype, i), y = load4(b, btype, i);
+                bad = _mm256_or_si256(bad, _mm256_or_si256(_mm256_cmpgt_epi64(x, hi), _mm256_cmpgt_epi64(lo, x)));
+                bad = _mm256_or_si256(bad, _mm256_or_si256(_mm256_cmpgt_epi64(y, hi), _mm256_cmpgt_epi64(lo, y)));
+                _mm256_storeu_si256((__m256i *)(out + i),
+                                    _mm256_add_epi64(_mm256_mul_epi32(_mm256_sub_epi64(x, vza), vka),
+                                                     _mm256_mul_epi32(_mm256_sub_epi64(y, vzb), vkb)));
+            }
+            if (!_mm256_testz_si256(bad, bad)) i = i0; /* a code beyond 2^30: the block again, in int64 */
+        }
+        for (; i < i1; i++) out[i] = (code(a, atype, i) - za) * ka + (code(b, btype, i) - zb) * kb;
+    }
 }
 
 /* kernels.requantize: out = clamp((((acc - sub) * m[j] + 2^(sh[j]-1)) >> sh[j]) + zp, qmin, qmax), j = the column
