@@ -5,9 +5,10 @@ copies, allocation) is the Python glue around them.
 """
 from __future__ import annotations
 
+import random
 import statistics
 import time
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Sequence
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -46,3 +47,15 @@ def format_profile(prof: Dict[str, Dict[str, float]], top: int = 12) -> str:
     rest = sum(v["ms"] for _, v in other[top - min(top, len(kern)):])
     lines.append(f"  {'(other ops)':28s} {rest:9.1f} ms {100 * rest / wall:5.1f} %")
     return "\n".join(lines)
+
+
+def pooled_ratios(ratios: Sequence[float], resamples: int = 5000, seed: int = 0) -> Dict[str, float]:
+    """Summary of per-round paired speed ratios (other runtime's time / engine's, pooled over benchmark runs):
+    median, a percentile-bootstrap 95 % interval of the median (rounds resampled with replacement), and in how many
+    rounds the engine was faster (ratio > 1)."""
+    if not ratios:
+        raise ValueError("pooled_ratios: no rounds")
+    rng = random.Random(seed)
+    meds = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(resamples))
+    return {"rounds": len(ratios), "median": statistics.median(ratios), "ci_low": meds[int(0.025 * resamples)],
+            "ci_high": meds[int(0.975 * resamples) - 1], "engine_faster": sum(r > 1 for r in ratios)}
