@@ -27,6 +27,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
+from fairseq_qasr.integer.profiling import pooled_ratios  # noqa: E402
+
 WHISPER_TINY = dict(input_feat_per_channel=80, encoder_frontend="conv1d_gelu", encoder_pos="sinusoidal",
                     encoder_embed_dim=384, encoder_ffn_embed_dim=1536, encoder_layers=4, encoder_attention_heads=6,
                     decoder_context="learned_pos", decoder_embed_dim=384, decoder_ffn_embed_dim=1536,
@@ -250,9 +252,12 @@ def main() -> None:
             r = res[name]
             pairs = paired_ratios(r["encoder_ms_all"], base["encoder_ms_all"])
             r["encoder_ratio_rounds"] = pairs
+            ci = pooled_ratios(pairs)
             print(f"  {name:28s} encoder x{r['encoder_ms'] / base['encoder_ms']:.2f}   "
                   f"decode x{r['decode_ms'] / base['decode_ms']:.2f}   encoder per round: median "
-                  f"x{statistics.median(pairs):.2f}, x{min(pairs):.2f}-x{max(pairs):.2f}")
+                  f"x{statistics.median(pairs):.2f} (95% CI x{ci['ci_low']:.2f}-x{ci['ci_high']:.2f}), "
+                  f"x{min(pairs):.2f}-x{max(pairs):.2f}, engine faster in {ci['engine_faster']} of {len(pairs)}")
+    print("(several runs: scripts/bench_pool.py pools their rounds)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=1)
