@@ -18,7 +18,8 @@ from ..integer.engine import IntegerEngine
 from .packing import pack_codes, packed_nbytes, unpack_codes
 
 FORMAT = "fairseq-qasr-integer"
-VERSION = 1
+VERSION = 2  # 2: residual adds of 16-bit codes requantized per consumer (``rqa:`` constants); 1 still reads
+READABLE_VERSIONS = (1, 2)
 PACKED_PREFIXES = ("w:", "lng:")  # integer weights / LayerNorm gains, stored at their recipe width
 
 
@@ -98,6 +99,8 @@ def save_engine(engine: IntegerEngine, out: str, recipe: Any = None) -> Dict[str
             m, sh = t, engine.t[key[:-2] + ".sh"]
             requant[base] = (dict(multiplier=int(m.reshape(-1)[0]), shift=int(sh.reshape(-1)[0])) if m.numel() == 1
                              else dict(multiplier="rq:" + base + ".m", shift="rq:" + base + ".sh", n=int(m.numel())))
+    requant_add = {key[4:]: dict(zip(("ma", "ta", "mb", "tb", "shift"), (int(v) for v in t)))
+                   for key, t in engine.t.items() if key.startswith("rqa:")}
     header = {
         "format": FORMAT, "version": VERSION,
         "recipe": _jsonable(recipe),
@@ -114,10 +117,14 @@ def save_engine(engine: IntegerEngine, out: str, recipe: Any = None) -> Dict[str
             "grouped_gemm": "acc = ((sum_g int32 GEMM_g * gk[:, g]) + 2^15) >> 16, plus bias: on s_in * max_g s_g",
             "activations": "per tensor, value = scale * (q - zp), q in [qmin, qmax]",
             "requant": "q = clamp(((acc * multiplier + 2^(shift-1)) >> shift) + zp, qmin, qmax)",
+            "requant_add": "residual adds of 16-bit codes, per consumer (rqa:<consumer> = [ma, ta, mb, tb, shift]): "
+                           "q = clamp((((a - za) ma 2^ta + (b - zb) mb 2^tb + 2^(shift-1)) >> shift) + zp, qmin, "
+                           "qmax); version 1 files: the sum (a - za) ka + (b - zb) kb (meta add:<add>) requantized",
             "stored_codes": "activations with qmin >= 0 and 8 bits are held in int8 as q - 128 at run time",
         },
         "activations": act,
         "requant": requant,
+        "requant_add": requant_add,
         "packed": packed,
         "meta": _jsonable({k: v for k, v in engine.meta.items() if not k.startswith("q:")}),  # q: in activations
         "scales": {p: s for p, s in engine.scales.items() if not isinstance(s, Tensor) or s.numel() == 1},
@@ -143,7 +150,7 @@ def read_header(path: str) -> Dict[str, Any]:
     if "qasr" not in meta:
         raise ValueError(f"{path}: not a {FORMAT} file (no 'qasr' header)")
     header = json.loads(meta["qasr"])
-    if header.get("format") != FORMAT or header.get("version") != VERSION:
+    if header.get("format") != FORMAT or header.get("version") not in READABLE_VERSIONS:
         raise ValueError(f"{path}: unsupported format {header.get('format')!r} version {header.get('version')!r}")
     return header
 

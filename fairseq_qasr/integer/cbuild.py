@@ -83,6 +83,9 @@ def _build() -> Optional[ctypes.CDLL]:
     dll.qasr_lut.argtypes = [ptr, ctypes.c_int, i64, i64, ptr, ctypes.c_int, i64, ptr, ctypes.c_int]
     dll.qasr_lut.restype = i64
     dll.qasr_add.argtypes = [ptr, ctypes.c_int, i64, i64, ptr, ctypes.c_int, i64, i64, i64, ptr, ctypes.c_int]
+    dll.qasr_add_requant.argtypes = [ptr, ctypes.c_int, ptr, ctypes.c_int, i64, i64, i64, i64, i64, i64, i64, i64, i64,
+                                     i64, i64, ptr, ptr, ctypes.c_int, ctypes.c_int]
+    dll.qasr_add_requant.restype = None
     dll.qasr_requant.argtypes = [ptr, ctypes.c_int, i64, i64, i64, ptr, ptr, ctypes.c_int, i64, i64, i64, ptr,
                                  ctypes.c_int, ctypes.c_int]
     for f in (dll.qasr_isqrt, dll.qasr_layer_norm, dll.qasr_add, dll.qasr_requant):

@@ -108,3 +108,29 @@ def requantize(acc: Tensor, m: Tensor, shift: Tensor, zp: int, qmin: int, qmax: 
     out = torch.empty(acc.shape, dtype=out_dtype)
     _requant(acc.contiguous(), mult, sh, out, [int(sub), int(zp), int(qmin), int(qmax)])
     return out
+
+
+@cbuild.op("add_requant_avx2(Tensor a, Tensor b, Tensor(a!) out, Tensor(b!) bad, int[] ints) -> ()")
+def _add_requant(a: Tensor, b: Tensor, out: Tensor, bad: Tensor, ints: List[int]) -> None:
+    t = cbuild.TYPES
+    cbuild.dll().qasr_add_requant(a.data_ptr(), t[a.dtype], b.data_ptr(), t[b.dtype], a.numel(), *ints,
+                                  bad.data_ptr(), out.data_ptr(), t[out.dtype], torch.get_num_threads())
+
+
+def add_requant(a: Tensor, za: int, ma: int, ta: int, b: Tensor, zb: int, mb: int, tb: int, sh: int, zp: int,
+                qmin: int, qmax: int, out_dtype: torch.dtype) -> Tensor:
+    """:func:`kernels.add_requant_int` in one pass: ``clamp((((a - za) ma 2^ta + (b - zb) mb 2^tb + 2^(sh-1)) >> sh)
+    + zp, qmin, qmax)``; codes within 2^17 of their zero points (checked in the kernel: a ValueError otherwise)."""
+    cbuild.dll()
+    if a.shape != b.shape:
+        raise ValueError(f"cops.add_requant: shapes {tuple(a.shape)} and {tuple(b.shape)} differ")
+    if not (0 <= ma < 2 ** 31 and 0 <= mb < 2 ** 31 and 0 <= ta <= 13 and 0 <= tb <= 13 and 1 <= sh <= 62
+            and abs(za) < 2 ** 17 and abs(zb) < 2 ** 17 and out_dtype in cbuild.TYPES):
+        raise ValueError(f"cops.add_requant: constants out of range ({ma}, {ta}, {mb}, {tb}, {sh}, {za}, {zb})")
+    out = torch.empty(a.shape, dtype=out_dtype)
+    bad = torch.zeros(1, dtype=torch.int64)
+    _add_requant(cbuild.codes(a).contiguous(), cbuild.codes(b).contiguous(), out, bad,
+                 [int(za), int(ma), int(ta), int(zb), int(mb), int(tb), int(sh), int(zp), int(qmin), int(qmax)])
+    if int(bad):
+        raise ValueError(f"cops.add_requant: {int(bad)} codes are 2^17 or more from their zero point")
+    return out

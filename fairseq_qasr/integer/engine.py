@@ -74,6 +74,30 @@ class GemmAcc(Acc):
         return torch.Size((*self.lead, self.cols))
 
 
+class AddAcc(Acc):
+    """A residual add of 16-bit codes, still to be summed: :meth:`IntegerEngine.requant` puts it straight onto each
+    consumer's grid with two full multipliers (:func:`kernels.add_requant_int`, exact in int64); ``t`` is the sum
+    on the add's fine grid (files written before format version 2, and any other use)."""
+
+    def __init__(self, qa: QT, qb: QT, sum_fn: Callable[[QT, QT], Tensor], scale: Any = None, headroom: int = 0):
+        self.qa, self.qb, self.sum_fn, self._t, self.scale, self.headroom = qa, qb, sum_fn, None, scale, headroom
+
+    @property
+    def t(self) -> Tensor:
+        if self._t is None:
+            self._t = self.sum_fn(self.qa, self.qb)
+        return self._t
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.qa.c.shape
+
+    def map_rows(self, fn: Callable[[Tensor], Tensor]) -> "AddAcc":
+        """The same add over ``fn`` of both operands' codes (row selection, slicing)."""
+        qa, qb = (QT(fn(q.c), q.z, q.scale, q.on) for q in (self.qa, self.qb))
+        return AddAcc(qa, qb, self.sum_fn, self.scale, self.headroom)
+
+
 def _has(model: torch.nn.Module, path: str) -> bool:
     try:
         model.get_submodule(path)
@@ -160,6 +184,8 @@ class IntegerEngine:
             return x
         zp, qmin, qmax = self._qinfo(qpath)
         off, dtype = _storage(qmin, qmax)
+        if isinstance(x, AddAcc) and (self.compiling or "rqa:" + qpath in self.t):
+            return self._add_requant(x, qpath, zp + off, qmin + off, qmax + off, dtype, masked)
         if isinstance(x, Acc):
             acc = x
         elif self.compiling:
@@ -187,6 +213,25 @@ class IntegerEngine:
         else:
             c = K.requantize(acc.t, m, sh, zp + off, qmin + off, qmax + off, dtype)
         out = QT(c, zp + off, self._scale(qpath).reshape(()) if self.compiling else None, qpath)
+        self._emit(qpath, out, masked)
+        return out
+
+    def _add_requant(self, x: AddAcc, qpath: str, zp: int, qmin: int, qmax: int, dtype: torch.dtype,
+                     masked: Optional[Tensor]) -> QT:
+        """A residual add of 16-bit codes straight onto ``qpath``'s grid: ``rqa:<qpath>`` = (ma, ta, mb, tb, sh)."""
+        key = "rqa:" + qpath
+        if self.compiling and key not in self.t:
+            s_out = float(self._scale(qpath).reshape(()))
+            self.t[key] = torch.tensor(K.add_multipliers(float(x.qa.scale), float(x.qb.scale), s_out),
+                                       dtype=torch.int64)
+            # also the fine sum's multiplier, for a caller that takes the sum itself (``x.t``: e.g. the encoder
+            # output of a pre-norm model without a final LayerNorm, handed through fairseq as a tensor)
+            M = torch.as_tensor(x.scale, dtype=torch.float64) / s_out
+            self.t["rq:" + qpath + ".m"], self.t["rq:" + qpath + ".sh"] = K.shorten_multiplier(
+                *K.quantize_multiplier(M), x.headroom)
+        ma, ta, mb, tb, sh = (int(v) for v in self.t[key])
+        c = K.add_requant_int(x.qa.c, x.qa.z, ma, ta, x.qb.c, x.qb.z, mb, tb, sh, zp, qmin, qmax, dtype)
+        out = QT(c, zp, self._scale(qpath).reshape(()) if self.compiling else None, qpath)
         self._emit(qpath, out, masked)
         return out
 
@@ -462,18 +507,29 @@ class IntegerEngine:
             self.scales[name + ".out"] = s
         f = self.meta[key]
         scale = torch.tensor(self.scales[name + ".out"], dtype=torch.float64) if self.compiling else None
-        if wide:  # 16-bit codes x 2^22 factors: int64, consumers' multipliers shortened by the headroom
-            if cbuild.available() and qa.c.shape == qb.c.shape:
-                acc = cops.add(qa.c, qa.z, f["ka"], qb.c, qb.z, f["kb"])
-            else:
-                acc = (qa.c.long() - qa.z) * f["ka"] + (qb.c.long() - qb.z) * f["kb"]
-            return Acc(acc, scale, 17 + frac - 31)
+        if wide:  # 16-bit codes: each consumer requantizes the two operands itself (AddAcc); the sum on the fine
+            # grid (16-bit codes x 2^22 factors, int64; consumers' multipliers shortened by the headroom) where needed
+            def fine_sum(qa: QT, qb: QT) -> Tensor:
+                if cbuild.available() and qa.c.shape == qb.c.shape:
+                    return cops.add(qa.c, qa.z, f["ka"], qb.c, qb.z, f["kb"])
+                return (qa.c.long() - qa.z) * f["ka"] + (qb.c.long() - qb.z) * f["kb"]
+            if self._within_17_bits(qa) and self._within_17_bits(qb):
+                return AddAcc(qa, qb, fine_sum, scale, 17 + frac - 31)
+            return Acc(fine_sum(qa, qb), scale, 17 + frac - 31)
         if self.fused and not self.compiling:
             from . import fused
             acc = fused.add(qa.c, qa.z, f["ka"], qb.c, qb.z, f["kb"])
         else:
             acc = (qa.c.int() - qa.z) * f["ka"] + (qb.c.int() - qb.z) * f["kb"]
         return Acc(acc, scale)
+
+    def _within_17_bits(self, q: QT) -> bool:
+        """Every code of ``q``'s grid lies within 2^17 of its zero point (:func:`kernels.add_requant_int`)."""
+        m = self.meta.get("q:" + q.on) if q.on else None
+        if m is None:
+            return False
+        off, _ = _storage(m["qmin"], m["qmax"])
+        return max(abs(m["qmin"] + off - q.z), abs(m["qmax"] + off - q.z)) < 2 ** 17
 
     def layer_norm(self, name: str, x) -> Acc:
         q = self.requant(x, name + ".in_q.0")
@@ -816,7 +872,7 @@ class IntegerEngine:
                 h = self.add("encoder.add_0", h, self._positions(h.c.shape[1]))
             else:
                 raise NotImplementedError("conv1d_gelu front-end without sinusoidal positions")
-        t = h.t.shape[1]
+        t = h.shape[1]
         mask = torch.arange(t)[None, :] >= lengths[:, None]
         for i in range(cfg["encoder_layers"]):
             L = f"encoder.layers.{i}"
@@ -960,8 +1016,8 @@ class IntegerEngine:
             h = self._block(L, "ffn_block", j + 2, h, lambda y: self.ffn(L + ".ffn", y))
         if cfg.get("decoder_final_norm"):
             h = self.layer_norm("decoder.final_norm", h)
-        if h.t.size(1) != n_out:
-            h = Acc(h.t[:, -n_out:], h.scale)
+        if h.shape[1] != n_out:
+            h = h.map_rows(lambda c: c[:, -n_out:]) if isinstance(h, AddAcc) else Acc(h.t[:, -n_out:], h.scale)
         return self.logits(h, past == 0)
 
     def logits(self, h: Acc, first_is_begin: bool = False) -> Tensor:
@@ -1064,7 +1120,10 @@ class IntegerEngine:
         enc = self.encode(self.quantize_input(feats), lengths)
         B, V = feats.size(0), None
         order = torch.arange(B).repeat_interleave(beam)
-        enc = {"out": Acc(enc["out"].t.index_select(0, order)), "mask": enc["mask"].index_select(0, order)}
+        out = enc["out"]
+        out = out.map_rows(lambda c: c.index_select(0, order)) if isinstance(out, AddAcc) else \
+            Acc(out.t.index_select(0, order))
+        enc = {"out": out, "mask": enc["mask"].index_select(0, order)}
         tokens = torch.full((B * beam, 1), bos, dtype=torch.long)
         scores = torch.zeros(B, beam, dtype=torch.long)
         scores[:, 1:] = -(2 ** 41)  # all beams start identical: keep one

@@ -55,6 +55,37 @@ def shorten_multiplier(m: Tensor, shift: Tensor, bits: int) -> Tuple[Tensor, Ten
     return short.to(m.dtype), (shift.long() - bits).to(shift.dtype)  # stored as compactly as before
 
 
+ADD_ALIGN_BITS = 13  # add_multipliers: the larger operand's multiplier may carry this many extra bits
+
+
+def add_multipliers(sa: float, sb: float, s_out: float) -> Tuple[int, int, int, int, int]:
+    """Compile time: ``(ma, ta, mb, tb, sh)`` with ``s_a / s_out ~= ma 2^(ta - sh)`` and ``s_b / s_out ~= mb 2^(tb -
+    sh)`` (``ma, mb < 2^31``) for :func:`add_requant_int`. Each multiplier keeps 31 bits where the two ratios are
+    within 2^13 of each other (the common shift is the finer one's, the coarser one shifted left by up to 13 bits);
+    beyond that the finer one loses the excess bits."""
+    (ma, sha), (mb, shb) = (tuple(int(v) for v in quantize_multiplier(torch.tensor([r], dtype=torch.float64)))
+                            for r in (sa / s_out, sb / s_out))
+    sh = min(max(sha, shb), min(sha, shb) + ADD_ALIGN_BITS)
+    out = []
+    for m, shi in ((ma, sha), (mb, shb)):
+        if shi <= sh:
+            out += [m, sh - shi]
+        else:  # (only the finer operand, beyond 2^13 apart): its multiplier rounded to fewer bits
+            d = shi - sh
+            out += [(m + (1 << (d - 1))) >> d, 0]
+    return out[0], out[1], out[2], out[3], sh
+
+
+def add_requant_int(a: Tensor, za: int, ma: int, ta: int, b: Tensor, zb: int, mb: int, tb: int, sh: int, zp: int,
+                    qmin: int, qmax: int, out_dtype=torch.int32) -> Tensor:
+    """Residual add straight onto a consumer's grid: ``clamp((((a - za) ma 2^ta + (b - zb) mb 2^tb + 2^(sh-1)) >> sh)
+    + zp, qmin, qmax)`` for codes within 2^17 of their zero points (every term stays below 2^61: exact in int64)."""
+    if cbuild.available() and a.shape == b.shape:
+        return cops.add_requant(a, za, ma, ta, b, zb, mb, tb, sh, zp, qmin, qmax, out_dtype)
+    v = (a.long() - za) * (ma << ta) + (b.long() - zb) * (mb << tb) + (1 << (sh - 1))
+    return torch.clamp((v >> sh) + zp, qmin, qmax).to(out_dtype)
+
+
 def requantize(acc: Tensor, m: Tensor, shift: Tensor, zp: int, qmin: int, qmax: int, out_dtype=torch.int8,
                sub: int = 0) -> Tensor:
     """``clamp(round((acc - sub) * m * 2^-shift) + zp, qmin, qmax)``: int32/int64 accumulator (or codes minus their

@@ -623,3 +623,31 @@ def test_bias_in_the_column_terms_equals_adding_it(za):
         assert got.dtype == torch.int32 and torch.equal(got, cgemm.mm(a, p, za) + bias)
     with pytest.raises(ValueError, match="bias of 36 values"):
         cgemm.mm(a, p, bias=bias[:36])
+
+
+@pytest.mark.parametrize("sa,sb,s_out", [(1e-3, 3.1e-5, 2.3e-3), (0.7, 0.7, 0.7), (5e-2, 1.3e-7, 1.1e-2),
+                                         (1.7e-5, 2e-3, 7e-4), (1.0, 0.25, 2.0)])  # (the last: many exact ties)
+def test_add_requant_multipliers_and_c_kernel_equal_torch(sa, sb, s_out, monkeypatch):
+    """The residual add straight onto a consumer's grid: both multipliers within 2^-30 of their ratios while the
+    ratios are within 2^13 of each other (the 4th case: 2^16 apart, the finer one coarser), and the C kernel (8
+    lanes, blocks with an out-of-range code redone, a tail) equal to the torch formula for every output type."""
+    ma, ta, mb, tb, sh = K.add_multipliers(sa, sb, s_out)
+    for m, t, r in ((ma, ta, sa / s_out), (mb, tb, sb / s_out)):
+        assert m < 2 ** 31 and 0 <= t <= 13
+        spread = max(sa, sb) / min(sa, sb)
+        assert abs(m * 2.0 ** (t - sh) / r - 1) < (2 ** -30 if spread < 2 ** 13 else 2 ** -14)
+    g = torch.Generator().manual_seed(11)
+    a = rnd(-(2 ** 15), 2 ** 15, (3001,), g)
+    b = rnd(-(2 ** 15), 2 ** 15, (3001,), g, torch.int16)
+    a[:4] = torch.tensor([2 ** 15 - 1, -(2 ** 15), 0, 1])
+    for dt, (zp, lo, hi) in ((torch.int32, (-5, -(2 ** 15), 2 ** 15 - 1)), (torch.int8, (3, -128, 127)),
+                             (torch.int16, (0, -(2 ** 15), 2 ** 15 - 1))):
+        got = cops.add_requant(a, 7, ma, ta, b, -3, mb, tb, sh, zp, lo, hi, dt)
+        monkeypatch.setattr(cbuild, "available", lambda: False)
+        want = K.add_requant_int(a, 7, ma, ta, b, -3, mb, tb, sh, zp, lo, hi, dt)
+        monkeypatch.undo()
+        assert got.dtype == want.dtype and torch.equal(got, want)
+    wide = a.clone()
+    wide[2000] = 2 ** 17 + 7  # 2^17 from the zero point: an error, not a wrong code
+    with pytest.raises(ValueError, match="2\\^17 or more"):
+        cops.add_requant(wide, 7, ma, ta, b, -3, mb, tb, sh, 0, -(2 ** 15), 2 ** 15 - 1, torch.int32)

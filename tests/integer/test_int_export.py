@@ -99,3 +99,34 @@ def test_position_table_with_sparse_corrections(tmp_path):
     mem, disk = IntegerEngine.from_quantized(model, cfg), load_engine(str(path))
     outs = [e.encode(e.quantize_input(inp["src_tokens"]), inp["src_lengths"])["out"].t for e in (mem, disk)]
     assert torch.equal(mem.t["pos:encoder"], disk.t["pos:encoder"]) and torch.equal(outs[0], outs[1])
+
+
+def test_residual_adds_per_consumer_and_version_1_files(tmp_path, monkeypatch):
+    """A pre-norm model with a 16-bit residual stream: the file (version 2) holds each add consumer's two
+    multipliers (``rqa:``), reloads bit-identically, and a version-1 file (without them) still loads and runs on the
+    add's fine sum."""
+    from safetensors.torch import load_file, save_file
+    import json
+    model, d, cfg, inp = H.quantized_xs("w8a8_r16", **H.WHISPER_LAYOUT)
+    path = tmp_path / "v2.safetensors"
+    header = export_model(model, str(path), cfg=cfg)
+    assert header["version"] == 2 and "encoder.layers.0.ffn_block.norm.in_q.0" in header["requant_add"]
+    one = header["requant_add"]["encoder.layers.0.ffn_block.norm.in_q.0"]
+    assert max(one["ma"], one["mb"]) >= 2 ** 30 and one["ma"] < 2 ** 31 and one["mb"] < 2 ** 31
+    mem, disk = IntegerEngine.from_quantized(model, cfg), load_engine(str(path))
+    outs = [e.decode_step(inp["prev_output_tokens"], e.encode(e.quantize_input(inp["src_tokens"]),
+                                                               inp["src_lengths"]), None) for e in (mem, disk)]
+    assert torch.equal(outs[0], outs[1])
+    old = tmp_path / "v1.safetensors"  # as written before version 2: no rqa: tensors
+    tensors = {k: v for k, v in load_file(str(path)).items() if not k.startswith("rqa:")}
+    h1 = dict(read_header(str(path)), version=1)
+    h1.pop("requant_add")
+    save_file(tensors, str(old), metadata={"qasr": json.dumps(h1)})
+    from fairseq_qasr.integer import kernels as K
+    calls = []
+    monkeypatch.setattr(K, "add_requant_int", lambda *a, **k: calls.append(1))  # must not run for version 1
+    v1 = load_engine(str(old))
+    lg = v1.decode_step(inp["prev_output_tokens"], v1.encode(v1.quantize_input(inp["src_tokens"]),
+                                                              inp["src_lengths"]), None)
+    assert not calls and lg.shape == outs[0].shape
+    assert (lg.argmax(-1) == outs[0].argmax(-1)).float().mean() > 0.8  # the other arithmetic: close

@@ -1040,6 +1040,61 @@ void qasr_add(const void *a, int atype, int64_t za, int64_t ka, const void *b, i
     }
 }
 
+/* kernels.add_requant_int: out = clamp((((a - za) ma 2^ta + (b - zb) mb 2^tb + 2^(sh-1)) >> sh) + zp, qmin, qmax)
+ * (ma, mb < 2^31, ta, tb <= 13, 1 <= sh <= 62), codes within 2^17 of their zero points: every product is below 2^61,
+ * their sum and the rounding term below 2^63. 4 int64 lanes a step (vpmuldq); *bad counts the
+ * codes 2^17 or more from their zero point (their outputs are left unset: the caller raises). */
+void qasr_add_requant(const void *a, int atype, const void *b, int btype, int64_t n, int64_t za, int64_t ma,
+                      int64_t ta, int64_t zb, int64_t mb, int64_t tb, int64_t sh, int64_t zp, int64_t qmin,
+                      int64_t qmax, int64_t *bad, void *out, int otype, int nthreads) {
+    const int64_t lim = (int64_t)1 << 17, blocks = (n + ADD_BLOCK - 1) / ADD_BLOCK;
+    int64_t nbad = 0;
+#pragma omp parallel for num_threads(nthreads) schedule(static) reduction(+ : nbad) if (n >= 65536)
+    for (int64_t blk = 0; blk < blocks; blk++) {
+        const int64_t i0 = blk * ADD_BLOCK, i1 = i0 + ADD_BLOCK < n ? i0 + ADD_BLOCK : n;
+        const __m256i vza = _mm256_set1_epi64x(za), vzb = _mm256_set1_epi64x(zb), vma = _mm256_set1_epi64x(ma);
+        const __m256i vmb = _mm256_set1_epi64x(mb), hi = _mm256_set1_epi64x(lim - 1), lo = _mm256_set1_epi64x(-lim);
+        /* the arithmetic shift as a logical one on v + 2^62 + 2^(sh-1) (>= 0), minus 2^(62-sh), plus zp */
+        const __m256i bias = _mm256_set1_epi64x(((int64_t)1 << 62) + ((int64_t)1 << (sh - 1)));
+        const __m256i fix = _mm256_set1_epi64x(((int64_t)1 << (62 - sh)) - zp);
+        const __m256i vlo = _mm256_set1_epi64x(qmin), vhi = _mm256_set1_epi64x(qmax);
+        const __m128i vta = _mm_cvtsi32_si128((int)ta), vtb = _mm_cvtsi32_si128((int)tb), vsh = _mm_cvtsi32_si128((int)sh);
+        int64_t i = i0;
+        __m256i over = _mm256_setzero_si256();
+        for (; i + 4 <= i1; i += 4) {
+            const __m256i x = _mm256_sub_epi64(load4(a, atype, i), vza), y = _mm256_sub_epi64(load4(b, btype, i), vzb);
+            over = _mm256_or_si256(over, _mm256_or_si256(_mm256_cmpgt_epi64(x, hi), _mm256_cmpgt_epi64(lo, x)));
+            over = _mm256_or_si256(over, _mm256_or_si256(_mm256_cmpgt_epi64(y, hi), _mm256_cmpgt_epi64(lo, y)));
+            const __m256i v = _mm256_add_epi64(_mm256_sll_epi64(_mm256_mul_epi32(x, vma), vta),
+                                               _mm256_sll_epi64(_mm256_mul_epi32(y, vmb), vtb));
+            __m256i q = _mm256_sub_epi64(_mm256_srl_epi64(_mm256_add_epi64(v, bias), vsh), fix);
+            q = _mm256_blendv_epi8(q, vlo, _mm256_cmpgt_epi64(vlo, q));
+            q = _mm256_blendv_epi8(q, vhi, _mm256_cmpgt_epi64(q, vhi));
+            int64_t t[4];
+            _mm256_storeu_si256((__m256i *)t, q);
+            for (int l = 0; l < 4; l++) {
+                if (otype == 0) ((int8_t *)out)[i + l] = (int8_t)t[l];
+                else if (otype == 1) ((int16_t *)out)[i + l] = (int16_t)t[l];
+                else ((int32_t *)out)[i + l] = (int32_t)t[l];
+            }
+        }
+        if (!_mm256_testz_si256(over, over)) i = i0; /* recount the block in the scalar loop */
+        for (; i < i1; i++) {
+            const int64_t x = code(a, atype, i) - za, y = code(b, btype, i) - zb;
+            if (x >= lim || x < -lim || y >= lim || y < -lim) {
+                nbad++;
+                continue;
+            }
+            int64_t q = (x * ma * ((int64_t)1 << ta) + y * mb * ((int64_t)1 << tb) + ((int64_t)1 << (sh - 1))) >> sh;
+            q = clamp64(q + zp, qmin, qmax);
+            if (otype == 0) ((int8_t *)out)[i] = (int8_t)q;
+            else if (otype == 1) ((int16_t *)out)[i] = (int16_t)q;
+            else ((int32_t *)out)[i] = (int32_t)q;
+        }
+    }
+    *bad = nbad;
+}
+
 /* kernels.requantize: out = clamp((((acc - sub) * m[j] + 2^(sh[j]-1)) >> sh[j]) + zp, qmin, qmax), j = the column
  * (per-column multipliers) or 0; acc int8/int16/int32 or int64 (type 3), out int8 / int16 / int32 */
 static inline int64_t rq1(int64_t a, int64_t m, int64_t sh, int64_t zp, int64_t qmin, int64_t qmax) {
