@@ -80,7 +80,8 @@ def add_requant_int(a: Tensor, za: int, ma: int, ta: int, b: Tensor, zb: int, mb
                     qmin: int, qmax: int, out_dtype=torch.int32) -> Tensor:
     """Residual add straight onto a consumer's grid: ``clamp((((a - za) ma 2^ta + (b - zb) mb 2^tb + 2^(sh-1)) >> sh)
     + zp, qmin, qmax)`` for codes within 2^17 of their zero points (every term stays below 2^61: exact in int64)."""
-    if cbuild.available() and a.shape == b.shape:
+    if cbuild.available():  # (a broadcast operand, e.g. the positions of a batch, copied out first)
+        a, b = torch.broadcast_tensors(a, b)
         return cops.add_requant(a, za, ma, ta, b, zb, mb, tb, sh, zp, qmin, qmax, out_dtype)
     v = (a.long() - za) * (ma << ta) + (b.long() - zb) * (mb << tb) + (1 << (sh - 1))
     return torch.clamp((v >> sh) + zp, qmin, qmax).to(out_dtype)

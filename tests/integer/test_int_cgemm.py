@@ -647,6 +647,11 @@ def test_add_requant_multipliers_and_c_kernel_equal_torch(sa, sb, s_out, monkeyp
         want = K.add_requant_int(a, 7, ma, ta, b, -3, mb, tb, sh, zp, lo, hi, dt)
         monkeypatch.undo()
         assert got.dtype == want.dtype and torch.equal(got, want)
+    rows, one = a[:3000].view(2, 1500), b[:1500].view(1, 1500)  # a broadcast operand (positions of a batch)
+    got = K.add_requant_int(rows, 7, ma, ta, one, -3, mb, tb, sh, 0, -(2 ** 15), 2 ** 15 - 1, torch.int32)
+    monkeypatch.setattr(cbuild, "available", lambda: False)
+    assert torch.equal(got, K.add_requant_int(rows, 7, ma, ta, one, -3, mb, tb, sh, 0, -(2 ** 15), 2 ** 15 - 1))
+    monkeypatch.undo()
     wide = a.clone()
     wide[2000] = 2 ** 17 + 7  # 2^17 from the zero point: an error, not a wrong code
     with pytest.raises(ValueError, match="2\\^17 or more"):
