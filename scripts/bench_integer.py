@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from fairseq_qasr.integer.profiling import pooled_ratios  # noqa: E402
+from fairseq_qasr.integer.profiling import paired_ratios, pooled_ratios  # noqa: E402
 
 WHISPER_TINY = dict(input_feat_per_channel=80, encoder_frontend="conv1d_gelu", encoder_pos="sinusoidal",
                     encoder_embed_dim=384, encoder_ffn_embed_dim=1536, encoder_layers=4, encoder_attention_heads=6,
@@ -51,12 +51,6 @@ def interleaved(fns, repeat: int, warmup: int = 1):
             fn()
             ts[name].append(time.perf_counter() - t)
     return ts
-
-
-def paired_ratios(other_ms, engine_ms):
-    """Per round, the other runtime's time over the engine's, both timed in that round (the VM's drift between
-    rounds cancels in each pair)."""
-    return [round(o / e, 3) for o, e in zip(other_ms, engine_ms)]
 
 
 def random_models(vocab: int):

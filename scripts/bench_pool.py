@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from fairseq_qasr.integer.profiling import pooled_ratios  # noqa: E402
+from fairseq_qasr.integer.profiling import paired_ratios, pooled_ratios  # noqa: E402
 
 ENGINE = "integer_engine_w8a8"
 
@@ -30,7 +30,7 @@ def pool(paths):
         engine = data[ENGINE]["encoder_ms_all"]
         for name, r in data.items():
             if isinstance(r, dict) and "encoder_ms_all" in r and name != ENGINE:
-                pairs = r.get("encoder_ratio_rounds") or [o / e for o, e in zip(r["encoder_ms_all"], engine)]
+                pairs = r.get("encoder_ratio_rounds") or paired_ratios(r["encoder_ms_all"], engine)
                 rounds.setdefault(name, []).extend(pairs)
     if len(threads) != 1:
         raise SystemExit(f"runs with different thread counts: {sorted(map(str, threads))}")

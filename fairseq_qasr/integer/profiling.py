@@ -49,6 +49,12 @@ def format_profile(prof: Dict[str, Dict[str, float]], top: int = 12) -> str:
     return "\n".join(lines)
 
 
+def paired_ratios(other_ms: Sequence[float], engine_ms: Sequence[float]) -> List[float]:
+    """Per round, the other runtime's time over the engine's, both timed in that round (the VM's drift between
+    rounds cancels in each pair)."""
+    return [round(o / e, 3) for o, e in zip(other_ms, engine_ms)]
+
+
 def pooled_ratios(ratios: Sequence[float], resamples: int = 5000, seed: int = 0) -> Dict[str, float]:
     """Summary of per-round paired speed ratios (other runtime's time / engine's, pooled over benchmark runs):
     median, a percentile-bootstrap 95 % interval of the median (rounds resampled with replacement), and in how many

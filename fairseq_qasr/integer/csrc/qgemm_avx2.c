@@ -636,7 +636,7 @@ void qasr_attention(const int8_t *q, int64_t BH, int64_t Tq, int64_t d,
         int16_t *pb = aligned_alloc(64, (size_t)((AB * lda * 2 + 63) / 64 * 64));
         int32_t *idx = malloc((size_t)(2 * vpairs) * sizeof(int32_t));
         const int64_t span = qmax1 - qmin1 + 1;
-        int64_t lz = span; /* lut[lz..] are 0 (the table is non-increasing and non-negative) */
+        int64_t lz = span; /* lut[lz..] are 0 */
         while (lz > 0 && lut[lz - 1] == 0) lz--;
         /* short table loops: a non-increasing table, and probability 0 (p = zpo) taken to d = 0 on the AV grid; then
          * the codes below the first (from the top) whose d is 0 all have d = 0 */
@@ -839,16 +839,19 @@ void qasr_attention(const int8_t *q, int64_t BH, int64_t Tq, int64_t d,
     }
 }
 
-/* floor(sqrt(v)) of non-negative int64 values below 2^62, bitwise (kernels.isqrt, bit for bit) */
-void qasr_isqrt(const int64_t *v, int64_t *out, int64_t n) {
-    for (int64_t i = 0; i < n; i++) {
-        uint64_t res = 0, x = (uint64_t)v[i];
-        for (int b = 31; b >= 0; b--) {
-            uint64_t cand = res | ((uint64_t)1 << b);
-            if (cand * cand <= x) res = cand;
-        }
-        out[i] = (int64_t)res;
+/* floor(sqrt(x)) for x < 2^62, bitwise (kernels.isqrt, bit for bit) */
+static inline uint64_t isqrt64(uint64_t x) {
+    uint64_t res = 0;
+    for (int b = 31; b >= 0; b--) {
+        uint64_t cand = res | ((uint64_t)1 << b);
+        if (cand * cand <= x) res = cand;
     }
+    return res;
+}
+
+/* floor(sqrt(v)) of non-negative int64 values below 2^62 */
+void qasr_isqrt(const int64_t *v, int64_t *out, int64_t n) {
+    for (int64_t i = 0; i < n; i++) out[i] = (int64_t)isqrt64((uint64_t)v[i]);
 }
 
 /* --- element-wise integer ops of the engine (kernels.py twins, bit for bit) ----------------------------------- */
@@ -900,11 +903,7 @@ static int ln_row_fast(const void *x, int type, int64_t n, const int8_t *gain, c
         ss += (int64_t)c[i] * c[i];
         cmax = c[i] > cmax ? c[i] : -c[i] > cmax ? -c[i] : cmax;
     }
-    uint64_t v = (uint64_t)(((ss * ((int64_t)1 << (2 * k))) / n) + eps_term), d = 0;
-    for (int b = 31; b >= 0; b--) {
-        uint64_t cand = d | ((uint64_t)1 << b);
-        if (cand * cand <= v) d = cand;
-    }
+    const uint64_t d = isqrt64((uint64_t)(((ss * ((int64_t)1 << (2 * k))) / n) + eps_term));
     const int64_t dd = d ? (int64_t)d : 1, mul = (int64_t)1 << (17 + k), D = 2 * dd;
     const int64_t R = D > ((int64_t)1 << (17 + k)) && dd < ((int64_t)1 << 31)
                           ? (int64_t)((((unsigned __int128)1) << (48 + k)) / (uint64_t)D) : 0;
@@ -965,11 +964,7 @@ void qasr_layer_norm(const void *x, int type, int64_t rows, int64_t n, const int
                 int64_t c = n * code(x, type, r * n + i) - s;
                 ss += c * c;
             }
-            uint64_t v = (uint64_t)(((ss * ((int64_t)1 << (2 * k))) / n) + eps_term), d = 0;
-            for (int b = 31; b >= 0; b--) {
-                uint64_t cand = d | ((uint64_t)1 << b);
-                if (cand * cand <= v) d = cand;
-            }
+            const uint64_t d = isqrt64((uint64_t)(((ss * ((int64_t)1 << (2 * k))) / n) + eps_term));
             const int64_t dd = d ? (int64_t)d : 1, mul = (int64_t)1 << (17 + k);
             for (int64_t i = 0; i < n; i++) {
                 int64_t c = n * code(x, type, r * n + i) - s;
