@@ -2,7 +2,7 @@
 """Teacher-forced, op-by-op equivalence of the integer engine with the fake-quantized checkpoint, on real utterances.
 
     python scripts/compare_engine.py CKPT --data DIR --split dev-clean [--engine FILE.safetensors] [--utts N]
-                                    [--json OUT.json] [--free-running]
+                                    [--json OUT.json] [--free-running] [--float64]
 
 For each utterance (the reference transcript as decoder input): every op of the engine gets exactly the fake
 model's input codes; reports, per utterance and over all, the quantizers whose codes differ by more than 1 LSB, the
@@ -34,6 +34,9 @@ def main() -> int:
     p.add_argument("--free-running", action="store_true",
                    help="decode each utterance greedily with both (batch of one) instead: identical transcripts, and "
                         "for each that differs, the first differing step and both models' margins there")
+    p.add_argument("--float64", action="store_true",
+                   help="evaluate the fake model in float64 (its arithmetic without float32 rounding; the same integer "
+                        "weights, the engine compiled before from the float32 model)")
     p.add_argument("--max-len", type=int, default=224, help="--free-running: most tokens an utterance")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args()
@@ -55,6 +58,10 @@ def main() -> int:
     eng = load_engine(args.engine) if args.engine else IntegerEngine.from_quantized(model, model_options(cfg.model))
     task.load_dataset(args.split)
     ds = task.dataset(args.split)
+    if args.float64:
+        from fairseq_qasr.integer.equivalence import to_float64
+
+        to_float64(model, ds.collater([ds[0]])["net_input"])
     n = min(len(ds), args.utts) if args.utts else len(ds)
     if args.free_running:
         return free_running(args, eng, model, ds, n, task.target_dictionary)

@@ -300,3 +300,47 @@ def test_input_codes_equal_the_fake_input_quantizer(param):
     off, _ = H._storage(m["qmin"], m["qmax"])
     want = (q.squeeze(1) if q.dim() == 4 else q.transpose(1, 2)) + off  # vgg2d (B, 1, T, F) / conv1d (B, F, T)
     assert int((x.c.long() != want.long()).sum()) == 0
+
+
+@pytest.mark.parametrize("recipe", ["w8a8", "w8a8_g64_e8-whisper_layout"])
+def test_float64_fake_model_keeps_integer_weights_and_stays_within_one_lsb(recipe):
+    """``equivalence.to_float64``: the fake model's float64 evaluation holds the weight codes of float32 and the bias
+    codes the engine was compiled with (also for a bias planted where float32 and float64 division round apart), and
+    the engine stays within 1 LSB of it, op by op."""
+    from fairseq_qasr.integer.equivalence import to_float64
+
+    name, layout = recipe.partition("-")[::2]
+    model, _, cfg, inp = H.quantized_xs(name, **(H.WHISPER_LAYOUT if layout else {}))
+    fc1 = model.get_submodule("encoder.layers.0.ffn.fc1")
+    in_s, w_s = fc1.bias_scales()
+    g64 = float(in_s) * float(w_s.reshape(-1)[0])
+    g32 = torch.tensor(g64, dtype=torch.float32)
+    for k in range(1, 10000):  # a bias on a float32 rounding tie that float64 division rounds the other way
+        b = torch.tensor((k + 0.5) * g64, dtype=torch.float32)
+        if float(torch.round(b / g32)) != round(float(b) / g64):
+            break
+    else:
+        pytest.fail("no planted tie found")
+    with torch.no_grad():
+        fc1.bias[0] = b
+    eng = IntegerEngine.from_quantized(model, cfg)
+    wq = {n: m for n, m in model.named_modules() if n.endswith(".w_q.weight")}
+    owners = {n: model.get_submodule(n[: -len(".w_q.weight")]) for n in wq}
+    with torch.no_grad():
+        weights32 = {n: wq[n](o.weight).clone() for n, o in owners.items() if getattr(o, "weight", None) is not None}
+    to_float64(model, inp)
+    assert next(model.parameters()).dtype == torch.float64
+    with torch.no_grad():
+        for n, w in weights32.items():
+            got = wq[n](owners[n].weight)
+            assert got.dtype == torch.float64 and torch.equal(got, w.double()), n
+        biased = {n[: -len(".w_q.weight")]: o for n, o in owners.items()
+                  if getattr(o, "bias", None) is not None and "b:" + n[: -len(".w_q.weight")] in eng.t}
+        assert "encoder.layers.0.ffn.fc1" in biased and len(biased) > 20
+        for n, m in biased.items():
+            in_s, w_s = m.bias_scales()
+            got = m._bias(m.bias)
+            codes = torch.round(got / (in_s.double() * w_s.double()).expand(got.shape[-1:]))
+            assert got.dtype == torch.float64 and torch.equal(codes.long(), eng.t["b:" + n].long()), n
+    stats, _, _ = H.forced_run(eng, model, inp)
+    _check_layer_by_layer(stats)

@@ -73,18 +73,22 @@ class QModule(nn.Module):
         return self.out_q(y) if self.out_q is not None else y
 
     def _bias(self, bias: Tensor) -> Tensor:
-        wq = self.w_q["weight"]
-        if not wq.enabled:
+        if not self.w_q["weight"].enabled:
             return bias
+        return quantize_bias(bias, *self.bias_scales(bias.device), self)
+
+    def bias_scales(self, device: Optional[torch.device] = None) -> Tuple[Tensor, Tensor]:
+        """(input scale, per-channel weight scale) whose product is the int32 bias grid."""
+        wq = self.w_q["weight"]
         with region("requant", self, "bias_scale"):  # scale arithmetic, not data
             w_scale = wq.current_scale()
             if wq.spec.granularity == "group":  # finest accumulator grid of the row's groups
                 w_scale = w_scale.amin(dim=-1)
             if self.bias_frac_bits is not None:
-                in_scale = torch.tensor(2.0 ** -self.bias_frac_bits, device=bias.device)
+                in_scale = torch.tensor(2.0 ** -self.bias_frac_bits, device=device)
             else:
                 in_scale = self.in_q[0].current_scale()
-        return quantize_bias(bias, in_scale.detach(), w_scale.detach(), self)
+        return in_scale.detach(), w_scale.detach()
 
     def compute(self, *args: Any, **kw: Any) -> Any:
         raise NotImplementedError
