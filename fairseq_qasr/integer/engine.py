@@ -581,10 +581,10 @@ class IntegerEngine:
         coff, cdtype = _storage(cqmin, cqmax)
         key = f"lut:{name}>{consumer}"
 
-        def build():
-            codes = torch.arange(qmin, qmax + 1, dtype=torch.float32)
-            s_in = torch.tensor(self.scales[name + ".in_q.0"], dtype=torch.float32)
-            s_c = torch.tensor(self.scales[consumer], dtype=torch.float32)
+        def build():  # in float64: the function's value on each code, without float32 rounding
+            codes = torch.arange(qmin, qmax + 1, dtype=torch.float64)
+            s_in = torch.tensor(float(self.scales[name + ".in_q.0"]), dtype=torch.float64)
+            s_c = torch.tensor(float(self.scales[consumer]), dtype=torch.float64)
             y = fn((codes - zp) * s_in)
             return (torch.clamp(torch.round(y / s_c) + czp, cqmin, cqmax) + coff).to(cdtype)
 
