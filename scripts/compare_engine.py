@@ -59,9 +59,10 @@ def main() -> int:
     task.load_dataset(args.split)
     ds = task.dataset(args.split)
     if args.float64:
-        from fairseq_qasr.integer.equivalence import to_float64
+        from fairseq_qasr.quant.float64 import to_float64
 
-        to_float64(model, ds.collater([ds[0]])["net_input"])
+        net = ds.collater([ds[0]])["net_input"]
+        to_float64(model, lambda m: m(**net))
     n = min(len(ds), args.utts) if args.utts else len(ds)
     if args.free_running:
         return free_running(args, eng, model, ds, n, task.target_dictionary)

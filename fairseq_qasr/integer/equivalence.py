@@ -11,12 +11,11 @@ token there. Here the fake model needs fairseq's encoder-decoder interface (``en
 """
 from __future__ import annotations
 
-import types
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from fairseq_qasr.quant import QModule, Quantizer
+from fairseq_qasr.quant import Quantizer
 
 from .engine import QT, _storage
 
@@ -26,43 +25,6 @@ def fake_inputs(model, inputs: Dict[str, Any]) -> Dict[str, Any]:
     dtype = next(model.parameters()).dtype
     x = inputs["src_tokens"]
     return inputs if x.dtype == dtype or not x.is_floating_point() else dict(inputs, src_tokens=x.to(dtype))
-
-
-def to_float64(model, inputs: Dict[str, Any]) -> None:
-    """Turn the fake model into its float64 evaluation (``model.double()``) with the same integer weights: every weight
-    quantizer's output is pinned to its float32 value (one teacher-forced pass on ``inputs`` records them), because
-    float64 division would put some weights that sit on a rounding tie in float32 on the other code, and the engine
-    (compiled or exported from float32) holds the float32 codes; biases keep their float32 codes too, on the exact
-    float64 grid (:func:`_bias_float32_codes`)."""
-    pinned: Dict[torch.nn.Module, torch.Tensor] = {}
-    wqs = [m for n, m in model.named_modules() if isinstance(m, Quantizer) and ".w_q." in n]
-    hs = [q.register_forward_hook(lambda mod, args, out: pinned.setdefault(mod, out.detach())) for q in wqs]
-    try:
-        with torch.no_grad():
-            model(**inputs)
-    finally:
-        for h in hs:
-            h.remove()
-    missing = [n for n, m in model.named_modules() if m in wqs and m not in pinned and bool(m.initialized)]
-    if missing:
-        raise RuntimeError(f"weight quantizers that did not run on the recording pass: {missing[:5]}")
-    model.double()
-    for q, w in pinned.items():
-        q.register_forward_hook(lambda mod, args, out, w=w.double(): w)
-    for m in model.modules():
-        if isinstance(m, QModule) and "weight" in m.w_q:
-            m._bias = types.MethodType(_bias_float32_codes, m)
-
-
-def _bias_float32_codes(self: QModule, bias: torch.Tensor) -> torch.Tensor:
-    """A float64 module's bias on its exact int32 grid ``s_in s_w`` with the codes float32 rounding gave (the engine's):
-    ``round(float32(b) / float32(s_in s_w))``."""
-    if not self.w_q["weight"].enabled:
-        return bias
-    in_scale, w_scale = self.bias_scales(bias.device)
-    grid = (in_scale.double().reshape(()) * w_scale.double())
-    grid = grid.expand(bias.shape) if grid.numel() == 1 else grid.reshape(bias.shape)
-    return torch.round(bias.float() / grid.float()).double() * grid
 
 
 def fake_codes(model, inputs) -> Tuple[Dict[str, Tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:

@@ -27,7 +27,8 @@ from fairseq_qasr.data.features import build_feature_extractor, build_specaugmen
 from fairseq_qasr.data.manifest import ManifestRow, read_manifest
 
 from fairseq_qasr.quant.distributed import check_ranks_agree, sync_observer_ranges
-from fairseq_qasr.quant import set_observing
+from fairseq_qasr.quant import Quantizer, set_observing
+from fairseq_qasr.quant.float64 import to_float64
 
 from .speech_dataset import SpeechToTextDataset, encode_targets
 
@@ -50,6 +51,9 @@ class LibriSpeechASRConfig(FairseqDataclass):
         "help": "distributed QAT: do not all-reduce observer ranges across ranks (they then drift apart)"})
     quant_check_interval: int = field(default=50, metadata={
         "help": "distributed QAT: every N updates verify that all ranks hold the same quantizer state (0: never)"})
+    eval_float64: bool = field(default=False, metadata={
+        "help": "fairseq-generate: decode the fake-quantized model in float64, i.e. its arithmetic without float32 "
+                "rounding on the same integer weights and biases (the integer engine's reference; docs/export.md)"})
 
 
 def load_data_config(data_dir: str, name: str) -> Dict[str, Any]:
@@ -190,6 +194,32 @@ class LibriSpeechASRTask(FairseqTask):
                     setattr(cfg, key, getattr(effective, key))
         self.student_model_cfg = cfg  # read by criteria that check a teacher against the student
         return model
+
+    def build_generator(self, models, args, **kwargs):
+        if self.cfg.eval_float64:
+            for model in models:
+                self._to_float64(model)
+        return super().build_generator(models, args, **kwargs)
+
+    def _to_float64(self, model: torch.nn.Module) -> None:
+        """--eval-float64: the model in float64 with its float32 integer weights (one recording pass on the first
+        utterance of a loaded split)."""
+        if not any(isinstance(m, Quantizer) for m in model.modules()):
+            raise ValueError("--eval-float64: the model has no quantizers; it takes a fake-quantized checkpoint "
+                             "(an exported integer model or a full-precision one has nothing to evaluate in float64)")
+        ds = next(iter(self.datasets.values()), None)
+        if ds is None:
+            raise ValueError("--eval-float64: no split loaded to record the weights on")
+        net = ds.collater([ds[0]])["net_input"]
+        model.eval()
+        to_float64(model, lambda m: m(**net))
+        logger.info("--eval-float64: the fake-quantized model runs in float64 (integer weights and biases of float32)")
+
+    def inference_step(self, generator, models, sample, prefix_tokens=None, constraints=None):
+        if self.cfg.eval_float64:  # the features in the model's dtype
+            net = sample["net_input"]
+            sample = dict(sample, net_input=dict(net, src_tokens=net["src_tokens"].double()))
+        return super().inference_step(generator, models, sample, prefix_tokens=prefix_tokens, constraints=constraints)
 
     @property
     def source_dictionary(self):

@@ -80,3 +80,16 @@ def test_compare_engine_free_running(prepared_sample: Path, quantized_ckpt: Path
         if not r["identical"] and r["step"] is not None:  # (None: only the fake model's incremental run differs)
             assert r["engine_token"] == (r["engine_tokens"] + [2])[r["step"]] and r["fake_token"] != r["engine_token"]
             assert r["fake_margin"] > 0 and len(r["margins"]) == r["step"] + 1 and r["lsb"] > 0
+
+
+def test_generate_eval_float64(prepared_sample: Path, quantized_ckpt: Path):
+    """fairseq-generate --eval-float64 decodes the fake-quantized checkpoint in float64; a checkpoint without
+    quantizers is refused with a message naming the option."""
+    args = [str(prepared_sample), "--user-dir", "fairseq_qasr", "--task", "librispeech_asr", "--gen-subset",
+            "dev-clean", "--scoring", "wer", "--beam", "1", "--max-tokens", "8000", "--cpu", "--max-len-b", "10",
+            "--num-workers", "0", "--eval-float64"]
+    gen = run_fairseq("generate", args + ["--path", str(quantized_ckpt)])
+    assert "runs in float64" in gen.stdout + gen.stderr
+    assert gen.stdout.count("\nH-") + gen.stdout.startswith("H-") == 8 and "WER:" in gen.stdout
+    fp = run_fairseq("generate", args + ["--path", str(quantized_ckpt.parent / "checkpoint_last.pt")], check=False)
+    assert fp.returncode != 0 and "--eval-float64: the model has no quantizers" in fp.stderr

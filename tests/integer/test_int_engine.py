@@ -304,10 +304,10 @@ def test_input_codes_equal_the_fake_input_quantizer(param):
 
 @pytest.mark.parametrize("recipe", ["w8a8", "w8a8_g64_e8-whisper_layout"])
 def test_float64_fake_model_keeps_integer_weights_and_stays_within_one_lsb(recipe):
-    """``equivalence.to_float64``: the fake model's float64 evaluation holds the weight codes of float32 and the bias
+    """``quant.float64.to_float64``: the fake model's float64 evaluation holds the weight codes of float32 and the bias
     codes the engine was compiled with (also for a bias planted where float32 and float64 division round apart), and
     the engine stays within 1 LSB of it, op by op."""
-    from fairseq_qasr.integer.equivalence import to_float64
+    from fairseq_qasr.quant.float64 import to_float64
 
     name, layout = recipe.partition("-")[::2]
     model, _, cfg, inp = H.quantized_xs(name, **(H.WHISPER_LAYOUT if layout else {}))
@@ -324,11 +324,32 @@ def test_float64_fake_model_keeps_integer_weights_and_stays_within_one_lsb(recip
     with torch.no_grad():
         fc1.bias[0] = b
     eng = IntegerEngine.from_quantized(model, cfg)
+    first = model.get_submodule(eng._first_op() + ".in_q.0")  # quantizes the features: float32 data
+    s_in = float(first.current_scale())
+    feats = inp["src_tokens"].clone()
+    lo, hi = first.spec.qmin - int(first.zero_point), first.spec.qmax - int(first.zero_point)
+
+    def ties():  # features next to code boundaries (float32 values one step either side of each half)
+        for k in range(lo, hi):
+            mid = torch.tensor((k + 0.5) * s_in, dtype=torch.float32)
+            yield from (mid, torch.nextafter(mid, mid + 1), torch.nextafter(mid, mid - 1))
+
+    for x in ties():  # a feature that float32 and float64 round to different codes
+        with torch.no_grad():
+            got = {round(float(first(x.expand(2, 2).t())[0, 0]) / s_in),
+                   round(float(first(x.expand(2, 2).contiguous())[0, 0]) / s_in)}  # (both kernels)
+        if got != {round(float(x) / s_in)}:
+            break
+    else:
+        pytest.fail("no input tie found")
+    feats[0, 1, 2] = x
+    inp = dict(inp, src_tokens=feats)
+    codes32, _ = H.fake_codes(model, inp)
     wq = {n: m for n, m in model.named_modules() if n.endswith(".w_q.weight")}
     owners = {n: model.get_submodule(n[: -len(".w_q.weight")]) for n in wq}
     with torch.no_grad():
         weights32 = {n: wq[n](o.weight).clone() for n, o in owners.items() if getattr(o, "weight", None) is not None}
-    to_float64(model, inp)
+    to_float64(model, lambda m: m(**inp))
     assert next(model.parameters()).dtype == torch.float64
     with torch.no_grad():
         for n, w in weights32.items():
@@ -342,5 +363,8 @@ def test_float64_fake_model_keeps_integer_weights_and_stays_within_one_lsb(recip
             got = m._bias(m.bias)
             codes = torch.round(got / (in_s.double() * w_s.double()).expand(got.shape[-1:]))
             assert got.dtype == torch.float64 and torch.equal(codes.long(), eng.t["b:" + n].long()), n
+    codes64, _ = H.fake_codes(model, inp)
+    for q in (eng._first_op() + ".in_q.0",) + (("encoder.add_0.in_q.1",) if layout else ()):  # features, positions
+        assert torch.equal(codes64[q][0], codes32[q][0]), q
     stats, _, _ = H.forced_run(eng, model, inp)
     _check_layer_by_layer(stats)
