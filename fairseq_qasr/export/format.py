@@ -18,8 +18,9 @@ from ..integer.engine import IntegerEngine
 from .packing import pack_codes, packed_nbytes, unpack_codes
 
 FORMAT = "fairseq-qasr-integer"
-VERSION = 2  # 2: residual adds of 16-bit codes requantized per consumer (``rqa:`` constants); 1 still reads
-READABLE_VERSIONS = (1, 2)
+VERSION = 3  # 3: LayerNorm with 24 fraction bits (``ln:`` meta ``frac``); 2: residual adds of 16-bit codes
+#              requantized per consumer (``rqa:`` constants); 1 and 2 still read
+READABLE_VERSIONS = (1, 2, 3)
 PACKED_PREFIXES = ("w:", "lng:")  # integer weights / LayerNorm gains, stored at their recipe width
 
 
@@ -111,15 +112,19 @@ def save_engine(engine: IntegerEngine, out: str, recipe: Any = None) -> Dict[str
             "weights": "linear [out, in]; conv1d [out, in, k]; conv2d [out, in, kh, kw]; embedding [rows, dim]; "
                        "symmetric, zero point 0, scale per output channel (scale:<module>.w_q.weight), or per "
                        "output channel and group of meta['w:<module>']['group_size'] input features ([out, groups]) "
-                       "with integer ratios gk:<module> = round(s_g / max_g s_g * 2^16)",
+                       "with integer ratios gk:<module> = round(s_g / max_g s_g * 2^group_frac_bits) (meta)",
             "biases": "int32 on the accumulator grid s_in * s_w[c] (per-group weights: s_in * max_g s_g[c]; "
                       "LayerNorm: s_gain * 2^-16)",
-            "grouped_gemm": "acc = ((sum_g int32 GEMM_g * gk[:, g]) + 2^15) >> 16, plus bias: on s_in * max_g s_g",
+            "grouped_gemm": "acc = ((sum_g int32 GEMM_g * gk[:, g]) + 2^(f-1)) >> f, f = group_frac_bits - 8, plus "
+                            "bias: on s_in * max_g s_g * 2^-8",
             "activations": "per tensor, value = scale * (q - zp), q in [qmin, qmax]",
             "requant": "q = clamp(((acc * multiplier + 2^(shift-1)) >> shift) + zp, qmin, qmax)",
             "requant_add": "residual adds of 16-bit codes, per consumer (rqa:<consumer> = [ma, ta, mb, tb, shift]): "
                            "q = clamp((((a - za) ma 2^ta + (b - zb) mb 2^tb + 2^(shift-1)) >> shift) + zp, qmin, "
                            "qmax); version 1 files: the sum (a - za) ka + (b - zb) kb (meta add:<add>) requantized",
+            "layer_norm": "c = n x - sum x, D = max(isqrt((sum c^2 << 2k) / n + eps_term), 1), xhat = floor((c "
+                          "2^(frac+1+k) + D) / 2D), out = xhat * gain + (bias << (frac - 16)) on s_gain * 2^-frac "
+                          "(meta ln:<module> = {k, eps_term, frac}; frac 16 where absent, files before version 3)",
             "stored_codes": "activations with qmin >= 0 and 8 bits are held in int8 as q - 128 at run time",
         },
         "activations": act,

@@ -28,22 +28,22 @@ def isqrt(v: Tensor) -> Tensor:
 
 @cbuild.op("layer_norm_avx2(Tensor x, Tensor gain, Tensor bias, int[] ints) -> Tensor")
 def _layer_norm(x: Tensor, gain: Tensor, bias: Tensor, ints: List[int]) -> Tensor:
-    eps_term, k = ints
+    eps_term, k, frac = ints
     out = torch.empty(x.shape, dtype=torch.int64)
     n = x.shape[-1]
     cbuild.dll().qasr_layer_norm(x.data_ptr(), cbuild.TYPES[x.dtype], x.numel() // n, n, gain.data_ptr(),
-                                 bias.data_ptr() if bias.numel() else None, eps_term, k, out.data_ptr(),
+                                 bias.data_ptr() if bias.numel() else None, eps_term, k, frac, out.data_ptr(),
                                  torch.get_num_threads())
     return out
 
 
-def layer_norm(x: Tensor, gain: Tensor, bias: Optional[Tensor], eps_term: int, k: int) -> Tensor:
+def layer_norm(x: Tensor, gain: Tensor, bias: Optional[Tensor], eps_term: int, k: int, frac: int = 16) -> Tensor:
     """:func:`kernels.layer_norm_int` in one pass per row (int64 out), bit for bit."""
     cbuild.dll()
     if gain.dtype != torch.int8 or (bias is not None and bias.dtype != torch.int32) or gain.numel() != x.shape[-1]:
         raise ValueError("cops.layer_norm: int8 gain codes and int32 bias of the row length expected")
     return _layer_norm(cbuild.codes(x).contiguous(), gain.contiguous(),
-                       bias.contiguous() if bias is not None else cbuild.NONE32, [int(eps_term), int(k)])
+                       bias.contiguous() if bias is not None else cbuild.NONE32, [int(eps_term), int(k), int(frac)])
 
 
 @cbuild.op("lut_avx2(Tensor x, Tensor table, Tensor(a!) out, int base) -> int")

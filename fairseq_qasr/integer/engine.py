@@ -316,6 +316,8 @@ class IntegerEngine:
     GROUP_FRAC_BITS = 24  # fixed-point fraction of the per-group scale ratios s_group / s_row (<= 1): far below
     #                       one LSB of a 16-bit consumer grid (16 bits were not; files store the value they used)
     SOFTMAX_EXP_FRAC_BITS = 30  # fraction bits of the softmax exp tables
+    LN_FRAC_BITS = 24  # fraction bits of the normalized LayerNorm input (16 before format version 3: its rounding
+    #                    times the gain moved 8-bit outputs by one code where the fake model's did not)
     WIDE_ACC_BITS = 12  # headroom of int64 accumulators of 16-bit x 16-bit products (|acc| < 2^43)
     ADD_FRAC_BITS = 14  # residual adds of 8-bit codes sum on max(s_a, s_b) * 2^-14 (int32)
     ADD_FRAC_BITS_WIDE = 22  # ... of 16-bit codes on max(s_a, s_b) * 2^-22 (int64): factor and multiplier
@@ -549,22 +551,32 @@ class IntegerEngine:
                 self.t["b:" + name] = torch.clamp(torch.round(mod.bias.detach() / bscale),
                                                   -(2 ** 31), 2 ** 31 - 1).to(torch.int32)
             eps_term = int(round(n * n * mod.eps * 2.0 ** (2 * k) / (s_x * s_x)))
-            self.meta[key] = dict(k=k, eps_term=eps_term)
+            self.meta[key] = dict(k=k, eps_term=eps_term, frac=self.LN_FRAC_BITS)
             self.scales[name + ".w_q.weight"] = float(gs)
         f = self.meta[key]
+        frac = int(f.get("frac", 16))  # 16: files before format version 3
         gain = self.t["lng:" + name]
         bias = self.t.get("b:" + name)
         if cbuild.available():
-            y = cops.layer_norm(q.c, gain, bias, f["eps_term"], f["k"])
+            y = cops.layer_norm(q.c, gain, bias, f["eps_term"], f["k"], frac)
         elif self.fused and not self.compiling:
             from . import fused
-            y = fused.layer_norm(q.c, gain, bias, f["eps_term"], f["k"])
+            y = fused.layer_norm(q.c, gain, bias, f["eps_term"], f["k"], frac)
         else:
-            y = K.layer_norm_int(q.c, gain, bias, f["eps_term"], f["k"])
+            y = K.layer_norm_int(q.c, gain, bias, f["eps_term"], f["k"], frac)
         scale = None
         if self.compiling:
-            scale = torch.tensor(self.scales[name + ".w_q.weight"] * 2.0 ** -16, dtype=torch.float64)
-        return Acc(y, scale)
+            scale = torch.tensor(self.scales[name + ".w_q.weight"] * 2.0 ** -frac, dtype=torch.float64)
+        return Acc(y, scale, self._ln_headroom(name, gain.shape[-1], frac))
+
+    def _ln_headroom(self, name: str, n: int, frac: int) -> int:
+        """Bits beyond int32 of the LayerNorm's output ``xhat * gain + bias`` (|xhat| <= sqrt(n) 2^frac): its
+        consumers' multipliers are shortened by as many bits at compile time."""
+        g = self.meta["lng_bits:" + name]
+        gmax = max(abs(int(g["qmin"])), abs(int(g["qmax"])))
+        bias = self.t.get("b:" + name)
+        bmax = int(bias.long().abs().max()) << (frac - 16) if bias is not None and bias.numel() else 0
+        return max(0, ((math.isqrt(n) + 1) * gmax * 2 ** frac + bmax).bit_length() - 31)
 
     def relu(self, name: str, x) -> Acc:
         """ReLU on the op's input grid: ``max(c - z, 0)``, exact."""
@@ -860,7 +872,7 @@ class IntegerEngine:
                 acc = Acc((q.c.int() - q.z), q.scale)
                 lengths = torch.div(lengths + 1, 2, rounding_mode="floor")
             b, t, f, c = acc.t.shape
-            flat = Acc(acc.t.permute(0, 1, 3, 2).reshape(b, t, c * f), acc.scale)
+            flat = Acc(acc.t.permute(0, 1, 3, 2).reshape(b, t, c * f), acc.scale, acc.headroom)
             h = self.linear("encoder.frontend.proj", self.requant(flat, "encoder.frontend.proj.in_q.0"))
         else:
             a = self.conv1d("encoder.frontend.conv1", x, pad=1, stride=1)
@@ -1017,7 +1029,8 @@ class IntegerEngine:
         if cfg.get("decoder_final_norm"):
             h = self.layer_norm("decoder.final_norm", h)
         if h.shape[1] != n_out:
-            h = h.map_rows(lambda c: c[:, -n_out:]) if isinstance(h, AddAcc) else Acc(h.t[:, -n_out:], h.scale)
+            h = h.map_rows(lambda c: c[:, -n_out:]) if isinstance(h, AddAcc) else Acc(h.t[:, -n_out:], h.scale,
+                                                                                        h.headroom)
         return self.logits(h, past == 0)
 
     def logits(self, h: Acc, first_is_begin: bool = False) -> Tensor:

@@ -48,9 +48,9 @@ def attn_softmax(*args):
     return _compiled("attn_softmax2", _attn_softmax)(*args)
 
 
-def layer_norm(x: Tensor, gain: Tensor, bias, eps_term: int, k: int) -> Tensor:
+def layer_norm(x: Tensor, gain: Tensor, bias, eps_term: int, k: int, frac: int = 16) -> Tensor:
     from .kernels import layer_norm_int
-    return _compiled("layer_norm", layer_norm_int)(x, gain, bias, eps_term, k)
+    return _compiled("layer_norm", layer_norm_int)(x, gain, bias, eps_term, k, frac)
 
 
 def _add(a: Tensor, za: int, ka: int, b: Tensor, zb: int, kb: int) -> Tensor:

@@ -306,22 +306,24 @@ def isqrt(v: Tensor) -> Tensor:
     return res
 
 
-def layer_norm_int(x: Tensor, gain: Tensor, bias: Tensor | None, eps_term: int, k: int) -> Tensor:
+def layer_norm_int(x: Tensor, gain: Tensor, bias: Tensor | None, eps_term: int, k: int, frac: int = 16) -> Tensor:
     """Integer LayerNorm over the last dim of codes ``x``.
 
     ``c = n*x - sum(x)`` (= n * (x - mean) in code units), ``D = isqrt((sum c^2 << 2k) / n + eps_term)``
-    (~ 2^k * n * std), ``xhat = round(c * 2^(16+k) / D)`` (the normalized input with 16 fractional bits),
-    then ``xhat * gain + bias`` (gain: int codes per element, zero point 0) on the grid ``s_gain * 2^-16`` (int64). ``eps_term = round(n^2 eps 2^2k / s_x^2)``.
+    (~ 2^k * n * std), ``xhat = round(c * 2^(frac+k) / D)`` (the normalized input with ``frac`` fractional bits),
+    then ``xhat * gain + (bias << (frac - 16))`` (gain: int codes per element, zero point 0; bias codes on the fake
+    model's grid ``s_gain * 2^-16``) on the grid ``s_gain * 2^-frac`` (int64). ``eps_term = round(n^2 eps 2^2k /
+    s_x^2)``.
     """
     n = x.shape[-1]
     xi = x.long()
     c = n * xi - xi.sum(-1, keepdim=True)
     v = torch.div((c * c).sum(-1, keepdim=True) << (2 * k), n, rounding_mode="floor") + eps_term
     d = isqrt(v).clamp_(min=1)
-    xhat = torch.div((c << (17 + k)) + d, 2 * d, rounding_mode="floor")
+    xhat = torch.div((c << (frac + 1 + k)) + d, 2 * d, rounding_mode="floor")
     y = xhat * gain.long()
     if bias is not None:
-        y += bias.long()
+        y += bias.long() << (frac - 16)
     return y
 
 

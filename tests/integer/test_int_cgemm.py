@@ -144,9 +144,10 @@ def test_layer_norm_lut_add_equal_torch_versions(bits, monkeypatch):
     (torch.int32, 3000, 384),   # 16-bit codes stored as int32 (the engine's storage): the vector lanes
     (torch.int32, 2 ** 17, 384),  # int32 codes beyond 16 bits: the scalar loop with a division per element
 ])
-def test_layer_norm_division_paths_equal_torch(dtype, spread, n, monkeypatch):
+@pytest.mark.parametrize("frac", [16, 24])
+def test_layer_norm_division_paths_equal_torch(dtype, spread, n, frac, monkeypatch):
     """Every way the C LayerNorm divides gives the torch kernel's integers, including rows holding one extreme code
-    and a row of zeros but one code (the largest |c| against a small variance)."""
+    and a row of zeros but one code (the largest |c| against a small variance), with 16 and 24 fraction bits."""
     g = torch.Generator().manual_seed(n + spread)
     info = torch.iinfo(torch.int16 if dtype == torch.int32 and spread < 2 ** 15 else dtype)
     lo, hi = (-spread, spread) if spread > 2 ** 15 else (info.min, info.max)
@@ -159,9 +160,9 @@ def test_layer_norm_division_paths_equal_torch(dtype, spread, n, monkeypatch):
         x[3, 0] = 6_000_000  # |n x - sum x| > 2^31: only the int64 loop holds it
     gain, bias = rnd(-128, 128, (n,), g, torch.int8), rnd(-(2 ** 20), 2 ** 20, (n,), g)
     k = 0 if spread > 2 ** 15 else K.ln_shift_bits(n, 8 if dtype == torch.int8 else 16)
-    got = [cops.layer_norm(x, gain, b, e, k) for b in (bias, None) for e in (0, 12345)]
+    got = [cops.layer_norm(x, gain, b, e, k, frac) for b in (bias, None) for e in (0, 12345)]
     monkeypatch.setattr(cbuild, "available", lambda: False)
-    want = [K.layer_norm_int(x, gain, b, e, k) for b in (bias, None) for e in (0, 12345)]
+    want = [K.layer_norm_int(x, gain, b, e, k, frac) for b in (bias, None) for e in (0, 12345)]
     for a, b in zip(got, want):
         assert torch.equal(a, b)
 

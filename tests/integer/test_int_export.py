@@ -102,15 +102,15 @@ def test_position_table_with_sparse_corrections(tmp_path):
 
 
 def test_residual_adds_per_consumer_and_version_1_files(tmp_path, monkeypatch):
-    """A pre-norm model with a 16-bit residual stream: the file (version 2) holds each add consumer's two
+    """A pre-norm model with a 16-bit residual stream: the file (version 2 on) holds each add consumer's two
     multipliers (``rqa:``), reloads bit-identically, and a version-1 file (without them) still loads and runs on the
     add's fine sum."""
     from safetensors.torch import load_file, save_file
     import json
     model, d, cfg, inp = H.quantized_xs("w8a8_r16", **H.WHISPER_LAYOUT)
-    path = tmp_path / "v2.safetensors"
+    path = tmp_path / "v3.safetensors"
     header = export_model(model, str(path), cfg=cfg)
-    assert header["version"] == 2 and "encoder.layers.0.ffn_block.norm.in_q.0" in header["requant_add"]
+    assert header["version"] == 3 and "encoder.layers.0.ffn_block.norm.in_q.0" in header["requant_add"]
     one = header["requant_add"]["encoder.layers.0.ffn_block.norm.in_q.0"]
     assert max(one["ma"], one["mb"]) >= 2 ** 30 and one["ma"] < 2 ** 31 and one["mb"] < 2 ** 31
     mem, disk = IntegerEngine.from_quantized(model, cfg), load_engine(str(path))
@@ -130,3 +130,34 @@ def test_residual_adds_per_consumer_and_version_1_files(tmp_path, monkeypatch):
                                                               inp["src_lengths"]), None)
     assert not calls and lg.shape == outs[0].shape
     assert (lg.argmax(-1) == outs[0].argmax(-1)).float().mean() > 0.8  # the other arithmetic: close
+
+
+def test_layer_norm_fraction_bits_and_version_2_files(tmp_path, monkeypatch):
+    """Version 3 files carry the LayerNorm's 24 fraction bits (``ln:`` meta ``frac``) and reload bit-identically; a
+    version 2 file (16 fraction bits, no ``frac``) still loads and gives what an engine compiled with 16 bits gives."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+    model, d, cfg, inp = H.quantized_xs("w8a8", **H.WHISPER_LAYOUT)
+
+    def logits(e):
+        return e.decode_step(inp["prev_output_tokens"], e.encode(e.quantize_input(inp["src_tokens"]),
+                                                                  inp["src_lengths"]), None)
+
+    path = tmp_path / "v3.safetensors"
+    header = export_model(model, str(path), cfg=cfg)
+    ln = {k: v for k, v in header["meta"].items() if k.startswith("ln:")}
+    assert header["version"] == 3 and ln and all(v["frac"] == 24 for v in ln.values())
+    assert torch.equal(logits(IntegerEngine.from_quantized(model, cfg)), logits(load_engine(str(path))))
+    monkeypatch.setattr(IntegerEngine, "LN_FRAC_BITS", 16)
+    want16 = logits(IntegerEngine.from_quantized(model, cfg))
+    path16 = tmp_path / "v3_16.safetensors"
+    export_model(model, str(path16), cfg=cfg)
+    h2 = read_header(str(path16))
+    h2 = dict(h2, version=2, meta={k: ({kk: vv for kk, vv in v.items() if kk != "frac"} if k.startswith("ln:") else v)
+                                   for k, v in h2["meta"].items()})
+    old = tmp_path / "v2.safetensors"
+    save_file(load_file(str(path16)), str(old), metadata={"qasr": json.dumps(h2)})
+    monkeypatch.setattr(IntegerEngine, "LN_FRAC_BITS", 24)
+    assert torch.equal(logits(load_engine(str(old))), want16)
+    assert not torch.equal(want16, logits(IntegerEngine.from_quantized(model, cfg)))  # 24 bits: other integers

@@ -857,12 +857,13 @@ void qasr_isqrt(const int64_t *v, int64_t *out, int64_t n) {
 /* --- element-wise integer ops of the engine (kernels.py twins, bit for bit) ----------------------------------- */
 
 /* kernels.layer_norm_int over rows of n codes: c = n x - sum x, D = max(isqrt((sum c^2 << 2k) / n + eps), 1),
- * xhat = floor((c 2^(17+k) + D) / 2D), out = xhat * gain + bias (int64).
+ * xhat = floor((c 2^(F+1+k) + D) / 2D) (F fraction bits), out = xhat * gain + (bias << (F - 16)) (int64).
  * Rows of fewer than 2^14 codes within +-2^15 (c fits int32) take ln_row_fast: the sums in vector lanes, the division
  * in vector lanes (a 31-bit reciprocal and one exact check) or as a multiply by floor((2^64 - 1) / 2D) and one
  * correction; other rows the scalar loop with a division per element. */
 static int ln_row_fast(const void *x, int type, int64_t n, const int8_t *gain, const int32_t *bias, int64_t eps_term,
-                       int k, int32_t *c, int64_t *out) {
+                       int k, int frac, int32_t *c, int64_t *out) {
+    const int bs = frac - 16; /* the bias codes' grid is gain scale * 2^-16 */
     __m256i vs = _mm256_setzero_si256(), lim = _mm256_setzero_si256();
     int64_t i = 0, s = 0;
     for (; i + 8 <= n; i += 8) {
@@ -904,16 +905,16 @@ static int ln_row_fast(const void *x, int type, int64_t n, const int8_t *gain, c
         cmax = c[i] > cmax ? c[i] : -c[i] > cmax ? -c[i] : cmax;
     }
     const uint64_t d = isqrt64((uint64_t)(((ss * ((int64_t)1 << (2 * k))) / n) + eps_term));
-    const int64_t dd = d ? (int64_t)d : 1, mul = (int64_t)1 << (17 + k), D = 2 * dd;
-    const int64_t R = D > ((int64_t)1 << (17 + k)) && dd < ((int64_t)1 << 31)
-                          ? (int64_t)((((unsigned __int128)1) << (48 + k)) / (uint64_t)D) : 0;
+    const int64_t dd = d ? (int64_t)d : 1, mul = (int64_t)1 << (frac + 1 + k), D = 2 * dd;
+    const int64_t R = D > ((int64_t)1 << (frac + 1 + k)) && dd < ((int64_t)1 << 31)
+                          ? (int64_t)((((unsigned __int128)1) << (32 + frac + k)) / (uint64_t)D) : 0;
     if (R && R < ((int64_t)1 << 31)) {
-        /* 4 lanes: e = floor((c R + 2^30) / 2^31) with R = floor(2^(48+k) / D) < 2^31 is floor(c 2^(17+k) / D + 1/2)
-         * or one off (|c| < 2^30), |e| < 2^30; then one exact check of r = c 2^(17+k) + dd - e D against [0, D) */
+        /* 4 lanes: e = floor((c R + 2^30) / 2^31) with R = floor(2^(32+F+k) / D) < 2^31 is floor(c 2^(F+1+k) / D + 1/2)
+         * or one off (|c| < 2^30), |e| < 2^30; then one exact check of r = c 2^(F+1+k) + dd - e D against [0, D) */
         const __m256i vR = _mm256_set1_epi64x(R), bias62 = _mm256_set1_epi64x(((int64_t)1 << 62) + ((int64_t)1 << 30));
         const __m256i off31 = _mm256_set1_epi64x((int64_t)1 << 31), vdd = _mm256_set1_epi64x(dd);
         const __m256i vD = _mm256_set1_epi64x(D), one = _mm256_set1_epi64x(1), zero = _mm256_setzero_si256();
-        const __m128i sh = _mm_cvtsi32_si128(17 + k);
+        const __m128i sh = _mm_cvtsi32_si128(frac + 1 + k), bsh = _mm_cvtsi32_si128(bs);
         for (i = 0; i + 4 <= n; i += 4) {
             const __m256i cv = _mm256_cvtepi32_epi64(_mm_loadu_si128((const __m128i *)(c + i)));
             /* (c R + 2^30) >> 31 as a logical shift of c R + 2^30 + 2^62 (> 0), minus 2^31 */
@@ -925,10 +926,10 @@ static int ln_row_fast(const void *x, int type, int64_t n, const int8_t *gain, c
             int32_t g4;
             memcpy(&g4, gain + i, 4);
             __m256i y = _mm256_mul_epi32(e, _mm256_cvtepi8_epi64(_mm_cvtsi32_si128(g4)));
-            if (bias) y = _mm256_add_epi64(y, _mm256_cvtepi32_epi64(_mm_loadu_si128((const __m128i *)(bias + i))));
+            if (bias) y = _mm256_add_epi64(y, _mm256_sll_epi64(_mm256_cvtepi32_epi64(_mm_loadu_si128((const __m128i *)(bias + i))), bsh));
             _mm256_storeu_si256((__m256i *)(out + i), y);
         }
-        for (; i < n; i++) out[i] = floordiv((int64_t)c[i] * mul + dd, D) * gain[i] + (bias ? bias[i] : 0);
+        for (; i < n; i++) out[i] = floordiv((int64_t)c[i] * mul + dd, D) * gain[i] + (bias ? (int64_t)bias[i] << bs : 0);
         return 1;
     }
     const int64_t nmax = cmax * mul + dd; /* |c mul + dd| <= nmax */
@@ -941,13 +942,13 @@ static int ln_row_fast(const void *x, int type, int64_t n, const int8_t *gain, c
         const uint64_t u = (uint64_t)((int64_t)c[i] * mul + dd) + BD;
         uint64_t q = (uint64_t)(((unsigned __int128)u * inv) >> 64);
         q += u - q * (uint64_t)D >= (uint64_t)D;
-        out[i] = ((int64_t)q - B) * gain[i] + (bias ? bias[i] : 0);
+        out[i] = ((int64_t)q - B) * gain[i] + (bias ? (int64_t)bias[i] << bs : 0);
     }
     return 1;
 }
 
 void qasr_layer_norm(const void *x, int type, int64_t rows, int64_t n, const int8_t *gain, const int32_t *bias,
-                     int64_t eps_term, int k, int64_t *out, int nthreads) {
+                     int64_t eps_term, int k, int frac, int64_t *out, int nthreads) {
     const int fast = n < ((int64_t)1 << 14); /* (int32 codes: where every code of the row is within 2^15) */
 #pragma omp parallel num_threads(nthreads)
     {
@@ -955,7 +956,7 @@ void qasr_layer_norm(const void *x, int type, int64_t rows, int64_t n, const int
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < rows; r++) {
             const size_t size = type == 0 ? 1 : type == 1 ? 2 : 4;
-            if (fast && ln_row_fast((const char *)x + r * n * size, type, n, gain, bias, eps_term, k, cbuf,
+            if (fast && ln_row_fast((const char *)x + r * n * size, type, n, gain, bias, eps_term, k, frac, cbuf,
                                     out + r * n))
                 continue;
             int64_t s = 0, ss = 0;
@@ -965,10 +966,10 @@ void qasr_layer_norm(const void *x, int type, int64_t rows, int64_t n, const int
                 ss += c * c;
             }
             const uint64_t d = isqrt64((uint64_t)(((ss * ((int64_t)1 << (2 * k))) / n) + eps_term));
-            const int64_t dd = d ? (int64_t)d : 1, mul = (int64_t)1 << (17 + k);
+            const int64_t dd = d ? (int64_t)d : 1, mul = (int64_t)1 << (frac + 1 + k);
             for (int64_t i = 0; i < n; i++) {
                 int64_t c = n * code(x, type, r * n + i) - s;
-                out[r * n + i] = floordiv(c * mul + dd, 2 * dd) * gain[i] + (bias ? bias[i] : 0);
+                out[r * n + i] = floordiv(c * mul + dd, 2 * dd) * gain[i] + (bias ? (int64_t)bias[i] << (frac - 16) : 0);
             }
         }
         free(cbuf);
