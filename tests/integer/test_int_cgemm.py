@@ -183,11 +183,17 @@ def test_add_vector_and_int64_paths_equal_torch(da, db):
 
 def test_layer_norm_reciprocal_multiply_one_short_is_corrected(monkeypatch):
     """An 8-bit row and eps term (found by search) for which floor(u * floor((2^64 - 1) / D) / 2^64) is one less
-    than floor(u / D) on 389 of its 390 codes: the C kernel's correction step must fix them."""
+    than floor(u / D) on 389 of its 390 codes: the C kernel's correction step must fix them (its vector division,
+    which this row would take, switched off)."""
     x = torch.full((2, 390), -128, dtype=torch.int8)
     x[:, 0] = 127
     gain, k, eps = torch.ones(390, dtype=torch.int8), K.ln_shift_bits(390, 8), 544411618408036
-    got = cops.layer_norm(x, gain, None, eps, k)
+    cbuild.dll().qasr_ln_vector(0)
+    try:
+        got = cops.layer_norm(x, gain, None, eps, k)
+    finally:
+        cbuild.dll().qasr_ln_vector(1)
+    assert torch.equal(got, cops.layer_norm(x, gain, None, eps, k))  # the vector division: the same integers
     monkeypatch.setattr(cbuild, "available", lambda: False)
     assert torch.equal(got, K.layer_norm_int(x, gain, None, eps, k))
 

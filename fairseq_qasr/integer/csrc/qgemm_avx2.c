@@ -859,8 +859,12 @@ void qasr_isqrt(const int64_t *v, int64_t *out, int64_t n) {
 /* kernels.layer_norm_int over rows of n codes: c = n x - sum x, D = max(isqrt((sum c^2 << 2k) / n + eps), 1),
  * xhat = floor((c 2^(F+1+k) + D) / 2D) (F fraction bits), out = xhat * gain + (bias << (F - 16)) (int64).
  * Rows of fewer than 2^14 codes within +-2^15 (c fits int32) take ln_row_fast: the sums in vector lanes, the division
- * in vector lanes (a 31-bit reciprocal and one exact check) or as a multiply by floor((2^64 - 1) / 2D) and one
- * correction; other rows the scalar loop with a division per element. */
+ * in vector lanes (a 31-bit reciprocal with a per-row shift and one exact check) or, where its bounds fail, as a
+ * multiply by floor((2^64 - 1) / 2D) and one correction; other rows the scalar loop with a division per element. */
+static int ln_vector_division = 1; /* tests turn it off to reach the 64-bit reciprocal path (qasr_ln_vector) */
+
+void qasr_ln_vector(int on) { ln_vector_division = on; }
+
 static int ln_row_fast(const void *x, int type, int64_t n, const int8_t *gain, const int32_t *bias, int64_t eps_term,
                        int k, int frac, int32_t *c, int64_t *out) {
     const int bs = frac - 16; /* the bias codes' grid is gain scale * 2^-16 */
@@ -906,20 +910,28 @@ static int ln_row_fast(const void *x, int type, int64_t n, const int8_t *gain, c
     }
     const uint64_t d = isqrt64((uint64_t)(((ss * ((int64_t)1 << (2 * k))) / n) + eps_term));
     const int64_t dd = d ? (int64_t)d : 1, mul = (int64_t)1 << (frac + 1 + k), D = 2 * dd;
-    const int64_t R = D > ((int64_t)1 << (frac + 1 + k)) && dd < ((int64_t)1 << 31)
-                          ? (int64_t)((((unsigned __int128)1) << (32 + frac + k)) / (uint64_t)D) : 0;
-    if (R && R < ((int64_t)1 << 31)) {
-        /* 4 lanes: e = floor((c R + 2^30) / 2^31) with R = floor(2^(32+F+k) / D) < 2^31 is floor(c 2^(F+1+k) / D + 1/2)
-         * or one off (|c| < 2^30), |e| < 2^30; then one exact check of r = c 2^(F+1+k) + dd - e D against [0, D) */
-        const __m256i vR = _mm256_set1_epi64x(R), bias62 = _mm256_set1_epi64x(((int64_t)1 << 62) + ((int64_t)1 << 30));
-        const __m256i off31 = _mm256_set1_epi64x((int64_t)1 << 31), vdd = _mm256_set1_epi64x(dd);
-        const __m256i vD = _mm256_set1_epi64x(D), one = _mm256_set1_epi64x(1), zero = _mm256_setzero_si256();
-        const __m128i sh = _mm_cvtsi32_si128(frac + 1 + k), bsh = _mm_cvtsi32_si128(bs);
+    /* e = floor((c R + 2^(sh-1)) / 2^sh) with R = floor(2^P / D) in [2^30, 2^31), sh = P - (F+1+k), is
+     * floor(c 2^(F+1+k) / D + 1/2) or one off where |c| < 2^(sh-1) (the error c (2^P/D - R) / 2^sh is below 1/2) */
+    int bl = 0;
+    while (bl < 62 && ((int64_t)1 << bl) <= D) bl++; /* D < 2^bl */
+    const int P = 30 + bl, sh = P - (frac + 1 + k);
+    const int64_t R = dd < ((int64_t)1 << 31) && sh >= 2 && sh <= 61 && P < 126
+                          ? (int64_t)((((unsigned __int128)1) << P) / (uint64_t)D) : 0;
+    const unsigned __int128 cm = (unsigned __int128)cmax * (uint64_t)mul; /* bounds |c 2^(F+1+k)| */
+    if (ln_vector_division && R && R < ((int64_t)1 << 31) && cmax < ((int64_t)1 << (sh - 1)) && cmax < ((int64_t)1 << 30)
+        && cm < ((unsigned __int128)D << 29) && cm < ((unsigned __int128)1 << 61)) {
+        /* 4 lanes (|c R| < 2^61, |e| < 2^30, |c 2^(F+1+k)| < 2^61); then one exact check of
+         * r = c 2^(F+1+k) + dd - e D against [0, D) */
+        const __m256i vR = _mm256_set1_epi64x(R), one = _mm256_set1_epi64x(1), zero = _mm256_setzero_si256();
+        const __m256i bias62 = _mm256_set1_epi64x(((int64_t)1 << 62) + ((int64_t)1 << (sh - 1)));
+        const __m256i off = _mm256_set1_epi64x((int64_t)1 << (62 - sh)), vdd = _mm256_set1_epi64x(dd);
+        const __m256i vD = _mm256_set1_epi64x(D);
+        const __m128i vsh = _mm_cvtsi32_si128(sh), sl = _mm_cvtsi32_si128(frac + 1 + k), bsh = _mm_cvtsi32_si128(bs);
         for (i = 0; i + 4 <= n; i += 4) {
             const __m256i cv = _mm256_cvtepi32_epi64(_mm_loadu_si128((const __m128i *)(c + i)));
-            /* (c R + 2^30) >> 31 as a logical shift of c R + 2^30 + 2^62 (> 0), minus 2^31 */
-            __m256i e = _mm256_sub_epi64(_mm256_srli_epi64(_mm256_add_epi64(_mm256_mul_epi32(cv, vR), bias62), 31), off31);
-            const __m256i r = _mm256_sub_epi64(_mm256_add_epi64(_mm256_sll_epi64(cv, sh), vdd),
+            /* (c R + 2^(sh-1)) >> sh as a logical shift of c R + 2^(sh-1) + 2^62 (> 0), minus 2^(62-sh) */
+            __m256i e = _mm256_sub_epi64(_mm256_srl_epi64(_mm256_add_epi64(_mm256_mul_epi32(cv, vR), bias62), vsh), off);
+            const __m256i r = _mm256_sub_epi64(_mm256_add_epi64(_mm256_sll_epi64(cv, sl), vdd),
                                                _mm256_slli_epi64(_mm256_mul_epi32(e, vdd), 1));
             e = _mm256_add_epi64(e, _mm256_cmpgt_epi64(zero, r));                        /* r < 0: e - 1 */
             e = _mm256_add_epi64(e, _mm256_andnot_si256(_mm256_cmpgt_epi64(vD, r), one)); /* r >= D: e + 1 */
