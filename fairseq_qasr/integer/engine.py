@@ -564,9 +564,9 @@ class IntegerEngine:
             y = fused.layer_norm(q.c, gain, bias, f["eps_term"], f["k"], frac)
         else:
             y = K.layer_norm_int(q.c, gain, bias, f["eps_term"], f["k"], frac)
-        scale = None
-        if self.compiling:
-            scale = torch.tensor(self.scales[name + ".w_q.weight"] * 2.0 ** -frac, dtype=torch.float64)
+        if not self.compiling:  # (scale and headroom only set the multipliers, at compile time)
+            return Acc(y)
+        scale = torch.tensor(self.scales[name + ".w_q.weight"] * 2.0 ** -frac, dtype=torch.float64)
         return Acc(y, scale, self._ln_headroom(name, gain.shape[-1], frac))
 
     def _ln_headroom(self, name: str, n: int, frac: int) -> int:
