@@ -18,9 +18,10 @@ from ..integer.engine import IntegerEngine
 from .packing import pack_codes, packed_nbytes, unpack_codes
 
 FORMAT = "fairseq-qasr-integer"
-VERSION = 3  # 3: LayerNorm with 24 fraction bits (``ln:`` meta ``frac``); 2: residual adds of 16-bit codes
-#              requantized per consumer (``rqa:`` constants); 1 and 2 still read
-READABLE_VERSIONS = (1, 2, 3)
+VERSION = 4  # 4: grouped Linears' consumer multipliers folded into their group ratios (``gq:``/``rqg:``); 3: LayerNorm
+#              with 24 fraction bits (``ln:`` meta ``frac``); 2: residual adds of 16-bit codes requantized per consumer
+#              (``rqa:`` constants); 1-3 still read
+READABLE_VERSIONS = (1, 2, 3, 4)
 PACKED_PREFIXES = ("w:", "lng:")  # integer weights / LayerNorm gains, stored at their recipe width
 
 
@@ -100,6 +101,8 @@ def save_engine(engine: IntegerEngine, out: str, recipe: Any = None) -> Dict[str
             m, sh = t, engine.t[key[:-2] + ".sh"]
             requant[base] = (dict(multiplier=int(m.reshape(-1)[0]), shift=int(sh.reshape(-1)[0])) if m.numel() == 1
                              else dict(multiplier="rq:" + base + ".m", shift="rq:" + base + ".sh", n=int(m.numel())))
+    requant_grouped = {key[3:-2]: dict(ratios=key, bias=key[:-2] + ".b", shift=int(engine.t["rqg:" + key[3:-2] + ".sh"]))
+                       for key in engine.t if key.startswith("gq:") and key.endswith(".r")}
     requant_add = {key[4:]: dict(zip(("ma", "ta", "mb", "tb", "shift"), (int(v) for v in t)))
                    for key, t in engine.t.items() if key.startswith("rqa:")}
     header = {
@@ -116,13 +119,16 @@ def save_engine(engine: IntegerEngine, out: str, recipe: Any = None) -> Dict[str
             "biases": "int32 on the accumulator grid s_in * s_w[c] (per-group weights: s_in * max_g s_g[c]; "
                       "LayerNorm: s_gain * 2^-16)",
             "grouped_gemm": "acc = ((sum_g int32 GEMM_g * gk[:, g]) + 2^(f-1)) >> f, f = group_frac_bits - 8, plus "
-                            "bias: on s_in * max_g s_g * 2^-8",
+                            "bias: on s_in * max_g s_g * 2^-8 (where no consumer folds, e.g. the logits)",
+            "grouped_requant": "a grouped Linear feeding quantizer <q>: v = sum_g int32 GEMM_g * gq:<q>.r[:, g] + "
+                               "gq:<q>.b (int64; r = round(s_in s_g / s_q * 2^S)), then requant with rqg:<q> "
+                               "(multiplier 1, shift S)",
             "activations": "per tensor, value = scale * (q - zp), q in [qmin, qmax]",
             "requant": "q = clamp(((acc * multiplier + 2^(shift-1)) >> shift) + zp, qmin, qmax)",
             "requant_add": "residual adds of 16-bit codes, per consumer (rqa:<consumer> = [ma, ta, mb, tb, shift]): "
                            "q = clamp((((a - za) ma 2^ta + (b - zb) mb 2^tb + 2^(shift-1)) >> shift) + zp, qmin, "
                            "qmax); version 1 files: the sum (a - za) ka + (b - zb) kb (meta add:<add>) requantized",
-            "layer_norm": "c = n x - sum x, D = max(isqrt((sum c^2 << 2k) / n + eps_term), 1), xhat = floor((c "
+            "layer_norm": "c = n x - sum x, D = max(isqrt(floor(sum c^2 2^2k / n) + eps_term), 1), xhat = floor((c "
                           "2^(frac+1+k) + D) / 2D), out = xhat * gain + (bias << (frac - 16)) on s_gain * 2^-frac "
                           "(meta ln:<module> = {k, eps_term, frac}; frac 16 where absent, files before version 3)",
             "stored_codes": "activations with qmin >= 0 and 8 bits are held in int8 as q - 128 at run time",
@@ -130,6 +136,7 @@ def save_engine(engine: IntegerEngine, out: str, recipe: Any = None) -> Dict[str
         "activations": act,
         "requant": requant,
         "requant_add": requant_add,
+        "requant_grouped": requant_grouped,
         "packed": packed,
         "meta": _jsonable({k: v for k, v in engine.meta.items() if not k.startswith("q:")}),  # q: in activations
         "scales": {p: s for p, s in engine.scales.items() if not isinstance(s, Tensor) or s.numel() == 1},
@@ -204,7 +211,7 @@ def size_report(path: str) -> Dict[str, float]:
                 cats["weights_packed"] += nbytes
             elif key.startswith("b:"):
                 cats["biases_int32"] += nbytes
-            elif key.startswith(("scale:", "rq:", "gk:")):
+            elif key.startswith(("scale:", "rq:", "gk:", "gq:", "rqg:")):
                 cats["scales_requant"] += nbytes
             else:
                 cats["tables"] += nbytes

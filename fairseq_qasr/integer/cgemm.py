@@ -161,8 +161,8 @@ def pack(b: Tensor, group_size: int = 0, ratio: Optional[Tensor] = None, wide: b
         rt[:, :n] = ratio.t()
         colsum = (cbuild.codes(b).long().view(k // gs, gs, n).sum(1) * ratio.t().long()).sum(0)
     p = Packed(bp, k, n, gs, rt, colsum, wide or ratio is not None)
-    if BYTE_WAY and not wide and (ratio is None or (gs % 4 == 0 and 127 * int(ratio.abs().max()) < 2 ** 31)) \
-            and b.numel() and int(b.min()) >= -127 and int(b.max()) <= 127:  # (outliers: code x ratio in int32)
+    if BYTE_WAY and not wide and (ratio is None or gs % 4 == 0) \
+            and b.numel() and int(b.min()) >= -127 and int(b.max()) <= 127:
         p.bq = _byte_panels(b)
         p.colsum_np = torch.zeros(np_, dtype=torch.int64)
         p.colsum_np[:n] = colsum

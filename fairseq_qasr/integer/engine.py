@@ -46,6 +46,7 @@ class Acc:
     t: Tensor            # int32 / int64 accumulator
     scale: Any = None    # compile mode only: scalar tensor or per-last-dim tensor
     headroom: int = 0    # bits beyond the int32 range (int64 values; consumers' multipliers are shortened to match)
+    group_src: Optional[Tuple[str, "QT"]] = None  # a grouped Linear's (name, input codes): consumers may fold
 
     @property
     def shape(self) -> torch.Size:
@@ -61,6 +62,7 @@ class GemmAcc(Acc):
                  lead: Tuple[int, ...] = ()):
         self.run, self.cols, self._t, self.scale, self.headroom = run, cols, None, scale, headroom
         self.lead = tuple(lead)
+        self.group_src: Optional[Tuple[str, QT]] = None
 
     @property
     def t(self) -> Tensor:
@@ -186,13 +188,16 @@ class IntegerEngine:
         off, dtype = _storage(qmin, qmax)
         if isinstance(x, AddAcc) and (self.compiling or "rqa:" + qpath in self.t):
             return self._add_requant(x, qpath, zp + off, qmin + off, qmax + off, dtype, masked)
+        key = "rq:" + qpath
+        if isinstance(x, Acc) and x.group_src is not None and ((self.compiling and self.FOLD_GROUPS)
+                                                               or "gq:" + qpath + ".r" in self.t):
+            x, key = self._folded_group_acc(x.group_src, qpath), "rqg:" + qpath
         if isinstance(x, Acc):
             acc = x
         elif self.compiling:
             acc = Acc((x.c.int() - x.z) if x.z else x.c, x.scale)
         else:
             acc = None  # codes: the kernels subtract the zero point themselves
-        key = "rq:" + qpath
         if self.compiling and key + ".m" not in self.t:
             M = torch.as_tensor(acc.scale, dtype=torch.float64) / self._scale(qpath).reshape(())
             self.t[key + ".m"], self.t[key + ".sh"] = K.shorten_multiplier(*K.quantize_multiplier(M), acc.headroom)
@@ -247,11 +252,18 @@ class IntegerEngine:
         """Quantizers ``a`` and ``b`` have one grid and one multiplier from their source (cached)."""
         flag = self._prep.get("same:" + a + ":" + b)
         if flag is None:
-            (ma, sa), (mb, sb) = self._mult("rq:" + a), self._mult("rq:" + b)
-            flag = self._qinfo(a) == self._qinfo(b) and ma.shape == mb.shape and torch.equal(ma, mb) and \
-                torch.equal(sa, sb)
+            fa, fb = ("gq:" + a + ".r" in self.t), ("gq:" + b + ".r" in self.t)  # folded grouped Linear outputs
+            (ma, sa), (mb, sb) = self._mult(self._rq_key(a)), self._mult(self._rq_key(b))
+            flag = fa == fb and self._qinfo(a) == self._qinfo(b) and ma.shape == mb.shape and torch.equal(ma, mb) \
+                and torch.equal(sa, sb) and (not fa or all(torch.equal(self.t[f"gq:{a}.{k}"], self.t[f"gq:{b}.{k}"])
+                                                           for k in "rb"))
             self._prep["same:" + a + ":" + b] = flag
         return flag
+
+    def _rq_key(self, qpath: str) -> str:
+        """The requantization constants' key of quantizer ``qpath``: ``rqg:`` where a grouped Linear's output folds
+        into it (:meth:`_folded_group_acc`), else ``rq:``."""
+        return ("rqg:" if "gq:" + qpath + ".r" in self.t else "rq:") + qpath
 
     def _identity(self, key: str, x, zp: int, qmin: int, qmax: int) -> bool:
         """True when ``x`` already holds the codes: multiplier exactly 1, same zero point and range."""
@@ -324,6 +336,8 @@ class IntegerEngine:
     #                          rounding balanced (2^-23 and 2^-23 relative), ~1/64 LSB of a 16-bit code
     FUSE_REQUANT = True  # Linears on the C kernels: the consumer's requantization runs in the GEMM's epilogue
     GROUP_ACC_FRAC_BITS = 8  # grouped accumulators keep 8 more fractional bits (int64, |acc| < 2^39)
+    FOLD_GROUPS = True  # compile grouped Linears with their consumer's multiplier folded into the group ratios
+    #                     (format version 4); False: consumer-independent ratios, as version 3 files hold
 
     def linear(self, name: str, x: QT) -> Acc:
         """Linear / conv-as-GEMM ``name`` on codes already on its input grid; int32 accumulator. Per-group
@@ -339,9 +353,12 @@ class IntegerEngine:
         if ratios is not None:
             f = self.GROUP_ACC_FRAC_BITS
             if K.int8_gemm_backend() == "avx2" and not self.compiling:  # the consumer's requantization may fuse
-                return GemmAcc(lambda rq: self._grouped_gemm(name, x, ratios, rq), ratios.shape[0], None, f,
-                               x.c.shape[:-1])
-            return Acc(self._grouped_gemm(name, x, ratios), scale * 2.0 ** -f if scale is not None else None, f)
+                acc = GemmAcc(lambda rq: self._grouped_gemm(name, x, ratios, rq), ratios.shape[0], None, f,
+                              x.c.shape[:-1])
+            else:
+                acc = Acc(self._grouped_gemm(name, x, ratios), scale * 2.0 ** -f if scale is not None else None, f)
+            acc.group_src = (name, x)
+            return acc
         if x.c.dtype != torch.int8:  # 16-bit codes: exact int64 accumulator (int32 could overflow at K = 1536)
             prepared = self._prep.get("linw:" + name)
             if prepared is None and K.int8_gemm_backend() == "avx2":
@@ -369,38 +386,94 @@ class IntegerEngine:
         span = max(abs(qmin + off - x.z), abs(qmax + off - x.z))
         return max(0, math.ceil(math.log2(k * span * 128 + 2 ** 31)) - 31)
 
-    def _grouped_gemm(self, name: str, x: QT, ratios: Tensor, requant: Optional[tuple] = None) -> Tensor:
-        """The grouped Linear's int64 accumulator; with ``requant`` (C kernels only) its codes on a grid instead."""
+    def _grouped_gemm(self, name: str, x: QT, ratios: Tensor, requant: Optional[tuple] = None,
+                      fold: Optional[str] = None) -> Tensor:
+        """The grouped Linear's int64 accumulator; with ``requant`` (C kernels only) its codes on a grid instead.
+        ``fold``: a consumer's quantizer path; ``ratios`` are then its folded ratios (:meth:`_folded_group_acc`),
+        the sum is not rounded and the bias is ``gq:<fold>.b``."""
         gs = int(self.meta["w:" + name]["group_size"])
         lead = x.c.shape[:-1]
         xc = x.c.reshape(-1, x.c.shape[-1])
-        shift = int(self.meta.get("group_frac_bits", 16)) - self.GROUP_ACC_FRAC_BITS  # 16: files before session 3
+        if fold is None:
+            shift = int(self.meta.get("group_frac_bits", 16)) - self.GROUP_ACC_FRAC_BITS  # 16: files before session 3
+        else:
+            shift = 0
+        tag = name if fold is None else name + "|" + fold
         if K.int8_gemm_backend() == "avx2":  # all groups, rounding and bias in one pass
-            packed = self._prep.get("grpc:" + name)
+            packed = self._prep.get("grpc:" + tag)
             if packed is None:
                 pk = cgemm.pack(self._linear_params(name, x.z)[0], gs, ratios)
                 post = torch.zeros(pk.np_, dtype=torch.int64)  # padded to the kernel's column count
-                post[:pk.n] = self._group_bias(name, ratios, shift)
-                packed = self._prep["grpc:" + name] = (pk, post)
+                post[:pk.n] = self._group_bias(name, ratios, shift, fold)
+                packed = self._prep["grpc:" + tag] = (pk, post)
             return cgemm.mm(xc, packed[0], x.z, rshift=shift, post=packed[1], requant=requant).view(*lead, ratios.shape[0])
         else:  # one int32 GEMM per group
-            groups = self._prep.get("grp:" + name)
+            groups = self._prep.get("grp:" + tag)
             if groups is None:  # per group: contiguous [gs, N] weight slice, its column sums, the int64 ratios
                 w_t = self._linear_params(name, x.z)[0]
-                groups = self._prep["grp:" + name] = [
+                groups = self._prep["grp:" + tag] = [
                     (w_t[g * gs:(g + 1) * gs].contiguous(), w_t[g * gs:(g + 1) * gs].int().sum(0),
                      ratios[:, g].long()) for g in range(ratios.shape[1])]
             total = torch.zeros(xc.shape[0], groups[0][0].shape[1], dtype=torch.int64)
             for g, (w_g, colsum, ratio) in enumerate(groups):
                 part = K.linear_int(xc[:, g * gs:(g + 1) * gs].contiguous(), w_g, -x.z * colsum if x.z else None)
                 total += part.long() * ratio
-        acc = (total + (1 << (shift - 1))) >> shift
-        acc += self._group_bias(name, ratios, shift)
+        acc = (total + (1 << (shift - 1))) >> shift if shift else total
+        acc += self._group_bias(name, ratios, shift, fold)
         return acc.view(*lead, acc.shape[-1])
 
-    def _group_bias(self, name: str, ratios: Tensor, shift: int) -> Tensor:
+    def _folded_group_acc(self, src: Tuple[str, QT], qpath: str) -> Acc:
+        """A grouped Linear's output with its consumer ``qpath``'s multiplier folded into the group ratios:
+        ``v = sum_g R[:, g] * GEMM_g + B`` (int64, exact) with ``R = round(s_in s_g / s_out * 2^S)`` (at most
+        ``2^30``, fewer bits where a 16-bit input could overflow int64) and the bias ``B`` on the same grid; the
+        consumer rounds ``v`` by ``2^S`` (``rqg:<qpath>``: multiplier 1, shift S). One rounding of the exact sum
+        against the fake model's ``round(sum_g s_in s_g GEMM_g / s_out)``, where consumer-independent ratios and a
+        shortened multiplier (:meth:`linear`) rounded three times (format version 4)."""
+        name, x = src
+        key = "gq:" + qpath
+        if self.compiling and key + ".r" not in self.t:
+            self._fold_group_constants(name, x, qpath)
+        ratios = self.t[key + ".r"]
+        if K.int8_gemm_backend() == "avx2" and not self.compiling:
+            acc = GemmAcc(lambda rq: self._grouped_gemm(name, x, ratios, rq, fold=qpath), ratios.shape[0], None, 0,
+                          x.c.shape[:-1])
+        else:
+            scale = self._scale(qpath).reshape(()) * 2.0 ** -int(self.t["rqg:" + qpath + ".sh"]) \
+                if self.compiling else None
+            acc = Acc(self._grouped_gemm(name, x, ratios, fold=qpath), scale, 0)
+        return acc
+
+    def _fold_group_constants(self, name: str, x: QT, qpath: str) -> None:
+        """Compile :meth:`_folded_group_acc`'s ratios, bias and shift for Linear ``name`` feeding ``qpath``."""
+        wq = self._quantizer(name).w_q["weight"]
+        s_g = wq.raw_qparams()[0].detach().double()  # [N, groups]
+        s_in, s_out = self._scale(name + ".in_q.0").reshape(()), self._scale(qpath).reshape(())
+        M = s_in * s_g / s_out
+        zp, qmin, qmax = self._qinfo(x.on) if x.on else (x.z, -(2 ** 15), 2 ** 16 - 1)
+        off, _ = _storage(qmin, qmax)
+        span = max(abs(qmin + off - x.z), abs(qmax + off - x.z))  # |code - zero point| at most
+        wmax = max(abs(int(self.meta["w:" + name]["qmin"])), abs(int(self.meta["w:" + name]["qmax"])))
+        bound = math.ceil(math.log2(s_g.shape[1] * int(self.meta["w:" + name]["group_size"]) * span * wmax))
+        bits = min(30, 61 - bound)  # |sum_g R GEMM_g| < 2^61: the kernels' int64 epilogue
+        S = bits - 1 - math.floor(math.log2(float(M.max())))
+        if not 1 <= S <= 62 or bits < 16:
+            raise NotImplementedError(f"{name} -> {qpath}: group ratios {float(M.min()):.3g}..{float(M.max()):.3g} "
+                                      f"do not fold into int32 with a shift in [1, 62]")
+        self.t["gq:" + qpath + ".r"] = torch.round(M * 2.0 ** S).to(torch.int32)
+        bias = self.t.get("b:" + name)
+        b = torch.zeros(M.shape[0], dtype=torch.int64)
+        if bias is not None:  # the fake model's bias grid s_in * min_g s_g (finest group) or s_in * max_g s_g
+            grid = s_g.amin(dim=1) if self.meta.get("bias_grid:" + name) == "finest_group" else s_g.amax(dim=1)
+            b = torch.round(bias.double() * s_in * grid / s_out * 2.0 ** S).long()
+        self.t["gq:" + qpath + ".b"] = b
+        self.t["rqg:" + qpath + ".m"] = torch.tensor(1, dtype=torch.int32)
+        self.t["rqg:" + qpath + ".sh"] = torch.tensor(S, dtype=torch.int8)
+
+    def _group_bias(self, name: str, ratios: Tensor, shift: int, fold: Optional[str] = None) -> Tensor:
         """The grouped Linear's bias on its accumulator grid (int64 per output channel; zeros without a bias),
-        computed once per layer."""
+        computed once per layer; ``fold``: the folded consumer's (``gq:<fold>.b``)."""
+        if fold is not None:
+            return self.t["gq:" + fold + ".b"]
         key = "gbias:" + name
         t = self._prep.get(key)
         if t is None:
@@ -654,7 +727,8 @@ class IntegerEngine:
             # enough to move 16-bit output codes by several LSB; only e / sum matters, and e * r stays < 2^62
             self.t[key + ".exp"] = K.exp_table(self.scales[name + ".in_q.0"], qmax - qmin + 1,
                                                self.SOFTMAX_EXP_FRAC_BITS).to(torch.int32)
-            self.meta[key] = dict(mult=int(round(2.0 ** 16 / self.scales[name + ".out_q"])), shift=16)
+            mult, shift = K.softmax_out_mult(self.scales[name + ".out_q"])
+            self.meta[key] = dict(mult=mult, shift=shift)
         f = self.meta[key]
         c = K.softmax_int(q.c, qmin + off, masked, self.t[key + ".exp"], f["mult"], f["shift"], ozp + ooff,
                           oqmin + ooff, oqmax + ooff, odtype)

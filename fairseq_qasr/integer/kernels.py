@@ -318,7 +318,8 @@ def layer_norm_int(x: Tensor, gain: Tensor, bias: Tensor | None, eps_term: int, 
     n = x.shape[-1]
     xi = x.long()
     c = n * xi - xi.sum(-1, keepdim=True)
-    v = torch.div((c * c).sum(-1, keepdim=True) << (2 * k), n, rounding_mode="floor") + eps_term
+    ss = (c * c).sum(-1, keepdim=True)  # floor(ss 2^2k / n) as (ss // n) 2^2k + floor((ss % n) 2^2k / n): in int64
+    v = ((ss // n) << (2 * k)) + torch.div((ss % n) << (2 * k), n, rounding_mode="floor") + eps_term
     d = isqrt(v).clamp_(min=1)
     xhat = torch.div((c << (frac + 1 + k)) + d, 2 * d, rounding_mode="floor")
     y = xhat * gain.long()
@@ -343,10 +344,18 @@ def _exp_terms(q: Tensor, exp_lut: Tensor, masked, cmin: int):
     return xi, mx, e, s
 
 
+def softmax_out_mult(s_out: float) -> Tuple[int, int]:
+    """Compile time: the softmax output multiplier ``(round(2^shift / s_out), shift)`` with the multiplier near 2^30
+    (shift 22 for 8-bit outputs; at least 16, as before format version 4): its rounding and the row reciprocal's
+    ``floor`` then move an output code by about 2^-22 LSB, where shift 16 left 2^-16."""
+    shift = max(16, math.floor(30 + math.log2(s_out)))
+    return int(round(2.0 ** shift / s_out)), shift
+
+
 def recip_bits(out_mult: int) -> int:
     """Fraction bits ``R`` of the softmax's per-row reciprocal ``floor(out_mult * 2^R / sum)``: 30, or fewer when
-    ``out_mult`` is large (fine 16-bit output grids), so that ``out_mult * 2^R`` and ``e * r`` (``e <= 2^20``,
-    ``sum >= 2^20``) stay below 2^62."""
+    ``out_mult`` is large (fine 16-bit output grids), so that ``out_mult * 2^R`` and ``e * r <= out_mult * 2^R``
+    (``e <= sum``) stay below 2^62."""
     return max(0, min(30, 61 - int(out_mult).bit_length()))
 
 
@@ -381,8 +390,9 @@ def exp_table(scale: float, n_codes: int, frac_bits: int = 20) -> Tensor:
 
 def ln_shift_bits(n: int, code_bits: int = 8) -> int:
     """Extra precision ``k`` for :func:`layer_norm_int` that keeps every intermediate inside int64:
-    ``sum c^2 << 2k <= n^3 2^(2 code_bits + 2k) < 2^62`` (16-bit inputs get a small ``k``, 8-bit ones 9 at n=384)."""
-    return max(0, min(16, int((62 - 3 * math.log2(max(n, 2)) - 2 * code_bits - 1) // 2)))
+    ``(sum c^2 / n) << 2k <= n^2 2^(2 code_bits + 2k) < 2^62`` and ``|c| 2^(frac+1+k) < 2^55`` (at n = 384: 16-bit
+    inputs 5, 8-bit ones 13; ``D`` ~ 2^k n std, the integer square root, is then exact to 2^-26 or better)."""
+    return max(0, min(16, int((62 - 2 * math.log2(max(n, 2)) - 2 * code_bits - 1) // 2)))
 
 
 def max_pool2d_ceil(x: Tensor, k: int = 2) -> Tensor:

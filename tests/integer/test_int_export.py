@@ -110,7 +110,7 @@ def test_residual_adds_per_consumer_and_version_1_files(tmp_path, monkeypatch):
     model, d, cfg, inp = H.quantized_xs("w8a8_r16", **H.WHISPER_LAYOUT)
     path = tmp_path / "v3.safetensors"
     header = export_model(model, str(path), cfg=cfg)
-    assert header["version"] == 3 and "encoder.layers.0.ffn_block.norm.in_q.0" in header["requant_add"]
+    assert header["version"] == 4 and "encoder.layers.0.ffn_block.norm.in_q.0" in header["requant_add"]
     one = header["requant_add"]["encoder.layers.0.ffn_block.norm.in_q.0"]
     assert max(one["ma"], one["mb"]) >= 2 ** 30 and one["ma"] < 2 ** 31 and one["mb"] < 2 ** 31
     mem, disk = IntegerEngine.from_quantized(model, cfg), load_engine(str(path))
@@ -147,7 +147,7 @@ def test_layer_norm_fraction_bits_and_version_2_files(tmp_path, monkeypatch):
     path = tmp_path / "v3.safetensors"
     header = export_model(model, str(path), cfg=cfg)
     ln = {k: v for k, v in header["meta"].items() if k.startswith("ln:")}
-    assert header["version"] == 3 and ln and all(v["frac"] == 24 for v in ln.values())
+    assert header["version"] == 4 and ln and all(v["frac"] == 24 for v in ln.values())
     assert torch.equal(logits(IntegerEngine.from_quantized(model, cfg)), logits(load_engine(str(path))))
     monkeypatch.setattr(IntegerEngine, "LN_FRAC_BITS", 16)
     want16 = logits(IntegerEngine.from_quantized(model, cfg))
@@ -161,3 +161,35 @@ def test_layer_norm_fraction_bits_and_version_2_files(tmp_path, monkeypatch):
     monkeypatch.setattr(IntegerEngine, "LN_FRAC_BITS", 24)
     assert torch.equal(logits(load_engine(str(old))), want16)
     assert not torch.equal(want16, logits(IntegerEngine.from_quantized(model, cfg)))  # 24 bits: other integers
+
+
+def test_grouped_folding_and_version_3_files(tmp_path, monkeypatch):
+    """Version 4 files carry the grouped Linears' folded ratios (``gq:``, ``rqg:``, header ``requant_grouped``) and
+    reload bit-identically; a version 3 file (consumer-independent ratios only) still loads and gives what an engine
+    compiled without folding gives."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+    model, d, cfg, inp = H.quantized_xs(H.GROUPED_16BIT, **H.WHISPER_LAYOUT)
+
+    def logits(e):
+        return e.decode_step(inp["prev_output_tokens"], e.encode(e.quantize_input(inp["src_tokens"]),
+                                                                  inp["src_lengths"]), None)
+
+    path = tmp_path / "v4.safetensors"
+    header = export_model(model, str(path), cfg=cfg)
+    folded = header["requant_grouped"]
+    assert header["version"] == 4 and "decoder.layers.0.cross_attn.matmul_1.in_q.1" in folded
+    assert all(1 <= v["shift"] <= 62 for v in folded.values())
+    want = logits(IntegerEngine.from_quantized(model, cfg))
+    assert torch.equal(want, logits(load_engine(str(path))))
+    monkeypatch.setattr(IntegerEngine, "FOLD_GROUPS", False)
+    plain = logits(IntegerEngine.from_quantized(model, cfg))
+    path3 = tmp_path / "plain.safetensors"
+    h3 = dict(export_model(model, str(path3), cfg=cfg), version=3)
+    assert not h3["requant_grouped"]
+    old = tmp_path / "v3.safetensors"
+    save_file(load_file(str(path3)), str(old), metadata={"qasr": json.dumps(h3)})
+    monkeypatch.setattr(IntegerEngine, "FOLD_GROUPS", True)
+    assert torch.equal(logits(load_engine(str(old))), plain)
+    assert not torch.equal(want, plain)  # folded: other integers

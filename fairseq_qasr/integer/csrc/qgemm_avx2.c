@@ -237,9 +237,12 @@ static inline void add_outlier64(int64_t *t, const int16_t *b16, int64_t k, int6
     const __m256i sel = _mm256_set1_epi32(k & 1 ? 0x10000 : 1), ev = _mm256_set1_epi64x(e);
     for (int h = 0; h < 2; h++) {
         __m256i w = _mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)(b16 + (k / 2) * 2 * NR + 16 * h)), sel);
-        if (rg) w = _mm256_mullo_epi32(w, _mm256_loadu_si256((const __m256i *)(rg + 8 * h))); /* |w r| < 2^31: pack */
-        __m256i lo = _mm256_mul_epi32(_mm256_cvtepi32_epi64(_mm256_castsi256_si128(w)), ev);
+        __m256i lo = _mm256_mul_epi32(_mm256_cvtepi32_epi64(_mm256_castsi256_si128(w)), ev); /* |b e| < 2^31 */
         __m256i hi = _mm256_mul_epi32(_mm256_cvtepi32_epi64(_mm256_extracti128_si256(w, 1)), ev);
+        if (rg) { /* times the int32 ratio in int64 lanes: ratios up to 2^31 */
+            lo = _mm256_mul_epi32(lo, _mm256_cvtepi32_epi64(_mm_loadu_si128((const __m128i *)(rg + 8 * h))));
+            hi = _mm256_mul_epi32(hi, _mm256_cvtepi32_epi64(_mm_loadu_si128((const __m128i *)(rg + 8 * h + 4))));
+        }
         _mm256_storeu_si256((__m256i *)(t + 8 * h), _mm256_add_epi64(_mm256_loadu_si256((const __m256i *)(t + 8 * h)), lo));
         _mm256_storeu_si256((__m256i *)(t + 8 * h + 4),
                             _mm256_add_epi64(_mm256_loadu_si256((const __m256i *)(t + 8 * h + 4)), hi));
@@ -856,11 +859,16 @@ void qasr_isqrt(const int64_t *v, int64_t *out, int64_t n) {
 
 /* --- element-wise integer ops of the engine (kernels.py twins, bit for bit) ----------------------------------- */
 
-/* kernels.layer_norm_int over rows of n codes: c = n x - sum x, D = max(isqrt((sum c^2 << 2k) / n + eps), 1),
+/* kernels.layer_norm_int over rows of n codes: c = n x - sum x, D = max(isqrt(floor(sum c^2 2^2k / n) + eps), 1),
  * xhat = floor((c 2^(F+1+k) + D) / 2D) (F fraction bits), out = xhat * gain + (bias << (F - 16)) (int64).
  * Rows of fewer than 2^14 codes within +-2^15 (c fits int32) take ln_row_fast: the sums in vector lanes, the division
  * in vector lanes (a 31-bit reciprocal with a per-row shift and one exact check) or, where its bounds fail, as a
  * multiply by floor((2^64 - 1) / 2D) and one correction; other rows the scalar loop with a division per element. */
+/* floor(ss 2^2k / n) for ss >= 0, as (ss / n) 2^2k + floor((ss % n) 2^2k / n): (ss / n) 2^2k < 2^62 (kernels.ln_shift_bits) */
+static inline int64_t ln_variance(int64_t ss, int64_t n, int k) {
+    return ((ss / n) << (2 * k)) + ((ss % n) << (2 * k)) / n;
+}
+
 static int ln_vector_division = 1; /* tests turn it off to reach the 64-bit reciprocal path (qasr_ln_vector) */
 
 void qasr_ln_vector(int on) { ln_vector_division = on; }
@@ -908,7 +916,7 @@ static int ln_row_fast(const void *x, int type, int64_t n, const int8_t *gain, c
         ss += (int64_t)c[i] * c[i];
         cmax = c[i] > cmax ? c[i] : -c[i] > cmax ? -c[i] : cmax;
     }
-    const uint64_t d = isqrt64((uint64_t)(((ss * ((int64_t)1 << (2 * k))) / n) + eps_term));
+    const uint64_t d = isqrt64((uint64_t)(ln_variance(ss, n, k) + eps_term));
     const int64_t dd = d ? (int64_t)d : 1, mul = (int64_t)1 << (frac + 1 + k), D = 2 * dd;
     /* e = floor((c R + 2^(sh-1)) / 2^sh) with R = floor(2^P / D) in [2^30, 2^31), sh = P - (F+1+k), is
      * floor(c 2^(F+1+k) / D + 1/2) or one off where |c| < 2^(sh-1) (the error c (2^P/D - R) / 2^sh is below 1/2) */
@@ -977,7 +985,7 @@ void qasr_layer_norm(const void *x, int type, int64_t rows, int64_t n, const int
                 int64_t c = n * code(x, type, r * n + i) - s;
                 ss += c * c;
             }
-            const uint64_t d = isqrt64((uint64_t)(((ss * ((int64_t)1 << (2 * k))) / n) + eps_term));
+            const uint64_t d = isqrt64((uint64_t)(ln_variance(ss, n, k) + eps_term));
             const int64_t dd = d ? (int64_t)d : 1, mul = (int64_t)1 << (frac + 1 + k);
             for (int64_t i = 0; i < n; i++) {
                 int64_t c = n * code(x, type, r * n + i) - s;
