@@ -2,7 +2,7 @@
 """Teacher-forced, op-by-op equivalence of the integer engine with the fake-quantized checkpoint, on real utterances.
 
     python scripts/compare_engine.py CKPT --data DIR --split dev-clean [--engine FILE.safetensors] [--utts N]
-                                    [--json OUT.json] [--free-running] [--float64]
+                                    [--json OUT.json] [--free-running | --unforced] [--float64]
 
 For each utterance (the reference transcript as decoder input): every op of the engine gets exactly the fake
 model's input codes; reports, per utterance and over all, the quantizers whose codes differ by more than 1 LSB, the
@@ -10,6 +10,9 @@ share of bit-exact activation codes, the logits' largest difference in LSB of th
 whose argmax differs, and which quantizers' codes differ, most first. ``--engine`` checks an exported file
 (scripts/export.py); without it the engine is compiled from CKPT in memory, as the export does. Exit status 0 when no
 quantizer drifts beyond 1 LSB.
+
+``--unforced``: no teacher forcing between ops: the engine runs on its own codes, and the share of differing codes is
+reported quantizer by quantizer in execution order (how a flipped code carries through the network).
 
 ``--free-running``: both decode each utterance greedily on their own (batch of one); reports how many transcripts are
 identical and, for each that is not, the first differing step with both models' preference there in LSB (exit
@@ -37,6 +40,9 @@ def main() -> int:
     p.add_argument("--float64", action="store_true",
                    help="evaluate the fake model in float64 (its arithmetic without float32 rounding; the same integer "
                         "weights, the engine compiled before from the float32 model)")
+    p.add_argument("--unforced", action="store_true",
+                   help="no teacher forcing between ops: the engine runs on its own codes (decoder input still the "
+                        "reference); shows, quantizer by quantizer in execution order, how differences carry through")
     p.add_argument("--max-len", type=int, default=224, help="--free-running: most tokens an utterance")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args()
@@ -66,6 +72,8 @@ def main() -> int:
     n = min(len(ds), args.utts) if args.utts else len(ds)
     if args.free_running:
         return free_running(args, eng, model, ds, n, task.target_dictionary)
+    if args.unforced:
+        return unforced(args, eng, model, ds, n)
     rows, drift = [], {}
     pad = task.target_dictionary.pad()
     for i in tqdm(range(n), desc=f"teacher-forced {args.split}", disable=args.no_progress):
@@ -97,6 +105,34 @@ def main() -> int:
             print(f"  {v:8d}  {k}")
     write_json(args, total, rows)
     return 0 if not drift else 1
+
+
+def unforced(args, eng, model, ds, n: int) -> int:
+    """--unforced: per quantizer (execution order), the share of the engine's own codes that differ from the fake
+    model's and by how many LSB at most, over ``n`` utterances; the logits' largest difference in nats."""
+    from tqdm import tqdm
+
+    from fairseq_qasr.integer.equivalence import forced_run
+
+    total: dict = {}
+    worst = 0.0
+    for i in tqdm(range(n), desc=f"unforced {args.split}", disable=args.no_progress):
+        stats, logits, ref = forced_run(eng, model, ds.collater([ds[i]])["net_input"], force=False)
+        kept = ref > -1e3
+        worst = max(worst, float((logits.double() * eng.meta["logits.scale"] - ref.double()).abs()[kept].max()))
+        for k, v in stats.items():
+            t = total.setdefault(k, dict(differ=0, n=0, max_lsb=0))
+            t["differ"] += round(v["frac_diff"] * v["n"])
+            t["n"] += v["n"]
+            t["max_lsb"] = max(t["max_lsb"], v["max_lsb"])
+    shown = [k for k, v in total.items() if v["differ"]]
+    print(f"{args.split}: {n} utterances without teacher forcing between ops; {len(shown)} of {len(total)} quantizers "
+          f"differ somewhere; logits differ by up to {worst:.3f} nats")
+    for k in shown[:10] + (["..."] if len(shown) > 20 else []) + shown[max(10, len(shown) - 10):]:
+        v = total.get(k)
+        print(f"  {k}" if v is None else f"  {100 * v['differ'] / v['n']:7.3f} %  up to {v['max_lsb']:5d} LSB  {k}")
+    write_json(args, dict(utterances=n, logits_max_nats=worst, quantizers=total), [])
+    return 0
 
 
 def free_running(args, eng, model, ds, n: int, dictionary) -> int:

@@ -101,7 +101,8 @@ def save_engine(engine: IntegerEngine, out: str, recipe: Any = None) -> Dict[str
             m, sh = t, engine.t[key[:-2] + ".sh"]
             requant[base] = (dict(multiplier=int(m.reshape(-1)[0]), shift=int(sh.reshape(-1)[0])) if m.numel() == 1
                              else dict(multiplier="rq:" + base + ".m", shift="rq:" + base + ".sh", n=int(m.numel())))
-    requant_grouped = {key[3:-2]: dict(ratios=key, bias=key[:-2] + ".b", shift=int(engine.t["rqg:" + key[3:-2] + ".sh"]))
+    requant_grouped = {key[3:-2]: dict(ratios=key, bias=key[:-2] + ".b",
+                                       shift=int(engine.t["rqg:" + key[3:-2] + ".sh"]))
                        for key in engine.t if key.startswith("gq:") and key.endswith(".r")}
     requant_add = {key[4:]: dict(zip(("ma", "ta", "mb", "tb", "shift"), (int(v) for v in t)))
                    for key, t in engine.t.items() if key.startswith("rqa:")}

@@ -71,9 +71,11 @@ def to_engine_layout(path: str, q: torch.Tensor, shape) -> torch.Tensor:
     return q.reshape(shape)
 
 
-def forced_run(engine, model, inputs) -> Tuple[Dict[str, Dict[str, float]], torch.Tensor, torch.Tensor]:
+def forced_run(engine, model, inputs, force: bool = True) -> Tuple[Dict[str, Dict[str, float]], torch.Tensor,
+                                                                   torch.Tensor]:
     """Layer by layer: every op of the engine gets exactly the fake model's input codes (teacher forcing);
-    returns per-quantizer stats {max_lsb, frac_diff, n}, the engine's logits and the fake logits."""
+    returns per-quantizer stats {max_lsb, frac_diff, n}, the engine's logits and the fake logits. ``force=False``:
+    the engine runs on its own codes (only recorded), so the stats show how differences carry through the network."""
     fake, ref = fake_codes(model, inputs)
     stats: Dict[str, Dict[str, float]] = {}
 
@@ -90,7 +92,8 @@ def forced_run(engine, model, inputs) -> Tuple[Dict[str, Dict[str, float]], torc
         diff = (out.c.long() - want.long()).abs()[ok]
         stats[path] = dict(max_lsb=int(diff.max()) if diff.numel() else 0,
                            frac_diff=float((diff > 0).float().mean()) if diff.numel() else 0.0, n=int(diff.numel()))
-        out.c = torch.where(ok, want, out.c).contiguous()
+        if force:
+            out.c = torch.where(ok, want, out.c).contiguous()
 
     engine.hook = hook
     try:

@@ -53,6 +53,19 @@ def test_layer_by_layer_on_real_audio(prepared_sample):
     _check_layer_by_layer(stats)
 
 
+def test_unforced_run_only_records():
+    """``forced_run(force=False)`` (``compare_engine.py --unforced``): the engine runs on its own codes, recorded
+    quantizer by quantizer, and gives the logits of a run without a hook; teacher forcing gives the fake codes."""
+    recipe, model, cfg, inp, eng = H.quantized_engine("w8a8")
+    stats, logits, ref = H.forced_run(eng, model, inp, force=False)
+    with torch.no_grad():
+        plain = eng.decode_step(inp["prev_output_tokens"], eng.encode(eng.quantize_input(inp["src_tokens"]),
+                                                                      inp["src_lengths"]), None)
+    assert torch.equal(logits, plain) and len(stats) > 100
+    forced, _, _ = H.forced_run(eng, model, inp)
+    assert set(forced) == set(stats)
+
+
 def test_a_drifting_op_is_caught(compiled):
     recipe, model, cfg, inp, eng = compiled
     key = "rq:encoder.layers.1.ffn.fc1.in_q.0.m"
