@@ -59,9 +59,9 @@ class GemmAcc(Acc):
     reaches memory; :meth:`IntegerEngine.requant` does this when the accumulator is not needed otherwise)."""
 
     def __init__(self, run: Callable[[Optional[tuple]], Tensor], cols: int, scale: Any = None, headroom: int = 0,
-                 lead: Tuple[int, ...] = ()):
+                 lead: Tuple[int, ...] = (), fusable: bool = True):
         self.run, self.cols, self._t, self.scale, self.headroom = run, cols, None, scale, headroom
-        self.lead = tuple(lead)
+        self.lead, self.fusable = tuple(lead), fusable  # fusable=False: run(None) only (computed when first used)
         self.group_src: Optional[Tuple[str, QT]] = None
 
     @property
@@ -210,7 +210,7 @@ class IntegerEngine:
                 c = fused.requant(x.c, m, sh, zp + off, qmin + off, qmax + off, sub=x.z)
             else:
                 c = fused.requant(acc.t, m, sh, zp + off, qmin + off, qmax + off)
-        elif isinstance(x, GemmAcc) and x._t is None and self.FUSE_REQUANT \
+        elif isinstance(x, GemmAcc) and x._t is None and x.fusable and self.FUSE_REQUANT \
                 and (m.numel() == 1 or m.numel() == m.shape[-1] == x.cols):
             c = x.run((m, sh, zp + off, qmin + off, qmax + off, dtype))  # requantized in the GEMM's epilogue
         elif isinstance(x, QT):  # codes minus their zero point, inside the kernel
@@ -352,9 +352,10 @@ class IntegerEngine:
         ratios = self.t.get("gk:" + name)
         if ratios is not None:
             f = self.GROUP_ACC_FRAC_BITS
-            if K.int8_gemm_backend() == "avx2" and not self.compiling:  # the consumer's requantization may fuse
+            if not self.compiling:  # lazy: a folding consumer computes its own sum; on the C kernels the consumer's
+                avx2 = K.int8_gemm_backend() == "avx2"  # requantization may fuse into the epilogue
                 acc = GemmAcc(lambda rq: self._grouped_gemm(name, x, ratios, rq), ratios.shape[0], None, f,
-                              x.c.shape[:-1])
+                              x.c.shape[:-1], fusable=avx2)
             else:
                 acc = Acc(self._grouped_gemm(name, x, ratios), scale * 2.0 ** -f if scale is not None else None, f)
             acc.group_src = (name, x)
