@@ -382,10 +382,13 @@ class IntegerEngine:
 
     def _wide_headroom(self, x: QT, k: int) -> int:
         """Bits beyond int32 that ``k`` products of ``x``'s codes (minus zero point) and int8 weights can need."""
-        zp, qmin, qmax = self._qinfo(x.on) if x.on else (x.z, -(2 ** 15), 2 ** 16 - 1)
+        return max(0, math.ceil(math.log2(k * self._code_span(x) * 128 + 2 ** 31)) - 31)
+
+    def _code_span(self, x: QT) -> int:
+        """The largest ``|code - zero point|`` of ``x``'s grid (16 bits where its quantizer is unknown)."""
+        _, qmin, qmax = self._qinfo(x.on) if x.on else (x.z, -(2 ** 15), 2 ** 16 - 1)
         off, _ = _storage(qmin, qmax)
-        span = max(abs(qmin + off - x.z), abs(qmax + off - x.z))
-        return max(0, math.ceil(math.log2(k * span * 128 + 2 ** 31)) - 31)
+        return max(abs(qmin + off - x.z), abs(qmax + off - x.z))
 
     def _grouped_gemm(self, name: str, x: QT, ratios: Tensor, requant: Optional[tuple] = None,
                       fold: Optional[str] = None) -> Tensor:
@@ -400,12 +403,15 @@ class IntegerEngine:
         else:
             shift = 0
         tag = name if fold is None else name + "|" + fold
+
+        def bias() -> Tensor:  # on the sum's grid: the folded consumer's, or the ratios' (rounded by 2^shift)
+            return self.t["gq:" + fold + ".b"] if fold is not None else self._group_bias(name, ratios, shift)
         if K.int8_gemm_backend() == "avx2":  # all groups, rounding and bias in one pass
             packed = self._prep.get("grpc:" + tag)
             if packed is None:
                 pk = cgemm.pack(self._linear_params(name, x.z)[0], gs, ratios)
                 post = torch.zeros(pk.np_, dtype=torch.int64)  # padded to the kernel's column count
-                post[:pk.n] = self._group_bias(name, ratios, shift, fold)
+                post[:pk.n] = bias()
                 packed = self._prep["grpc:" + tag] = (pk, post)
             return cgemm.mm(xc, packed[0], x.z, rshift=shift, post=packed[1], requant=requant).view(*lead, ratios.shape[0])
         else:  # one int32 GEMM per group
@@ -420,7 +426,7 @@ class IntegerEngine:
                 part = K.linear_int(xc[:, g * gs:(g + 1) * gs].contiguous(), w_g, -x.z * colsum if x.z else None)
                 total += part.long() * ratio
         acc = (total + (1 << (shift - 1))) >> shift if shift else total
-        acc += self._group_bias(name, ratios, shift, fold)
+        acc += bias()
         return acc.view(*lead, acc.shape[-1])
 
     def _folded_group_acc(self, src: Tuple[str, QT], qpath: str) -> Acc:
@@ -450,11 +456,9 @@ class IntegerEngine:
         s_g = wq.raw_qparams()[0].detach().double()  # [N, groups]
         s_in, s_out = self._scale(name + ".in_q.0").reshape(()), self._scale(qpath).reshape(())
         M = s_in * s_g / s_out
-        zp, qmin, qmax = self._qinfo(x.on) if x.on else (x.z, -(2 ** 15), 2 ** 16 - 1)
-        off, _ = _storage(qmin, qmax)
-        span = max(abs(qmin + off - x.z), abs(qmax + off - x.z))  # |code - zero point| at most
         wmax = max(abs(int(self.meta["w:" + name]["qmin"])), abs(int(self.meta["w:" + name]["qmax"])))
-        bound = math.ceil(math.log2(s_g.shape[1] * int(self.meta["w:" + name]["group_size"]) * span * wmax))
+        k = s_g.shape[1] * int(self.meta["w:" + name]["group_size"])
+        bound = math.ceil(math.log2(k * self._code_span(x) * wmax))
         bits = min(30, 61 - bound)  # |sum_g R GEMM_g| < 2^61: the kernels' int64 epilogue
         S = bits - 1 - math.floor(math.log2(float(M.max())))
         if not 1 <= S <= 62 or bits < 16:
@@ -470,11 +474,9 @@ class IntegerEngine:
         self.t["rqg:" + qpath + ".m"] = torch.tensor(1, dtype=torch.int32)
         self.t["rqg:" + qpath + ".sh"] = torch.tensor(S, dtype=torch.int8)
 
-    def _group_bias(self, name: str, ratios: Tensor, shift: int, fold: Optional[str] = None) -> Tensor:
+    def _group_bias(self, name: str, ratios: Tensor, shift: int) -> Tensor:
         """The grouped Linear's bias on its accumulator grid (int64 per output channel; zeros without a bias),
-        computed once per layer; ``fold``: the folded consumer's (``gq:<fold>.b``)."""
-        if fold is not None:
-            return self.t["gq:" + fold + ".b"]
+        computed once per layer."""
         key = "gbias:" + name
         t = self._prep.get(key)
         if t is None:

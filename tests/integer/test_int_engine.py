@@ -64,6 +64,17 @@ def test_unforced_run_only_records():
     assert torch.equal(logits, plain) and len(stats) > 100
     forced, _, _ = H.forced_run(eng, model, inp)
     assert set(forced) == set(stats)
+    key = "rq:encoder.layers.1.ffn.fc1.in_q.0.m"  # a planted 5 % error: teacher forcing stops it at its own grid,
+    saved = eng.t[key]  # without forcing it reaches the next op's grid
+    eng.t[key] = (saved.long() * 21 // 20).to(saved.dtype)
+    eng._prep.clear()
+    try:
+        runs = [H.forced_run(eng, model, inp, force=f)[0] for f in (True, False)]
+    finally:
+        eng.t[key] = saved
+        eng._prep.clear()
+    nxt = "encoder.layers.1.ffn.fc2.in_q.0"
+    assert runs[0][key[3:-2]]["max_lsb"] > 1 and runs[0][nxt]["max_lsb"] <= 1 < runs[1][nxt]["max_lsb"]
 
 
 def test_a_drifting_op_is_caught(compiled):

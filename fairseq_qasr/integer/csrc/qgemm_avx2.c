@@ -864,7 +864,8 @@ void qasr_isqrt(const int64_t *v, int64_t *out, int64_t n) {
  * Rows of fewer than 2^14 codes within +-2^15 (c fits int32) take ln_row_fast: the sums in vector lanes, the division
  * in vector lanes (a 31-bit reciprocal with a per-row shift and one exact check) or, where its bounds fail, as a
  * multiply by floor((2^64 - 1) / 2D) and one correction; other rows the scalar loop with a division per element. */
-/* floor(ss 2^2k / n) for ss >= 0, as (ss / n) 2^2k + floor((ss % n) 2^2k / n): (ss / n) 2^2k < 2^62 (kernels.ln_shift_bits) */
+/* floor(ss 2^2k / n) for ss >= 0, as (ss / n) 2^2k + floor((ss % n) 2^2k / n); (ss / n) 2^2k < 2^62
+ * (kernels.ln_shift_bits) */
 static inline int64_t ln_variance(int64_t ss, int64_t n, int k) {
     return ((ss / n) << (2 * k)) + ((ss % n) << (2 * k)) / n;
 }
