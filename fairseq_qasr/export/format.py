@@ -18,10 +18,11 @@ from ..integer.engine import IntegerEngine
 from .packing import pack_codes, packed_nbytes, unpack_codes
 
 FORMAT = "fairseq-qasr-integer"
-VERSION = 4  # 4: grouped Linears' consumer multipliers folded into their group ratios (``gq:``/``rqg:``); 3: LayerNorm
+VERSION = 5  # 5: two-word (62-bit) requantization multipliers from the exact scale ratios (``rq:<q>.m`` int64 >= 2^31;
+#              ``rqa:`` [ma, ta, mb, tb, shift, la, lb]); 4: grouped Linears' consumer multipliers folded into their group ratios (``gq:``/``rqg:``); 3: LayerNorm
 #              with 24 fraction bits (``ln:`` meta ``frac``); 2: residual adds of 16-bit codes requantized per consumer
-#              (``rqa:`` constants); 1-3 still read
-READABLE_VERSIONS = (1, 2, 3, 4)
+#              (``rqa:`` constants); 1-4 still read
+READABLE_VERSIONS = (1, 2, 3, 4, 5)
 PACKED_PREFIXES = ("w:", "lng:")  # integer weights / LayerNorm gains, stored at their recipe width
 
 
@@ -104,7 +105,7 @@ def save_engine(engine: IntegerEngine, out: str, recipe: Any = None) -> Dict[str
     requant_grouped = {key[3:-2]: dict(ratios=key, bias=key[:-2] + ".b",
                                        shift=int(engine.t["rqg:" + key[3:-2] + ".sh"]))
                        for key in engine.t if key.startswith("gq:") and key.endswith(".r")}
-    requant_add = {key[4:]: dict(zip(("ma", "ta", "mb", "tb", "shift"), (int(v) for v in t)))
+    requant_add = {key[4:]: dict(zip(("ma", "ta", "mb", "tb", "shift", "la", "lb"), (int(v) for v in t)))
                    for key, t in engine.t.items() if key.startswith("rqa:")}
     header = {
         "format": FORMAT, "version": VERSION,
@@ -125,10 +126,16 @@ def save_engine(engine: IntegerEngine, out: str, recipe: Any = None) -> Dict[str
                                "gq:<q>.b (int64; r = round(s_in s_g / s_q * 2^S)), then requant with rqg:<q> "
                                "(multiplier 1, shift S)",
             "activations": "per tensor, value = scale * (q - zp), q in [qmin, qmax]",
-            "requant": "q = clamp(((acc * multiplier + 2^(shift-1)) >> shift) + zp, qmin, qmax)",
-            "requant_add": "residual adds of 16-bit codes, per consumer (rqa:<consumer> = [ma, ta, mb, tb, shift]): "
-                           "q = clamp((((a - za) ma 2^ta + (b - zb) mb 2^tb + 2^(shift-1)) >> shift) + zp, qmin, "
-                           "qmax); version 1 files: the sum (a - za) ka + (b - zb) kb (meta add:<add>) requantized",
+            "requant": "q = clamp(round(acc * multiplier / 2^shift) + zp, qmin, qmax), rounding half up: for a "
+                       "multiplier below 2^31 (one word) ((acc * multiplier + 2^(shift-1)) >> shift); from 2^31 (two "
+                       "words, version 5: m = m_hi 2^31 + m_lo, 62 bits of the exact ratio of the scales) "
+                       "(acc m_hi + floor(acc m_lo / 2^31) + 2^(s-1)) >> s with s = shift - 31, exact in int64 for "
+                       "int32 accumulators",
+            "requant_add": "residual adds of 16-bit codes, per consumer (rqa:<consumer> = [ma, ta, mb, tb, shift] or, "
+                           "version 5, [ma, ta, mb, tb, shift, la, lb]): q = clamp(((x ma 2^ta + y mb 2^tb + "
+                           "floor((x la 2^ta + y lb 2^tb) / 2^31) + 2^(shift-1)) >> shift) + zp, qmin, qmax), x = a - "
+                           "za, y = b - zb (la = lb = 0 where absent); version 1 files: the sum (a - za) ka + (b - zb) "
+                           "kb (meta add:<add>) requantized",
             "layer_norm": "c = n x - sum x, D = max(isqrt(floor(sum c^2 2^2k / n) + eps_term), 1), xhat = floor((c "
                           "2^(frac+1+k) + D) / 2D), out = xhat * gain + (bias << (frac - 16)) on s_gain * 2^-frac "
                           "(meta ln:<module> = {k, eps_term, frac}; frac 16 where absent, files before version 3)",

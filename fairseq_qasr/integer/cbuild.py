@@ -69,13 +69,13 @@ def _build() -> Optional[ctypes.CDLL]:
     dll.qasr_pack_bytes.argtypes = [ptr, i64, i64, i64, i64, i64, ptr, i64, i64, i64, ctypes.c_int]
     dll.qasr_pack_bytes.restype = None
     dll.qasr_qgemm.argtypes = [ptr, ctypes.c_int, i64, i32, ctypes.c_int, i64, i64, ptr, i64, i64, i64, i64, ptr, ptr,
-                               i64, ctypes.c_int, ptr, ptr, ptr, i64, ptr, ptr, ptr, ptr, ctypes.c_int, i64, i64, i64,
-                               ptr, ctypes.c_int, i64, ctypes.c_int]
+                               i64, ctypes.c_int, ptr, ptr, ptr, i64, ptr, ptr, ptr, ptr, ptr, ctypes.c_int, i64, i64,
+                               i64, ptr, ctypes.c_int, i64, ctypes.c_int]
     dll.qasr_qgemm.restype = None
     dll.qasr_byte_way_blocks.argtypes = [ptr]
     dll.qasr_byte_way_blocks.restype = None
-    dll.qasr_attention.argtypes = [ptr, i64, i64, i64, ptr, i64, i64, i64, ptr, i64, i64, ctypes.c_int, i64, i64, i64,
-                                   ptr, i64, ctypes.c_int, i64, i64, i64, i64, ctypes.c_int, i64, i64, i64,
+    dll.qasr_attention.argtypes = [ptr, i64, i64, i64, ptr, i64, i64, i64, ptr, i64, i64, i64, ctypes.c_int, i64, i64,
+                                   i64, ptr, i64, ctypes.c_int, i64, i64, i64, i64, i64, ctypes.c_int, i64, i64, i64,
                                    ptr, i64, i64, i64, i64, ptr, ptr, ptr, ptr, ctypes.c_int]
     dll.qasr_attention.restype = None
     dll.qasr_isqrt.argtypes = [ptr, ptr, i64]
@@ -87,9 +87,9 @@ def _build() -> Optional[ctypes.CDLL]:
     dll.qasr_lut.restype = i64
     dll.qasr_add.argtypes = [ptr, ctypes.c_int, i64, i64, ptr, ctypes.c_int, i64, i64, i64, ptr, ctypes.c_int]
     dll.qasr_add_requant.argtypes = [ptr, ctypes.c_int, ptr, ctypes.c_int, i64, i64, i64, i64, i64, i64, i64, i64, i64,
-                                     i64, i64, ptr, ptr, ctypes.c_int, ctypes.c_int]
+                                     i64, i64, i64, i64, ptr, ptr, ctypes.c_int, ctypes.c_int]
     dll.qasr_add_requant.restype = None
-    dll.qasr_requant.argtypes = [ptr, ctypes.c_int, i64, i64, i64, ptr, ptr, ctypes.c_int, i64, i64, i64, ptr,
+    dll.qasr_requant.argtypes = [ptr, ctypes.c_int, i64, i64, i64, ptr, ptr, ptr, ctypes.c_int, i64, i64, i64, ptr,
                                  ctypes.c_int, ctypes.c_int]
     for f in (dll.qasr_isqrt, dll.qasr_layer_norm, dll.qasr_add, dll.qasr_requant):
         f.restype = None

@@ -18,7 +18,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import cbuild
+from . import cbuild, cops
 from .cbuild import NR
 
 B_MAX = 255  # right operand codes in [-255, 255]: a byte of a 16-bit code, or int8 codes
@@ -170,9 +170,9 @@ def pack(b: Tensor, group_size: int = 0, ratio: Optional[Tensor] = None, wide: b
 
 
 @cbuild.op("qgemm_avx2(Tensor a, Tensor bp, Tensor bq, Tensor colsum, Tensor ratio, Tensor init, Tensor post, "
-           "Tensor rq_mult, Tensor rq_shift, Tensor(a!) out, int[] ints) -> ()")
+           "Tensor rq_mult, Tensor rq_mlo, Tensor rq_shift, Tensor(a!) out, int[] ints) -> ()")
 def _qgemm_op(a: Tensor, bp: Tensor, bq: Tensor, colsum: Tensor, ratio: Tensor, init: Tensor, post: Tensor,
-              rq_mult: Tensor, rq_shift: Tensor, out: Tensor, ints: List[int]) -> None:
+              rq_mult: Tensor, rq_mlo: Tensor, rq_shift: Tensor, out: Tensor, ints: List[int]) -> None:
     off, reps, k, n, gs, bz, rshift, rq, rq_zp, rq_qmin, rq_qmax, acc64 = ints
     out64 = bool(acc64)  # int64 accumulators (else int32); rq: either requantized into out's codes
     cbuild.dll().qasr_qgemm(a.data_ptr(), cbuild.TYPES[a.dtype], a.stride(0), off, reps, a.shape[0], k,
@@ -183,7 +183,8 @@ def _qgemm_op(a: Tensor, bp: Tensor, bq: Tensor, colsum: Tensor, ratio: Tensor, 
                             # (int32 way with rq: the out32 pointer only selects the way, rq writes the codes)
                             out.stride(0), bq.data_ptr() if bq.numel() else None,
                             colsum.data_ptr() if colsum.numel() else None,
-                            rq_mult.data_ptr() if rq else None, rq_shift.data_ptr() if rq else None,
+                            rq_mult.data_ptr() if rq else None, rq_mlo.data_ptr() if rq and rq_mlo.numel() else None,
+                            rq_shift.data_ptr() if rq else None,
                             int(rq_mult.numel() > 1), rq_zp, rq_qmin, rq_qmax, out.data_ptr() if rq else None,
                             cbuild.TYPES.get(out.dtype, 0), out.stride(0), torch.get_num_threads())
 
@@ -218,14 +219,13 @@ def mm(a: Tensor, p: Packed, za: int = 0, zb: int = 0, out: Optional[Tensor] = N
     if not p.out64 and a.dtype != torch.int8:
         raise ValueError("cgemm.mm: 16-bit left operand needs a right operand packed with wide=True")
     dtype = torch.int64 if p.out64 else torch.int32
-    rq_m, rq_sh, rq_ints = cbuild.NONE64, cbuild.NONE64, [0, 0, 0, 0]
+    rq_m, rq_ml, rq_sh, rq_ints = cbuild.NONE64, cbuild.NONE64, cbuild.NONE64, [0, 0, 0, 0]
     if requant is not None:
         m, sh, zp, qmin, qmax, rq_dtype = requant
         if out is not None or rq_dtype not in (torch.int8, torch.int16, torch.int32) \
                 or m.numel() not in (1, p.n) or sh.numel() not in (1, m.numel()):
             raise ValueError("cgemm.mm: requant needs one multiplier/shift or one per column, int8/16/32 codes, no out")
-        rq_m = m.reshape(-1).long().contiguous()
-        rq_sh = sh.reshape(-1).long().expand(rq_m.numel()).contiguous()
+        rq_m, rq_ml, rq_sh = cops.words(m, sh)  # (one- or two-word multipliers)
         rq_ints = [1, int(zp), int(qmin), int(qmax)]
         dtype = rq_dtype
     if out is None:
@@ -246,7 +246,7 @@ def mm(a: Tensor, p: Packed, za: int = 0, zb: int = 0, out: Optional[Tensor] = N
     byteway = p.bq is not None and a.dtype == torch.int8
     _qgemm_op(a, p.bp, p.bq if byteway else NONE8, p.colsum_np if byteway else cbuild.NONE64,
               p.ratio if p.ratio is not None else cbuild.NONE32, init,
-              cbuild.NONE64 if post is None else post.contiguous(), rq_m, rq_sh, out,
+              cbuild.NONE64 if post is None else post.contiguous(), rq_m, rq_ml, rq_sh, out,
               [off, p.reps, p.k, p.n, p.gs, zb, rshift, *rq_ints, int(p.out64)])
     return out
 
@@ -263,14 +263,20 @@ def byte_way_blocks() -> Tuple[int, int]:
            "Tensor kcol, Tensor(a!) out, int[] ints) -> ()")
 def _attention(q: Tensor, kp: Tensor, kinit: Tensor, lut: Tensor, vp: Tensor, klen: Tensor, kq: Tensor, kcol: Tensor,
                out: Tensor, ints: List[int]) -> None:
-    tk, zk, m1, sh1, zp1, qmin1, qmax1, mult_r, sh, zpo, qmino, qmaxo, m2, sh2, zp2, qmin2, qmax2, vo_zv = ints
+    tk, zk, m1, m1l, sh1, zp1, qmin1, qmax1, mult_r, sh, zpo, qmino, qmaxo, m2, m2l, sh2, zp2, qmin2, qmax2, vo_zv = ints
     bh, tq, d = q.shape
     cbuild.dll().qasr_attention(q.data_ptr(), bh, tq, d, kp.data_ptr(), kp[0].numel(), tk, kp.shape[1] * NR,
-                                kinit.data_ptr(), zk, m1, sh1, zp1, qmin1, qmax1, lut.data_ptr(), mult_r, sh, zpo,
-                                qmino, qmaxo, m2, sh2, zp2, qmin2, qmax2, vp.data_ptr(), vp[0].numel(),
+                                kinit.data_ptr(), zk, m1, m1l, sh1, zp1, qmin1, qmax1, lut.data_ptr(), mult_r, sh, zpo,
+                                qmino, qmaxo, m2, m2l, sh2, zp2, qmin2, qmax2, vp.data_ptr(), vp[0].numel(),
                                 vp.shape[2] * 2, vo_zv, vp.shape[1] * NR, klen.data_ptr() if klen.numel() else None,
                                 kq.data_ptr() if kq.numel() else None, kcol.data_ptr() if kcol.numel() else None,
                                 out.data_ptr(), torch.get_num_threads())
+
+
+def _words(rq: Tuple[int, int, int, int, int]) -> List[int]:
+    """(multiplier, shift, zp, qmin, qmax) -> (m_hi, m_lo, shift', zp, qmin, qmax) (:func:`kernels.split_multiplier`)."""
+    hi, lo, sh = cops.words(torch.tensor([int(rq[0])]), torch.tensor([int(rq[1])]))
+    return [int(hi), int(lo) if lo.numel() else 0, int(sh), *rq[2:]]
 
 
 @dataclass
@@ -345,7 +351,7 @@ def attention(q: Tensor, zq: int, kt: Tensor, zk: int, scores_rq: Tuple[int, int
     if kv is None:
         kv = pack_kv(kt, zq, zk, v, zv)
     out = torch.empty(bh, tq, d, dtype=torch.int64)
-    ints = [kv.tk, zk, *scores_rq, *softmax, *probs_rq, kv.vo_zv]
+    ints = [kv.tk, zk, *_words(scores_rq), *softmax, *_words(probs_rq), kv.vo_zv]
     _attention(q.contiguous(), kv.kp, kv.kinit, lut.to(torch.int32).contiguous(), kv.vp,
                cbuild.NONE32 if klen is None else klen.to(torch.int32).contiguous(),
                NONE8 if kv.kq is None else kv.kq, cbuild.NONE32 if kv.kcol is None else kv.kcol, out,

@@ -3,7 +3,7 @@ integer square root, table look-ups (GELU), 16-bit residual adds. Each is bit fo
 :mod:`.kernels` (``tests/integer/test_int_cgemm.py``), one pass instead of a chain of int64 tensor ops."""
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -86,13 +86,24 @@ def add(a: Tensor, za: int, ka: int, b: Tensor, zb: int, kb: int) -> Tensor:
 ACC_TYPES = {**cbuild.TYPES, torch.int64: 3}
 
 
-@cbuild.op("requantize_avx2(Tensor acc, Tensor mult, Tensor shift, Tensor(a!) out, int[] ints) -> ()")
-def _requant(acc: Tensor, mult: Tensor, shift: Tensor, out: Tensor, ints: List[int]) -> None:
+@cbuild.op("requantize_avx2(Tensor acc, Tensor mult, Tensor mlo, Tensor shift, Tensor(a!) out, int[] ints) -> ()")
+def _requant(acc: Tensor, mult: Tensor, mlo: Tensor, shift: Tensor, out: Tensor, ints: List[int]) -> None:
     sub, zp, qmin, qmax = ints
     cols = acc.shape[-1] if acc.dim() else 1
     cbuild.dll().qasr_requant(acc.data_ptr(), ACC_TYPES[acc.dtype], acc.numel() // max(cols, 1), cols, sub,
-                              mult.data_ptr(), shift.data_ptr(), int(mult.numel() > 1), zp, qmin, qmax, out.data_ptr(),
-                              cbuild.TYPES[out.dtype], torch.get_num_threads())
+                              mult.data_ptr(), mlo.data_ptr() if mlo.numel() else None, shift.data_ptr(),
+                              int(mult.numel() > 1), zp, qmin, qmax, out.data_ptr(), cbuild.TYPES[out.dtype],
+                              torch.get_num_threads())
+
+
+def words(m: Tensor, shift: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """The kernels' operands of one- or two-word multipliers (:func:`kernels.split_multiplier`): contiguous int64
+    ``(m_hi, m_lo, shift)`` of equal length, ``m_lo`` empty for one-word multipliers."""
+    from .kernels import split_multiplier
+
+    hi, lo, sh = split_multiplier(m.reshape(-1), shift.reshape(-1))
+    hi = hi.contiguous()
+    return hi, cbuild.NONE64 if lo is None else lo.contiguous(), sh.expand(hi.numel()).contiguous()
 
 
 def requantize(acc: Tensor, m: Tensor, shift: Tensor, zp: int, qmin: int, qmax: int, out_dtype,
@@ -103,10 +114,9 @@ def requantize(acc: Tensor, m: Tensor, shift: Tensor, zp: int, qmin: int, qmax: 
     if not cbuild.available() or acc.dtype not in ACC_TYPES or out_dtype not in cbuild.TYPES \
             or m.numel() not in (1, cols) or (m.dim() > 1 and m.shape[-1] != m.numel()):
         return None
-    mult = m.reshape(-1).long().contiguous()
-    sh = shift.reshape(-1).long().expand(mult.numel()).contiguous()
+    mult, mlo, sh = words(m, shift)
     out = torch.empty(acc.shape, dtype=out_dtype)
-    _requant(acc.contiguous(), mult, sh, out, [int(sub), int(zp), int(qmin), int(qmax)])
+    _requant(acc.contiguous(), mult, mlo, sh, out, [int(sub), int(zp), int(qmin), int(qmax)])
     return out
 
 
@@ -118,19 +128,20 @@ def _add_requant(a: Tensor, b: Tensor, out: Tensor, bad: Tensor, ints: List[int]
 
 
 def add_requant(a: Tensor, za: int, ma: int, ta: int, b: Tensor, zb: int, mb: int, tb: int, sh: int, zp: int,
-                qmin: int, qmax: int, out_dtype: torch.dtype) -> Tensor:
-    """:func:`kernels.add_requant_int` in one pass: ``clamp((((a - za) ma 2^ta + (b - zb) mb 2^tb + 2^(sh-1)) >> sh)
-    + zp, qmin, qmax)``; codes within 2^17 of their zero points (checked in the kernel: a ValueError otherwise)."""
+                qmin: int, qmax: int, out_dtype: torch.dtype, la: int = 0, lb: int = 0) -> Tensor:
+    """:func:`kernels.add_requant_int` in one pass (second words ``la``, ``lb``: 0 for one-word multipliers); codes
+    within 2^17 of their zero points (checked in the kernel: a ValueError otherwise)."""
     cbuild.dll()
     if a.shape != b.shape:
         raise ValueError(f"cops.add_requant: shapes {tuple(a.shape)} and {tuple(b.shape)} differ")
-    if not (0 <= ma < 2 ** 31 and 0 <= mb < 2 ** 31 and 0 <= ta <= 13 and 0 <= tb <= 13 and 1 <= sh <= 62
+    if not (0 <= ma < 2 ** 31 and 0 <= mb < 2 ** 31 and 0 <= la < 2 ** 31 and 0 <= lb < 2 ** 31 and 0 <= ta <= 13 and 0 <= tb <= 13 and 1 <= sh <= 62
             and abs(za) < 2 ** 17 and abs(zb) < 2 ** 17 and out_dtype in cbuild.TYPES):
         raise ValueError(f"cops.add_requant: constants out of range ({ma}, {ta}, {mb}, {tb}, {sh}, {za}, {zb})")
     out = torch.empty(a.shape, dtype=out_dtype)
     bad = torch.zeros(1, dtype=torch.int64)
     _add_requant(cbuild.codes(a).contiguous(), cbuild.codes(b).contiguous(), out, bad,
-                 [int(za), int(ma), int(ta), int(zb), int(mb), int(tb), int(sh), int(zp), int(qmin), int(qmax)])
+                 [int(za), int(ma), int(ta), int(zb), int(mb), int(tb), int(sh), int(zp), int(qmin), int(qmax),
+                  int(la), int(lb)])
     if int(bad):
         raise ValueError(f"cops.add_requant: {int(bad)} codes are 2^17 or more from their zero point")
     return out

@@ -199,8 +199,7 @@ class IntegerEngine:
         else:
             acc = None  # codes: the kernels subtract the zero point themselves
         if self.compiling and key + ".m" not in self.t:
-            M = torch.as_tensor(acc.scale, dtype=torch.float64) / self._scale(qpath).reshape(())
-            self.t[key + ".m"], self.t[key + ".sh"] = K.shorten_multiplier(*K.quantize_multiplier(M), acc.headroom)
+            self.t[key + ".m"], self.t[key + ".sh"] = self._multiplier(acc.scale, self._scale(qpath), acc.headroom)
         m, sh = self._mult(key)
         if self._identity(key, x, zp + off, qmin, qmax):  # same grid (e.g. softmax out_q -> matmul in_q)
             c = x.c
@@ -227,15 +226,14 @@ class IntegerEngine:
         key = "rqa:" + qpath
         if self.compiling and key not in self.t:
             s_out = float(self._scale(qpath).reshape(()))
-            self.t[key] = torch.tensor(K.add_multipliers(float(x.qa.scale), float(x.qb.scale), s_out),
-                                       dtype=torch.int64)
+            add_mult = K.add_multipliers_exact if self.EXACT_MULTIPLIERS else K.add_multipliers
+            self.t[key] = torch.tensor(add_mult(float(x.qa.scale), float(x.qb.scale), s_out), dtype=torch.int64)
             # also the fine sum's multiplier, for a caller that takes the sum itself (``x.t``: e.g. the encoder
             # output of a pre-norm model without a final LayerNorm, handed through fairseq as a tensor)
-            M = torch.as_tensor(x.scale, dtype=torch.float64) / s_out
-            self.t["rq:" + qpath + ".m"], self.t["rq:" + qpath + ".sh"] = K.shorten_multiplier(
-                *K.quantize_multiplier(M), x.headroom)
-        ma, ta, mb, tb, sh = (int(v) for v in self.t[key])
-        c = K.add_requant_int(x.qa.c, x.qa.z, ma, ta, x.qb.c, x.qb.z, mb, tb, sh, zp, qmin, qmax, dtype)
+            self.t["rq:" + qpath + ".m"], self.t["rq:" + qpath + ".sh"] = self._multiplier(
+                x.scale, self._scale(qpath), x.headroom)
+        ma, ta, mb, tb, sh, *low = (int(v) for v in self.t[key])  # (format version 5: two-word, + la, lb)
+        c = K.add_requant_int(x.qa.c, x.qa.z, ma, ta, x.qb.c, x.qb.z, mb, tb, sh, zp, qmin, qmax, dtype, *low)
         out = QT(c, zp, self._scale(qpath).reshape(()) if self.compiling else None, qpath)
         self._emit(qpath, out, masked)
         return out
@@ -273,7 +271,7 @@ class IntegerEngine:
         if flag is None:
             m, sh = self._mult(key)
             src = self.meta.get("q:" + x.on)
-            flag = bool(m.numel() == 1 and int(m) == 2 ** 30 and int(sh) == 30 and src is not None
+            flag = bool(m.numel() == 1 and int(sh) < 63 and int(m) == 1 << int(sh) and src is not None
                         and src["qmin"] == qmin and src["qmax"] == qmax)
             self._prep["id:" + key] = flag
         return flag
@@ -281,6 +279,16 @@ class IntegerEngine:
     def _emit(self, path: str, out: QT, masked: Optional[Tensor]) -> None:
         if self.hook is not None:
             self.hook(path, out, masked)
+
+    def _multiplier(self, num, s_out: Tensor, headroom: int) -> Tuple[Tensor, Tensor]:
+        """Compile time: the requantization multiplier ``num / s_out`` (per tensor or per channel): two words, 62 bits
+        of the exact ratio (:func:`kernels.quantize_multiplier_exact`), for accumulators within int32; one word of
+        ``31 - headroom`` bits for wider ones (and with ``EXACT_MULTIPLIERS`` off, as before format version 5)."""
+        num = torch.as_tensor(num, dtype=torch.float64)
+        if self.EXACT_MULTIPLIERS and not headroom:
+            m, sh = K.quantize_multiplier_exact(num, s_out.reshape(()))
+            return m, sh.to(torch.int8)
+        return K.shorten_multiplier(*K.quantize_multiplier(num / s_out.reshape(())), headroom)
 
     def _mult(self, key: str) -> Tuple[Tensor, Tensor]:
         p = self._prep.get(key)
@@ -337,6 +345,7 @@ class IntegerEngine:
     FUSE_REQUANT = True  # Linears on the C kernels: the consumer's requantization runs in the GEMM's epilogue
     GROUP_ACC_FRAC_BITS = 8  # grouped accumulators keep 8 more fractional bits (int64, |acc| < 2^39)
     FOLD_GROUPS = True  # compile grouped Linears with their consumer's multiplier folded into the group ratios
+    EXACT_MULTIPLIERS = True  # compile two-word (62-bit) multipliers from the exact scale ratios (format version 5)
     #                     (format version 4); False: consumer-independent ratios, as version 3 files hold
 
     def linear(self, name: str, x: QT) -> Acc:
@@ -755,9 +764,9 @@ class IntegerEngine:
                                           granularity=wq.spec.granularity, axis=wq.spec.axis)
             self.scales[name + ".w_q.weight"] = wq.raw_qparams()[0].detach().float()
         if self.compiling and key + ".m" not in self.t:
-            M = self._quantizer(name).w_q["weight"].raw_qparams()[0].detach().double().reshape(-1) / \
-                self._scale(consumer).reshape(())
-            self.t[key + ".m"], self.t[key + ".sh"] = K.quantize_multiplier(M)
+            self.t[key + ".m"], self.t[key + ".sh"] = self._multiplier(
+                self._quantizer(name).w_q["weight"].raw_qparams()[0].detach().double().reshape(-1),
+                self._scale(consumer), 0)
         w = self.t["w:" + name]
         m, sh = self.t[key + ".m"].long(), self.t[key + ".sh"].long()
         rows = w[idx].int()

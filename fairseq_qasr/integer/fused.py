@@ -19,21 +19,26 @@ def _compiled(name, fn):
     return f
 
 
-def _requant(acc: Tensor, sub: int, m: Tensor, sh: Tensor, zp: int, qmin: int, qmax: int) -> Tensor:
-    y = (((acc.long() - sub) * m + (torch.ones_like(sh) << (sh - 1))) >> sh) + zp
+def _requant(acc: Tensor, sub: int, m: Tensor, ml: Tensor, sh: Tensor, zp: int, qmin: int, qmax: int) -> Tensor:
+    a = acc.long() - sub
+    y = ((a * m + ((a * ml) >> 31) + (torch.ones_like(sh) << (sh - 1))) >> sh) + zp
     return y.clamp(qmin, qmax).to(torch.int8)
 
 
 def requant(acc: Tensor, m: Tensor, sh: Tensor, zp: int, qmin: int, qmax: int, sub: int = 0) -> Tensor:
-    """``clamp(round((acc - sub) * m * 2^-sh) + zp)`` as int8 (``sub``: the zero point of codes)."""
-    return _compiled("requant", _requant)(acc, sub, m, sh, zp, qmin, qmax)
+    """``clamp(round((acc - sub) * m * 2^-sh) + zp)`` as int8 (``sub``: the zero point of codes; one- or two-word
+    multipliers, :func:`kernels.split_multiplier`; int32 accumulators)."""
+    from .kernels import split_multiplier
+
+    hi, lo, s = split_multiplier(m, sh)
+    return _compiled("requant2", _requant)(acc, sub, hi, torch.zeros_like(hi) if lo is None else lo, s, zp, qmin, qmax)
 
 
-def _attn_softmax(raw: Tensor, rowterm: Tensor, colterm: Tensor, m: Tensor, sh: Tensor, zp_in: int,
+def _attn_softmax(raw: Tensor, rowterm: Tensor, colterm: Tensor, m: Tensor, ml: Tensor, sh: Tensor, zp_in: int,
                   qmin: int, qmax: int, lut: Tensor, mult_r: int, zp_out: int, oqmin: int, oqmax: int,
                   half: int, shift: int) -> Tensor:
     acc = raw.long() + rowterm + colterm
-    q = (((acc * m + (torch.ones_like(sh) << (sh - 1))) >> sh) + zp_in).clamp(qmin, qmax)
+    q = (((acc * m + ((acc * ml) >> 31) + (torch.ones_like(sh) << (sh - 1))) >> sh) + zp_in).clamp(qmin, qmax)
     mx = q.amax(-1, keepdim=True)
     e = lut[mx - q].long()
     s = e.sum(-1, keepdim=True)
@@ -42,10 +47,14 @@ def _attn_softmax(raw: Tensor, rowterm: Tensor, colterm: Tensor, m: Tensor, sh: 
     return out.to(torch.int8), out.sum(-1, keepdim=True).to(torch.int32)
 
 
-def attn_softmax(*args):
+def attn_softmax(raw: Tensor, rowterm: Tensor, colterm: Tensor, m: Tensor, sh: Tensor, *rest):
     """Scores (raw int32 GEMM + zero-point row/column terms) -> softmax input codes -> softmax output codes;
-    returns (codes int8, their row sums int32)."""
-    return _compiled("attn_softmax2", _attn_softmax)(*args)
+    returns (codes int8, their row sums int32). One- or two-word multipliers (:func:`kernels.split_multiplier`)."""
+    from .kernels import split_multiplier
+
+    hi, lo, s = split_multiplier(m, sh)
+    return _compiled("attn_softmax3", _attn_softmax)(raw, rowterm, colterm, hi,
+                                                     torch.zeros_like(hi) if lo is None else lo, s, *rest)
 
 
 def layer_norm(x: Tensor, gain: Tensor, bias, eps_term: int, k: int, frac: int = 16) -> Tensor:

@@ -40,6 +40,64 @@ def quantize_multiplier(M: Tensor) -> Tuple[Tensor, Tensor]:
     return m.to(torch.int32), shift.to(torch.int8)
 
 
+WIDE_WORD = 2 ** 31  # two-word multipliers: m >= WIDE_WORD holds m_hi 2^31 + m_lo (see split_multiplier)
+
+
+def quantize_multiplier_exact(num: Tensor, den: Tensor) -> Tuple[Tensor, Tensor]:
+    """Compile time: the real multipliers ``num / den`` (float64 values taken as the exact binary fractions they
+    are: products of float32 scales, float32 scales) -> (``m`` int64 in [2^61, 2^62), ``shift``) with ``m 2^-shift``
+    the exact ratio rounded half up to 62 bits (relative error <= 2^-62). :func:`split_multiplier` turns it into the
+    two 31-bit words the kernels multiply with. Ratios of 2^30 or more are an error; below 2^-32 the shift stops at
+    93 (``m`` then has fewer bits)."""
+    from fractions import Fraction
+
+    num = num.detach().double().reshape(-1)
+    den = den.detach().double().reshape(-1).expand(num.numel())
+    ms, shs = [], []
+    for a, b in zip(num.tolist(), den.tolist()):
+        if not (a > 0 and b > 0 and math.isfinite(a) and math.isfinite(b)):
+            raise ValueError(f"requantization multiplier must be positive and finite ({a} / {b})")
+        r = Fraction(a) / Fraction(b)
+        e = r.numerator.bit_length() - r.denominator.bit_length()  # 2^(e-1) < r < 2^(e+1)
+        if r < Fraction(2) ** e:
+            e -= 1  # now 2^e <= r < 2^(e+1)
+        sh = min(61 - e, 93)
+        if sh < 32:
+            raise ValueError(f"requantization multiplier too large ({float(r):.3g} >= 2^30)")
+        m = math.floor(r * 2 ** sh + Fraction(1, 2))
+        if m == 2 ** 62:  # (rounded up to the next power of two)
+            m, sh = 2 ** 61, sh - 1
+        if m < WIDE_WORD:
+            raise ValueError(f"requantization multiplier too small ({float(r):.3g} < 2^-62)")
+        ms.append(m)
+        shs.append(sh)
+    return torch.tensor(ms, dtype=torch.int64), torch.tensor(shs, dtype=torch.int64)
+
+
+def split_multiplier(m: Tensor, shift: Tensor) -> Tuple[Tensor, Optional[Tensor], Tensor]:
+    """``(m_hi, m_lo, s)`` such that ``m 2^-shift = (m_hi + m_lo 2^-31) 2^-s`` with ``m_hi, m_lo < 2^31``: a one-word
+    multiplier (``m < 2^31``, every file before format version 5) is itself with ``m_lo = None``; a two-word one
+    (:func:`quantize_multiplier_exact`) splits into its high and low 31 bits, ``s = shift - 31``. The kernels compute
+    ``(a m_hi + floor(a m_lo / 2^31) + 2^(s-1)) >> s``: exactly ``a m 2^-shift`` rounded half up, for ``|a| < 2^32``."""
+    m, shift = m.long(), shift.long()
+    wide = m >= WIDE_WORD
+    if not bool(wide.any()):
+        return m, None, shift
+    hi = torch.where(wide, m >> 31, m)
+    lo = torch.where(wide, m & (WIDE_WORD - 1), torch.zeros_like(m))
+    return hi, lo, torch.where(wide, shift - 31, shift)
+
+
+def _wide_product(a: Tensor, hi: Tensor, lo: Optional[Tensor]) -> Tensor:
+    """``a m_hi + floor(a m_lo / 2^31)`` in int64 (``|a| < 2^32`` where ``m_lo`` is given: checked)."""
+    if lo is None:
+        return a * hi
+    if a.numel() and int(a.abs().max()) >= 2 ** 32:
+        raise ValueError("two-word requantization of values beyond 2^32 (an int64 accumulator needs a one-word "
+                         "multiplier)")
+    return a * hi + ((a * lo) >> 31)
+
+
 # --- requantization -------------------------------------------------------------------------------
 def rshift_round(x: Tensor, shift: Tensor) -> Tensor:
     """``round(x / 2^shift)`` (half up) for int64 ``x`` and integer ``shift >= 1``."""
@@ -76,21 +134,45 @@ def add_multipliers(sa: float, sb: float, s_out: float) -> Tuple[int, int, int, 
     return out[0], out[1], out[2], out[3], sh
 
 
+def add_multipliers_exact(sa: float, sb: float, s_out: float) -> Tuple[int, int, int, int, int, int, int]:
+    """Compile time: :func:`add_multipliers` with two-word multipliers, ``(ma, ta, mb, tb, sh, la, lb)``: ``s_a /
+    s_out = (ma + la 2^-31) 2^(ta - sh)`` rounded half up to 62 bits from the exact ratio
+    (:func:`quantize_multiplier_exact`), likewise ``b``; the same alignment of the two (the finer one rounded to
+    fewer bits beyond 2^13 apart)."""
+    (ma, sha), (mb, shb) = (tuple(int(v) for v in quantize_multiplier_exact(torch.tensor([s], dtype=torch.float64),
+                                                                            torch.tensor([s_out], dtype=torch.float64)))
+                            for s in (sa, sb))
+    sha, shb = sha - 31, shb - 31  # the high words' shifts
+    sh = min(max(sha, shb), min(sha, shb) + ADD_ALIGN_BITS)
+    out = []
+    for m, shi in ((ma, sha), (mb, shb)):
+        t = sh - shi
+        if t < 0:  # (only the finer operand, beyond 2^13 apart): rounded to fewer bits
+            m, t = (m + (1 << (-t - 1))) >> -t, 0
+        out.append((m >> 31, t, m & (WIDE_WORD - 1)))
+    (ha, ta, la), (hb, tb, lb) = out
+    return ha, ta, hb, tb, sh, la, lb
+
+
 def add_requant_int(a: Tensor, za: int, ma: int, ta: int, b: Tensor, zb: int, mb: int, tb: int, sh: int, zp: int,
-                    qmin: int, qmax: int, out_dtype=torch.int32) -> Tensor:
-    """Residual add straight onto a consumer's grid: ``clamp((((a - za) ma 2^ta + (b - zb) mb 2^tb + 2^(sh-1)) >> sh)
-    + zp, qmin, qmax)`` for codes within 2^17 of their zero points (every term stays below 2^61: exact in int64)."""
+                    qmin: int, qmax: int, out_dtype=torch.int32, la: int = 0, lb: int = 0) -> Tensor:
+    """Residual add straight onto a consumer's grid: ``clamp(((x ma 2^ta + y mb 2^tb + floor((x la 2^ta + y lb 2^tb)
+    / 2^31) + 2^(sh-1)) >> sh) + zp, qmin, qmax)``, ``x = a - za``, ``y = b - zb`` within 2^17 (every term stays
+    below 2^61: exact in int64); ``la``, ``lb``: the second words of two-word multipliers (0: one word)."""
     if cbuild.available():  # (a broadcast operand, e.g. the positions of a batch, copied out first)
         a, b = torch.broadcast_tensors(a, b)
-        return cops.add_requant(a, za, ma, ta, b, zb, mb, tb, sh, zp, qmin, qmax, out_dtype)
-    v = (a.long() - za) * (ma << ta) + (b.long() - zb) * (mb << tb) + (1 << (sh - 1))
+        return cops.add_requant(a, za, ma, ta, b, zb, mb, tb, sh, zp, qmin, qmax, out_dtype, la, lb)
+    x, y = a.long() - za, b.long() - zb
+    v = x * (ma << ta) + y * (mb << tb) + (1 << (sh - 1))
+    if la or lb:
+        v = v + ((x * (la << ta) + y * (lb << tb)) >> 31)
     return torch.clamp((v >> sh) + zp, qmin, qmax).to(out_dtype)
 
 
 def requantize(acc: Tensor, m: Tensor, shift: Tensor, zp: int, qmin: int, qmax: int, out_dtype=torch.int8,
                sub: int = 0) -> Tensor:
     """``clamp(round((acc - sub) * m * 2^-shift) + zp, qmin, qmax)``: int32/int64 accumulator (or codes minus their
-    zero point ``sub``) -> integer codes (one pass in C (:mod:`.cops`) or :mod:`.numba_kernels` where it applies,
+    zero point ``sub``) -> integer codes; one- or two-word multipliers (:func:`split_multiplier`) (one pass in C (:mod:`.cops`) or :mod:`.numba_kernels` where it applies,
     else torch ops)."""
     if cbuild.available():
         out = cops.requantize(acc, m, shift, zp, qmin, qmax, out_dtype, sub)
@@ -101,13 +183,15 @@ def requantize(acc: Tensor, m: Tensor, shift: Tensor, zp: int, qmin: int, qmax: 
         if out is not None:
             return out
     a = acc.long() - sub if sub else acc.long()
-    y = rshift_round(a * m.long(), shift) + zp
+    hi, lo, sh = split_multiplier(m, shift)
+    y = rshift_round(_wide_product(a, hi, lo), sh) + zp
     return y.clamp_(qmin, qmax).to(out_dtype)
 
 
 def rescale(acc: Tensor, m: Tensor, shift: Tensor) -> Tensor:
     """``round(acc * m * 2^-shift)`` as int64 (no clamp): move an accumulator onto another grid."""
-    return rshift_round(acc.long() * m.long(), shift)
+    hi, lo, sh = split_multiplier(m, shift)
+    return rshift_round(_wide_product(acc.long(), hi, lo), sh)
 
 
 # --- GEMMs ----------------------------------------------------------------------------------------

@@ -45,15 +45,17 @@ def _kernels() -> SimpleNamespace:
                     out[m, n] = acc
 
     @njit(parallel=True, cache=True, nogil=True)
-    def requant(acc, sub, mult, shift, zp, qmin, qmax, out):  # pragma: no cover - compiled
-        # acc [R, C] integer; mult/shift [C] (or [1]) int64: out = clamp((((acc-sub)*m + 2^(sh-1)) >> sh) + zp)
+    def requant(acc, sub, mult, mlo, shift, zp, qmin, qmax, out):  # pragma: no cover - compiled
+        # acc [R, C] integer; mult/mlo/shift [C] (or [1]) int64 (mlo: second words, zeros for one-word multipliers):
+        # out = clamp((((acc-sub)*m + floor((acc-sub)*ml / 2^31) + 2^(sh-1)) >> sh) + zp)
         rows, cols = acc.shape
         per_col = mult.size > 1
         for r in prange(rows):
             for c in range(cols):
                 j = c if per_col else 0
                 sh = shift[j]
-                y = (((np.int64(acc[r, c]) - sub) * mult[j] + (np.int64(1) << (sh - 1))) >> sh) + zp
+                a = np.int64(acc[r, c]) - sub
+                y = ((a * mult[j] + ((a * mlo[j]) >> 31) + (np.int64(1) << (sh - 1))) >> sh) + zp
                 out[r, c] = min(max(y, qmin), qmax)
 
     @njit(parallel=True, cache=True, nogil=True)
@@ -110,10 +112,10 @@ def mm(a: Tensor, b_prepared: Tensor) -> Tensor:
 
 # --- requantization ----------------------------------------------------------------------------------
 @torch.library.custom_op("qasr::requantize", mutates_args=())
-def _requantize(acc: Tensor, mult: Tensor, shift: Tensor, zp: int, qmin: int, qmax: int, like: Tensor,
+def _requantize(acc: Tensor, mult: Tensor, mlo: Tensor, shift: Tensor, zp: int, qmin: int, qmax: int, like: Tensor,
                 sub: int = 0) -> Tensor:
     out = torch.empty(acc.shape, dtype=like.dtype)
-    _kernels().requant(acc.numpy(), sub, mult.numpy(), shift.numpy(), zp, qmin, qmax, out.numpy())
+    _kernels().requant(acc.numpy(), sub, mult.numpy(), mlo.numpy(), shift.numpy(), zp, qmin, qmax, out.numpy())
     return out
 
 
@@ -126,11 +128,17 @@ def requantize(acc: Tensor, m: Tensor, shift: Tensor, zp: int, qmin: int, qmax: 
     if not usable(acc) or acc.dtype not in (torch.int8, torch.int32, torch.int64) or m.numel() not in (1, cols) \
             or (m.dim() > 1 and m.shape[-1] != m.numel()):
         return None
+    from .kernels import split_multiplier
+
+    mult, mlo, sh = split_multiplier(m.reshape(-1), shift.reshape(-1))
+    if mlo is not None and acc.dtype == torch.int64:
+        return None  # (two words need |acc| < 2^31: the torch version checks)
     a2 = acc.reshape(-1, cols).contiguous()
-    mult = m.reshape(-1).long().contiguous()
-    sh = shift.reshape(-1).long().expand(mult.numel()).contiguous()
+    mlo = torch.zeros_like(mult) if mlo is None else mlo
+    sh = sh.expand(mult.numel()).contiguous()
     like = torch.empty(0, dtype=out_dtype)
-    return _requantize(a2, mult, sh, int(zp), int(qmin), int(qmax), like, int(sub)).view(acc.shape)
+    return _requantize(a2, mult.contiguous(), mlo.contiguous(), sh, int(zp), int(qmin), int(qmax), like,
+                       int(sub)).view(acc.shape)
 
 
 # --- softmax -------------------------------------------------------------------------------------------

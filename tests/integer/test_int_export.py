@@ -33,7 +33,9 @@ def test_header_names_recipe_bits_layout_requant(exported, recipe, bits):
     rq = h["requant"]
     assert "encoder.layers.0.ffn.fc2.in_q.0" in rq and "decoder.output_projection.in_q.0" in rq
     one = rq["encoder.layers.0.ffn.fc2.in_q.0"]
-    assert isinstance(one["multiplier"], str) or 2 ** 30 <= one["multiplier"] < 2 ** 31
+    # (two words, format version 5: 62 bits of the exact ratio; one word of 31 bits for int64 accumulators)
+    assert isinstance(one["multiplier"], str) or 2 ** 61 <= one["multiplier"] < 2 ** 62 \
+        or 2 ** 30 <= one["multiplier"] < 2 ** 31
     act = h["activations"]["encoder.layers.0.ffn.fc2.in_q.0"]
     assert act["bits"] == 8 and act["qmin"] == -128 and isinstance(act["scale"], float)
 
@@ -110,9 +112,9 @@ def test_residual_adds_per_consumer_and_version_1_files(tmp_path, monkeypatch):
     model, d, cfg, inp = H.quantized_xs("w8a8_r16", **H.WHISPER_LAYOUT)
     path = tmp_path / "v3.safetensors"
     header = export_model(model, str(path), cfg=cfg)
-    assert header["version"] == 4 and "encoder.layers.0.ffn_block.norm.in_q.0" in header["requant_add"]
+    assert header["version"] == 5 and "encoder.layers.0.ffn_block.norm.in_q.0" in header["requant_add"]
     one = header["requant_add"]["encoder.layers.0.ffn_block.norm.in_q.0"]
-    assert max(one["ma"], one["mb"]) >= 2 ** 30 and one["ma"] < 2 ** 31 and one["mb"] < 2 ** 31
+    assert max(one["ma"], one["mb"]) >= 2 ** 30 and all(one[k] < 2 ** 31 for k in ("ma", "mb", "la", "lb"))
     mem, disk = IntegerEngine.from_quantized(model, cfg), load_engine(str(path))
     outs = [e.decode_step(inp["prev_output_tokens"], e.encode(e.quantize_input(inp["src_tokens"]),
                                                                inp["src_lengths"]), None) for e in (mem, disk)]
@@ -147,7 +149,7 @@ def test_layer_norm_fraction_bits_and_version_2_files(tmp_path, monkeypatch):
     path = tmp_path / "v3.safetensors"
     header = export_model(model, str(path), cfg=cfg)
     ln = {k: v for k, v in header["meta"].items() if k.startswith("ln:")}
-    assert header["version"] == 4 and ln and all(v["frac"] == 24 for v in ln.values())
+    assert header["version"] == 5 and ln and all(v["frac"] == 24 for v in ln.values())
     assert torch.equal(logits(IntegerEngine.from_quantized(model, cfg)), logits(load_engine(str(path))))
     monkeypatch.setattr(IntegerEngine, "LN_FRAC_BITS", 16)
     want16 = logits(IntegerEngine.from_quantized(model, cfg))
@@ -179,7 +181,7 @@ def test_grouped_folding_and_version_3_files(tmp_path, monkeypatch):
     path = tmp_path / "v4.safetensors"
     header = export_model(model, str(path), cfg=cfg)
     folded = header["requant_grouped"]
-    assert header["version"] == 4 and "decoder.layers.0.cross_attn.matmul_1.in_q.1" in folded
+    assert header["version"] == 5 and "decoder.layers.0.cross_attn.matmul_1.in_q.1" in folded
     assert all(1 <= v["shift"] <= 62 for v in folded.values())
     want = logits(IntegerEngine.from_quantized(model, cfg))
     assert torch.equal(want, logits(load_engine(str(path))))
@@ -193,3 +195,38 @@ def test_grouped_folding_and_version_3_files(tmp_path, monkeypatch):
     monkeypatch.setattr(IntegerEngine, "FOLD_GROUPS", True)
     assert torch.equal(logits(load_engine(str(old))), plain)
     assert not torch.equal(want, plain)  # folded: other integers
+
+
+def test_two_word_multipliers_and_version_4_files(tmp_path, monkeypatch):
+    """Version 5 files hold two-word (62-bit) multipliers (``rq:<q>.m`` int64 from 2^31; ``rqa:`` with its two low
+    words) and reload bit-identically; a version 4 file (one-word multipliers throughout) still loads and gives what an
+    engine compiled with ``EXACT_MULTIPLIERS`` off gives. (On a model this small the two give the same logits: one
+    word already leaves about one code in 10^7 different, tests/integer/test_int_two_word.py plants the ties.)"""
+    import json
+
+    from safetensors.torch import load_file, save_file
+    model, d, cfg, inp = H.quantized_xs("w8a8_r16", **H.WHISPER_LAYOUT)
+
+    def logits(e):
+        return e.decode_step(inp["prev_output_tokens"], e.encode(e.quantize_input(inp["src_tokens"]),
+                                                                  inp["src_lengths"]), None)
+
+    path = tmp_path / "v5.safetensors"
+    export_model(model, str(path), cfg=cfg)
+    t = load_file(str(path))
+    two = [k for k, v in t.items() if k.startswith("rq:") and k.endswith(".m") and int(v.max()) >= 2 ** 61]
+    assert len(two) > 20 and all(t[k].dtype == torch.int64 for k in two)
+    assert all(t[k].numel() == 7 for k in t if k.startswith("rqa:"))
+    want = logits(IntegerEngine.from_quantized(model, cfg))
+    assert torch.equal(want, logits(load_engine(str(path))))
+    monkeypatch.setattr(IntegerEngine, "EXACT_MULTIPLIERS", False)
+    one = logits(IntegerEngine.from_quantized(model, cfg))
+    path4 = tmp_path / "one.safetensors"
+    h4 = dict(export_model(model, str(path4), cfg=cfg), version=4)
+    t4 = load_file(str(path4))
+    assert all(int(v.max()) < 2 ** 31 for k, v in t4.items() if k.startswith("rq:") and k.endswith(".m"))
+    assert all(v.numel() == 5 for k, v in t4.items() if k.startswith("rqa:"))
+    old = tmp_path / "v4.safetensors"
+    save_file(t4, str(old), metadata={"qasr": json.dumps(h4)})
+    monkeypatch.setattr(IntegerEngine, "EXACT_MULTIPLIERS", True)
+    assert torch.equal(logits(load_engine(str(old))), one)

@@ -258,19 +258,20 @@ static inline void add_outlier32(int32_t *t, const int16_t *b16, int64_t k, int3
     }
 }
 
-static inline int64_t rq1(int64_t a, int64_t m, int64_t sh, int64_t zp, int64_t qmin, int64_t qmax);
-static void rq_row(const void *acc, int type, int64_t cols, int64_t sub, const int64_t *mult, const int64_t *shift,
-                   int per_col, int64_t zp, int64_t qmin, int64_t qmax, void *out, int otype);
-static int rq_vector_ok(const int64_t *mult, const int64_t *shift, int64_t n, int otype, int64_t qmin, int64_t qmax);
+static inline int64_t rq1(int64_t a, int64_t m, int64_t ml, int64_t sh, int64_t zp, int64_t qmin, int64_t qmax);
+static void rq_row(const void *acc, int type, int64_t cols, int64_t sub, const int64_t *mult, const int64_t *mlo,
+                   const int64_t *shift, int per_col, int64_t zp, int64_t qmin, int64_t qmax, void *out, int otype);
+static int rq_vector_ok(const int64_t *mult, const int64_t *mlo, const int64_t *shift, int64_t n, int otype,
+                        int64_t qmin, int64_t qmax);
 
 /* A requantization fused into a GEMM's int64 epilogue (qasr_requant's arithmetic on the values the int64 output
  * would hold): out codes [M, N] (row stride ldr) of type otype (0 int8, 1 int16, 2 int32) */
 typedef struct {
-    const int64_t *mult, *shift;
+    const int64_t *mult, *mlo, *shift; /* mlo: second words (NULL: none) */
     int per_col, otype, vec;
     int64_t zp, qmin, qmax, ldr;
     void *out;
-    __m256i *narrow; /* int32 values: 9 vectors of constants per 8 columns (narrow_constants) */
+    __m256i *narrow; /* int32 values: NK vectors of constants per 8 columns (narrow_constants) */
 } rq_epilogue;
 
 static int64_t floordiv128(__int128 a, int64_t b) { /* b > 0; the quotient fits int64 here */
@@ -284,57 +285,79 @@ static int64_t floordiv128(__int128 a, int64_t b) { /* b > 0; the quotient fits 
  * the smallest where y(v) >= qmax (each kept within int32). Between them y stays within [qmin, qmax] +- (2^30 + 1)
  * (m < 2^31, sh >= 1: a step of v moves y by at most 2^30 + 1), inside int32 where |qmin|, |qmax| < 2^30 - 1, so it
  * is computed in 32-bit lanes whatever the multiplier and zero point. */
-static void clamp_bounds(int64_t m, int64_t sh, int64_t zp, int64_t qmin, int64_t qmax, int32_t *vlo, int32_t *vhi) {
-    if (m == 0) { /* y = zp for every v */
+static void clamp_bounds(int64_t m, int64_t ml, int64_t sh, int64_t zp, int64_t qmin, int64_t qmax, int32_t *vlo,
+                         int32_t *vhi) {
+    if (m == 0 && ml == 0) { /* y = zp for every v */
         *vlo = INT32_MIN;
         *vhi = INT32_MAX;
         return;
     }
-    const __int128 h = (__int128)1 << (sh - 1), p = (__int128)1 << sh;
-    const int64_t hi = -floordiv128(-((__int128)(qmax - zp) * p - h), m); /* ceil */
-    const int64_t lo = -floordiv128(-((__int128)(qmin - zp + 1) * p - h), m) - 1;
+    /* (two words: y(v) = round(v (m 2^31 + ml) / 2^(sh+31)), the same rounding at 31 more bits) */
+    const int64_t M = m * ((int64_t)1 << 31) + ml, S = sh + 31;
+    const __int128 h = (__int128)1 << (S - 1), p = (__int128)1 << S;
+    const int64_t hi = -floordiv128(-((__int128)(qmax - zp) * p - h), M); /* ceil */
+    const int64_t lo = -floordiv128(-((__int128)(qmin - zp + 1) * p - h), M) - 1;
     *vhi = hi > INT32_MAX ? INT32_MAX : hi < INT32_MIN ? INT32_MIN : (int32_t)hi;
     *vlo = lo > INT32_MAX ? INT32_MAX : lo < INT32_MIN ? INT32_MIN : (int32_t)lo;
 }
 
 /* The constants of rq8k for columns c..c+7 of every 8 (one multiplier: the same for all): multipliers, biases
- * 2^62 + 2^(sh-1) and shifts of the even and odd columns as int64 lanes, fix = 2^(62-sh) - zp, vlo and vhi as 8 int32
- * each; 0 (the int64 lanes' arithmetic stays) where a multiplier or shift is out of range (0 <= m < 2^31, 1 <= sh <= 62,
- * rq_vector_ok's ranges) */
-static __m256i *narrow_constants(const int64_t *mult, const int64_t *shift, int per_col, int64_t n, int64_t zp,
-                                 int64_t qmin, int64_t qmax) {
+ * 2^62 + 2^(sh-1) (minus 2^31 with second words: rq8k's offset of their term) and shifts of the even and odd columns
+ * as int64 lanes, fix = 2^(62-sh) - zp, vlo and vhi as 8 int32 each, the second words of the even and odd columns (0
+ * without); NK vectors per 8 columns. 0 (the int64 lanes' arithmetic stays) where a multiplier or shift is out of
+ * range (0 <= m, ml < 2^31, 1 <= sh <= 62, rq_vector_ok's ranges) */
+#define NK 11
+static __m256i *narrow_constants(const int64_t *mult, const int64_t *mlo, const int64_t *shift, int per_col, int64_t n,
+                                 int64_t zp, int64_t qmin, int64_t qmax) {
     if (qmin < -((int64_t)1 << 30) + 1 || qmax > ((int64_t)1 << 30) - 2) return 0; /* y within qmin/qmax +- 2^30 + 1 */
     for (int64_t j = 0; j < (per_col ? n : 1); j++)
-        if (shift[j] < 1 || shift[j] > 62 || mult[j] < 0 || mult[j] >= ((int64_t)1 << 31)) return 0;
+        if (shift[j] < 1 || shift[j] > 62 || mult[j] < 0 || mult[j] >= ((int64_t)1 << 31) ||
+            (mlo && (mlo[j] < 0 || mlo[j] >= ((int64_t)1 << 31))))
+            return 0;
     const int64_t chunks = (n + 7) / 8;
-    __m256i *k = aligned_alloc(32, (size_t)chunks * 9 * sizeof(__m256i));
+    __m256i *k = aligned_alloc(32, (size_t)chunks * NK * sizeof(__m256i));
     for (int64_t c = 0; c < chunks; c++) {
-        int64_t v[6][4];
+        int64_t v[8][4];
         int32_t fix[8], vlo[8], vhi[8];
         for (int l = 0; l < 8; l++) {
             const int64_t col = c * 8 + l < n ? c * 8 + l : n - 1, j = per_col ? col : 0;
-            const int64_t m = mult[j], sh = shift[j];
+            const int64_t m = mult[j], ml = mlo ? mlo[j] : 0, sh = shift[j];
             v[l & 1][l / 2] = m;
-            v[2 + (l & 1)][l / 2] = ((int64_t)1 << 62) + ((int64_t)1 << (sh - 1));
+            v[2 + (l & 1)][l / 2] = ((int64_t)1 << 62) + ((int64_t)1 << (sh - 1)) - (mlo ? (int64_t)1 << 31 : 0);
             v[4 + (l & 1)][l / 2] = sh;
+            v[6 + (l & 1)][l / 2] = ml;
             fix[l] = (int32_t)(uint32_t)(((int64_t)1 << (62 - sh)) - zp);
-            clamp_bounds(m, sh, zp, qmin, qmax, vlo + l, vhi + l);
+            clamp_bounds(m, ml, sh, zp, qmin, qmax, vlo + l, vhi + l);
         }
-        for (int i = 0; i < 6; i++) k[c * 9 + i] = _mm256_loadu_si256((const __m256i *)v[i]);
-        k[c * 9 + 6] = _mm256_loadu_si256((const __m256i *)fix);
-        k[c * 9 + 7] = _mm256_loadu_si256((const __m256i *)vlo);
-        k[c * 9 + 8] = _mm256_loadu_si256((const __m256i *)vhi);
+        for (int i = 0; i < 6; i++) k[c * NK + i] = _mm256_loadu_si256((const __m256i *)v[i]);
+        k[c * NK + 6] = _mm256_loadu_si256((const __m256i *)fix);
+        k[c * NK + 7] = _mm256_loadu_si256((const __m256i *)vlo);
+        k[c * NK + 8] = _mm256_loadu_si256((const __m256i *)vhi);
+        k[c * NK + 9] = _mm256_loadu_si256((const __m256i *)v[6]);
+        k[c * NK + 10] = _mm256_loadu_si256((const __m256i *)v[7]);
     }
     return k;
 }
 
 #define NARROW_MIN_ROWS 32 /* GEMMs with fewer rows do not pay for narrow_constants */
 
-/* 8 int32 values -> their codes (clamped, int32 lanes) with rq8n's arithmetic and the column constants k */
-static inline __m256i rq8k(__m256i s, const __m256i *k, __m256i lo, __m256i hi) {
+/* floor(s ml / 2^31) + 2^31 for the low dwords s of int64 lanes (|s ml| < 2^62: a logical shift of s ml + 2^62) */
+static inline __m256i lo_term(__m256i s, __m256i ml) {
+    return _mm256_srli_epi64(_mm256_add_epi64(_mm256_mul_epi32(s, ml), _mm256_set1_epi64x((int64_t)1 << 62)), 31);
+}
+
+/* 8 int32 values -> their codes (clamped, int32 lanes) with rq8n's arithmetic and the column constants k (haslo:
+ * second words, their term's 2^31 offset taken out of the biases) */
+static inline __m256i rq8k(__m256i s, const __m256i *k, __m256i lo, __m256i hi, int haslo) {
     s = _mm256_min_epi32(_mm256_max_epi32(s, k[7]), k[8]);
-    __m256i e = _mm256_srlv_epi64(_mm256_add_epi64(_mm256_mul_epi32(s, k[0]), k[2]), k[4]);
-    __m256i o = _mm256_srlv_epi64(_mm256_add_epi64(_mm256_mul_epi32(_mm256_srli_epi64(s, 32), k[1]), k[3]), k[5]);
+    const __m256i so = _mm256_srli_epi64(s, 32);
+    __m256i pe = _mm256_mul_epi32(s, k[0]), po = _mm256_mul_epi32(so, k[1]);
+    if (haslo) {
+        pe = _mm256_add_epi64(pe, lo_term(s, k[9]));
+        po = _mm256_add_epi64(po, lo_term(so, k[10]));
+    }
+    __m256i e = _mm256_srlv_epi64(_mm256_add_epi64(pe, k[2]), k[4]);
+    __m256i o = _mm256_srlv_epi64(_mm256_add_epi64(po, k[3]), k[5]);
     __m256i y = _mm256_sub_epi32(_mm256_blend_epi32(e, _mm256_slli_epi64(o, 32), 0xAA), k[6]);
     return _mm256_min_epi32(_mm256_max_epi32(y, lo), hi);
 }
@@ -357,13 +380,14 @@ static inline void rq_tile_row(const rq_epilogue *rq, const void *v, int vtype, 
     char *o = (char *)rq->out + (m * rq->ldr + n0) * ((int64_t)1 << rq->otype);
     const int64_t j0 = rq->per_col ? n0 : 0;
     if (rq->vec && nc == NR) {
-        rq_row(v, vtype, NR, 0, rq->mult + j0, rq->shift + j0, rq->per_col, rq->zp, rq->qmin, rq->qmax, o, rq->otype);
+        rq_row(v, vtype, NR, 0, rq->mult + j0, rq->mlo ? rq->mlo + j0 : 0, rq->shift + j0, rq->per_col, rq->zp,
+               rq->qmin, rq->qmax, o, rq->otype);
         return;
     }
     for (int64_t c = 0; c < nc; c++) {
         const int64_t j = rq->per_col ? j0 + c : 0;
         const int64_t a = vtype == 3 ? ((const int64_t *)v)[c] : ((const int32_t *)v)[c];
-        const int64_t y = rq1(a, rq->mult[j], rq->shift[j], rq->zp, rq->qmin, rq->qmax);
+        const int64_t y = rq1(a, rq->mult[j], rq->mlo ? rq->mlo[j] : 0, rq->shift[j], rq->zp, rq->qmin, rq->qmax);
         if (rq->otype == 2) ((int32_t *)o)[c] = (int32_t)y;
         else if (rq->otype == 1) ((int16_t *)o)[c] = (int16_t)y;
         else ((int8_t *)o)[c] = (int8_t)y;
@@ -408,16 +432,16 @@ static inline void store64(int64_t *o, int64_t ldo, const int64_t *t, const int6
 void qasr_qgemm(const void *a, int atype, int64_t lda, int32_t off, int reps, int64_t M, int64_t K,
                 const int16_t *bp, int64_t Kp, int64_t Np, int64_t N, int64_t gs, const int32_t *ratio,
                 const int64_t *init, int64_t bz, int rshift, const int64_t *post, int32_t *out32, int64_t *out64,
-                int64_t ldo, const int8_t *bq, const int64_t *colsum, const int64_t *rq_mult, const int64_t *rq_shift,
-                int rq_per_col, int64_t rq_zp, int64_t rq_qmin, int64_t rq_qmax, void *rq_out, int rq_otype,
+                int64_t ldo, const int8_t *bq, const int64_t *colsum, const int64_t *rq_mult, const int64_t *rq_mlo,
+                const int64_t *rq_shift, int rq_per_col, int64_t rq_zp, int64_t rq_qmin, int64_t rq_qmax, void *rq_out, int rq_otype,
                 int64_t ldr, int nthreads) {
     const int64_t panels = Np / NR, groups = (Kp + gs - 1) / gs, gp = gs / 2, pairs = Kp / 2, Kh = Kp / reps;
     /* rq_out: the int64 values are requantized in the epilogue (qasr_requant's arithmetic) instead of stored */
-    rq_epilogue rqe = {rq_mult, rq_shift, rq_per_col, rq_otype, 0, rq_zp, rq_qmin, rq_qmax, ldr, rq_out, 0};
-    if (rq_out) rqe.vec = rq_vector_ok(rq_mult, rq_shift, rq_per_col ? N : 1, rq_otype, rq_qmin, rq_qmax);
+    rq_epilogue rqe = {rq_mult, rq_mlo, rq_shift, rq_per_col, rq_otype, 0, rq_zp, rq_qmin, rq_qmax, ldr, rq_out, 0};
+    if (rq_out) rqe.vec = rq_vector_ok(rq_mult, rq_mlo, rq_shift, rq_per_col ? N : 1, rq_otype, rq_qmin, rq_qmax);
     if (rq_out && out32 && rqe.vec && M >= NARROW_MIN_ROWS) /* (the constants cost ~25 ns a column: few rows, e.g.
                                                                decoder steps over the vocabulary, keep rq_row) */
-        rqe.narrow = narrow_constants(rq_mult, rq_shift, rq_per_col, N, rq_zp, rq_qmin, rq_qmax);
+        rqe.narrow = narrow_constants(rq_mult, rq_mlo, rq_shift, rq_per_col, N, rq_zp, rq_qmin, rq_qmax);
     const rq_epilogue *rq = rq_out ? &rqe : 0; /* (int32 accumulators too: out32 then only selects that way) */
     const int64_t Kq = (K + 3) / 4 * 4, quads = Kq / 4, gq = gs / 4;
     const int byteway = bq && colsum && atype == 0 && reps == 1 && (out32 || gs % 4 == 0);
@@ -472,7 +496,8 @@ void qasr_qgemm(const void *a, int atype, int64_t lda, int32_t off, int reps, in
                                 for (int32_t j = ostart[i + r]; j < ostart[i + r + 1]; j++)
                                     add_outlier32(t32 + r * NR, b, ol[j].k, ol[j].e);
                         if (rq && rq->narrow && nc == NR) { /* 16 columns at once in int32 lanes */
-                            const __m256i *k0 = rq->narrow + (n0 / 8) * 9, *k1 = k0 + 9;
+                            const __m256i *k0 = rq->narrow + (n0 / 8) * NK, *k1 = k0 + NK;
+                            const int haslo = rq->mlo != 0;
                             const __m256i c0 = _mm256_loadu_si256((const __m256i *)(ci32 + n0));
                             const __m256i c1 = _mm256_loadu_si256((const __m256i *)(ci32 + n0 + 8));
                             const __m256i lo = _mm256_set1_epi32((int32_t)rq->qmin);
@@ -484,7 +509,7 @@ void qasr_qgemm(const void *a, int atype, int64_t lda, int32_t off, int reps, in
                                 const __m256i v0 = _mm256_sub_epi32(_mm256_add_epi32(t0, c0), rs);
                                 const __m256i v1 = _mm256_sub_epi32(_mm256_add_epi32(t1, c1), rs);
                                 char *o = (char *)rq->out + ((mb + i + r) * rq->ldr + n0) * ((int64_t)1 << rq->otype);
-                                store_codes16(o, rq->otype, rq8k(v0, k0, lo, hi), rq8k(v1, k1, lo, hi));
+                                store_codes16(o, rq->otype, rq8k(v0, k0, lo, hi, haslo), rq8k(v1, k1, lo, hi, haslo));
                             }
                             continue;
                         }
@@ -567,18 +592,23 @@ void qasr_qgemm(const void *a, int atype, int64_t lda, int32_t off, int reps, in
 static inline int64_t clamp64(int64_t v, int64_t lo, int64_t hi) { return v < lo ? lo : v > hi ? hi : v; }
 
 /* clamp(((s * m + 2^(sh-1)) >> sh) + zp, lo, hi) for 4 int64 lanes holding int32 values s (|s| < 2^31, 0 <= m < 2^31):
- * the arithmetic shift as a logical one on s * m + 2^62 + 2^(sh-1) (= bias, the sum >= 0), minus fix = 2^(62-sh) - zp */
-static inline __m256i rq4(__m256i s, __m256i m, __m256i bias, __m128i shv, __m256i fix, __m256i lo, __m256i hi) {
-    __m256i y = _mm256_sub_epi64(_mm256_srl_epi64(_mm256_add_epi64(_mm256_mul_epi32(s, m), bias), shv), fix);
+ * the arithmetic shift as a logical one on s * m + 2^62 + 2^(sh-1) (= bias, the sum >= 0), minus fix = 2^(62-sh) - zp.
+ * haslo: plus floor(s * ml / 2^31) (a second word; bias then holds -2^31 for lo_term's offset) */
+static inline __m256i rq4(__m256i s, __m256i m, __m256i ml, int haslo, __m256i bias, __m128i shv, __m256i fix,
+                          __m256i lo, __m256i hi) {
+    __m256i p = _mm256_mul_epi32(s, m);
+    if (haslo) p = _mm256_add_epi64(p, lo_term(s, ml));
+    __m256i y = _mm256_sub_epi64(_mm256_srl_epi64(_mm256_add_epi64(p, bias), shv), fix);
     y = _mm256_blendv_epi8(y, lo, _mm256_cmpgt_epi64(lo, y));
     return _mm256_blendv_epi8(y, hi, _mm256_cmpgt_epi64(y, hi));
 }
 
 /* 8 int32 scores -> 8 int32 codes (rq4 on each half, low dwords gathered back) */
-static inline __m256i rq8(__m256i s, __m256i m, __m256i bias, __m128i shv, __m256i fix, __m256i lo, __m256i hi) {
+static inline __m256i rq8(__m256i s, __m256i m, __m256i ml, int haslo, __m256i bias, __m128i shv, __m256i fix,
+                          __m256i lo, __m256i hi) {
     const __m256i even = _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6);
-    __m256i a = rq4(_mm256_cvtepi32_epi64(_mm256_castsi256_si128(s)), m, bias, shv, fix, lo, hi);
-    __m256i b = rq4(_mm256_cvtepi32_epi64(_mm256_extracti128_si256(s, 1)), m, bias, shv, fix, lo, hi);
+    __m256i a = rq4(_mm256_cvtepi32_epi64(_mm256_castsi256_si128(s)), m, ml, haslo, bias, shv, fix, lo, hi);
+    __m256i b = rq4(_mm256_cvtepi32_epi64(_mm256_extracti128_si256(s, 1)), m, ml, haslo, bias, shv, fix, lo, hi);
     return _mm256_set_m128i(_mm256_castsi256_si128(_mm256_permutevar8x32_epi32(b, even)),
                             _mm256_castsi256_si128(_mm256_permutevar8x32_epi32(a, even)));
 }
@@ -586,9 +616,16 @@ static inline __m256i rq8(__m256i s, __m256i m, __m256i bias, __m128i shv, __m25
 /* rq8 where every unclamped code fits int32 (m <= 2^(sh-1), so |s * m / 2^sh| <= 2^30, and |zp| < 2^29): the even
  * and odd lanes multiplied in place, their low dwords merged, the offset and the clamps in 32 bits (fix32: the low
  * dword of 2^(62-sh) - zp) */
-static inline __m256i rq8n(__m256i s, __m256i m, __m256i bias, __m128i shv, __m256i fix32, __m256i lo, __m256i hi) {
-    __m256i e = _mm256_srl_epi64(_mm256_add_epi64(_mm256_mul_epi32(s, m), bias), shv);
-    __m256i o = _mm256_srl_epi64(_mm256_add_epi64(_mm256_mul_epi32(_mm256_srli_epi64(s, 32), m), bias), shv);
+static inline __m256i rq8n(__m256i s, __m256i m, __m256i ml, int haslo, __m256i bias, __m128i shv, __m256i fix32,
+                           __m256i lo, __m256i hi) {
+    const __m256i so = _mm256_srli_epi64(s, 32);
+    __m256i pe = _mm256_mul_epi32(s, m), po = _mm256_mul_epi32(so, m);
+    if (haslo) {
+        pe = _mm256_add_epi64(pe, lo_term(s, ml));
+        po = _mm256_add_epi64(po, lo_term(so, ml));
+    }
+    __m256i e = _mm256_srl_epi64(_mm256_add_epi64(pe, bias), shv);
+    __m256i o = _mm256_srl_epi64(_mm256_add_epi64(po, bias), shv);
     __m256i y = _mm256_sub_epi32(_mm256_blend_epi32(e, _mm256_slli_epi64(o, 32), 0xAA), fix32);
     return _mm256_min_epi32(_mm256_max_epi32(y, lo), hi);
 }
@@ -621,9 +658,9 @@ static inline void tile_list(const int16_t *a, int64_t lda, const int16_t *bp, c
  * vKp % 16 == 0, rows >= Tk zero); out [BH, Tq, d] int64 */
 void qasr_attention(const int8_t *q, int64_t BH, int64_t Tq, int64_t d,
                     const int16_t *kp, int64_t kstride, int64_t Tk, int64_t Tkp, const int32_t *kinit, int64_t zk,
-                    int64_t m1, int sh1, int64_t zp1, int64_t qmin1, int64_t qmax1,
+                    int64_t m1, int64_t m1l, int sh1, int64_t zp1, int64_t qmin1, int64_t qmax1,
                     const int32_t *lut, int64_t mult_r, int sh, int64_t zpo, int64_t qmino, int64_t qmaxo,
-                    int64_t m2, int sh2, int64_t zp2, int64_t qmin2, int64_t qmax2,
+                    int64_t m2, int64_t m2l, int sh2, int64_t zp2, int64_t qmin2, int64_t qmax2,
                     const int16_t *vp, int64_t vstride, int64_t vKp, int64_t vo_zv, int64_t dp, const int32_t *klen,
                     const int8_t *kq, const int32_t *kcol, int64_t *out, int nthreads) {
     const int64_t blocks = (Tq + AB - 1) / AB, vpairs = vKp / 2, lda = 2 * vKp; /* pb rows: [high bytes | low bytes] */
@@ -653,10 +690,12 @@ void qasr_attention(const int8_t *q, int64_t BH, int64_t Tq, int64_t d,
                                           256, 256, 256, 256, 256, 256, 256, 256};
         __m256i acc[2 * MR];
         const __m256i vm1 = _mm256_set1_epi64x(m1), vfix1 = _mm256_set1_epi64x(((int64_t)1 << (62 - sh1)) - zp1);
-        const __m256i vb1 = _mm256_set1_epi64x(((int64_t)1 << 62) + ((int64_t)1 << (sh1 - 1)));
+        const int lo1 = m1l != 0; /* a second word of the scores' multiplier (lo_term's 2^31 out of the bias) */
+        const __m256i vm1l = _mm256_set1_epi64x(m1l);
+        const __m256i vb1 = _mm256_set1_epi64x(((int64_t)1 << 62) + ((int64_t)1 << (sh1 - 1)) - (lo1 ? (int64_t)1 << 31 : 0));
         const __m256i vlo1 = _mm256_set1_epi64x(qmin1), vhi1 = _mm256_set1_epi64x(qmax1);
         const __m128i vsh1 = _mm_cvtsi32_si128(sh1);
-        const int narrow = m1 <= ((int64_t)1 << (sh1 - 1)) && zp1 > -((int64_t)1 << 29) && zp1 < ((int64_t)1 << 29);
+        const int narrow = (m1 < ((int64_t)1 << (sh1 - 1)) || (m1 == ((int64_t)1 << (sh1 - 1)) && !lo1)) && zp1 > -((int64_t)1 << 29) && zp1 < ((int64_t)1 << 29);
         const __m256i vfix32 = _mm256_set1_epi32((int32_t)(uint32_t)(((int64_t)1 << (62 - sh1)) - zp1));
         const __m256i vlo32 = _mm256_set1_epi32((int32_t)qmin1), vhi32 = _mm256_set1_epi32((int32_t)qmax1);
 #pragma omp for schedule(static) collapse(2)
@@ -714,11 +753,13 @@ void qasr_attention(const int8_t *q, int64_t BH, int64_t Tq, int64_t d,
                             __m256i s0 = _mm256_sub_epi32(_mm256_add_epi32(acc[2 * r], k0), rs);
                             __m256i s1 = _mm256_sub_epi32(_mm256_add_epi32(acc[2 * r + 1], k1), rs);
                             if (narrow) {
-                                _mm256_storeu_si256((__m256i *)o, rq8n(s0, vm1, vb1, vsh1, vfix32, vlo32, vhi32));
-                                _mm256_storeu_si256((__m256i *)(o + 8), rq8n(s1, vm1, vb1, vsh1, vfix32, vlo32, vhi32));
+                                _mm256_storeu_si256((__m256i *)o, rq8n(s0, vm1, vm1l, lo1, vb1, vsh1, vfix32, vlo32, vhi32));
+                                _mm256_storeu_si256((__m256i *)(o + 8),
+                                                    rq8n(s1, vm1, vm1l, lo1, vb1, vsh1, vfix32, vlo32, vhi32));
                             } else {
-                                _mm256_storeu_si256((__m256i *)o, rq8(s0, vm1, vb1, vsh1, vfix1, vlo1, vhi1));
-                                _mm256_storeu_si256((__m256i *)(o + 8), rq8(s1, vm1, vb1, vsh1, vfix1, vlo1, vhi1));
+                                _mm256_storeu_si256((__m256i *)o, rq8(s0, vm1, vm1l, lo1, vb1, vsh1, vfix1, vlo1, vhi1));
+                                _mm256_storeu_si256((__m256i *)(o + 8),
+                                                    rq8(s1, vm1, vm1l, lo1, vb1, vsh1, vfix1, vlo1, vhi1));
                             }
                         }
                     }
@@ -760,8 +801,7 @@ void qasr_attention(const int8_t *q, int64_t BH, int64_t Tq, int64_t d,
                             int64_t c0 = top + 1; /* the lowest code present whose d is not 0 */
                             for (int64_t c = top; c >= cl; c--) {
                                 int64_t p = clamp64(((lut[top - c] * recip + half) >> sh) + zpo, qmino, qmaxo);
-                                tab[c] = (int32_t)(clamp64(((((p - zpo) * m2) + ((int64_t)1 << (sh2 - 1))) >> sh2) + zp2,
-                                                           qmin2, qmax2) - zp2); /* [0, 2^16) */
+                                tab[c] = (int32_t)(rq1(p - zpo, m2, m2l, sh2, zp2, qmin2, qmax2) - zp2); /* [0, 2^16) */
                                 if (!tab[c] && shortcut) break;
                                 s2 += hist[c] * (int64_t)tab[c];
                                 if (tab[c] && hist[c]) c0 = c;
@@ -792,8 +832,7 @@ void qasr_attention(const int8_t *q, int64_t BH, int64_t Tq, int64_t d,
                             const int64_t recip = mult_r / total;
                             for (int64_t j = 0; j < tk; j++) {
                                 int64_t p = clamp64(((lut[mx - row[j]] * recip + half) >> sh) + zpo, qmino, qmaxo);
-                                int64_t v = clamp64(((((p - zpo) * m2) + ((int64_t)1 << (sh2 - 1))) >> sh2) + zp2,
-                                                    qmin2, qmax2) - zp2;
+                                int64_t v = rq1(p - zpo, m2, m2l, sh2, zp2, qmin2, qmax2) - zp2;
                                 dh[j] = (int16_t)(v >> 8);
                                 dl[j] = (int16_t)(v & 255);
                                 s2 += v;
@@ -1057,13 +1096,15 @@ void qasr_add(const void *a, int atype, int64_t za, int64_t ka, const void *b, i
     }
 }
 
-/* kernels.add_requant_int: out = clamp((((a - za) ma 2^ta + (b - zb) mb 2^tb + 2^(sh-1)) >> sh) + zp, qmin, qmax)
- * (ma, mb < 2^31, ta, tb <= 13, 1 <= sh <= 62), codes within 2^17 of their zero points: every product is below 2^61,
- * their sum and the rounding term below 2^63. 4 int64 lanes a step (vpmuldq); *bad counts the
- * codes 2^17 or more from their zero point (their outputs are left unset: the caller raises). */
+/* kernels.add_requant_int: out = clamp(((x ma 2^ta + y mb 2^tb + floor((x la 2^ta + y lb 2^tb) / 2^31) + 2^(sh-1)) >> sh)
+ * + zp, qmin, qmax), x = a - za, y = b - zb (ma, mb, la, lb < 2^31: second words la, lb, 0 for one-word multipliers;
+ * ta, tb <= 13, 1 <= sh <= 62), codes within 2^17 of their zero points: every product is below 2^61, their sums and
+ * the rounding term below 2^63. 4 int64 lanes a step (vpmuldq); *bad counts the codes 2^17 or more from their zero
+ * point (their outputs are left unset: the caller raises). */
 void qasr_add_requant(const void *a, int atype, const void *b, int btype, int64_t n, int64_t za, int64_t ma,
                       int64_t ta, int64_t zb, int64_t mb, int64_t tb, int64_t sh, int64_t zp, int64_t qmin,
-                      int64_t qmax, int64_t *bad, void *out, int otype, int nthreads) {
+                      int64_t qmax, int64_t la, int64_t lb, int64_t *bad, void *out, int otype, int nthreads) {
+    const int haslo = la || lb;
     const int64_t lim = (int64_t)1 << 17, blocks = (n + ADD_BLOCK - 1) / ADD_BLOCK;
     int64_t nbad = 0;
 #pragma omp parallel for num_threads(nthreads) schedule(static) reduction(+ : nbad) if (n >= 65536)
@@ -1072,9 +1113,11 @@ void qasr_add_requant(const void *a, int atype, const void *b, int btype, int64_
         const __m256i vza = _mm256_set1_epi64x(za), vzb = _mm256_set1_epi64x(zb), vma = _mm256_set1_epi64x(ma);
         const __m256i vmb = _mm256_set1_epi64x(mb), hi = _mm256_set1_epi64x(lim - 1), lo = _mm256_set1_epi64x(-lim);
         /* the arithmetic shift as a logical one on v + 2^62 + 2^(sh-1) (>= 0), minus 2^(62-sh), plus zp */
-        const __m256i bias = _mm256_set1_epi64x(((int64_t)1 << 62) + ((int64_t)1 << (sh - 1)));
+        const __m256i bias = _mm256_set1_epi64x(((int64_t)1 << 62) + ((int64_t)1 << (sh - 1)) -
+                                                (haslo ? (int64_t)1 << 31 : 0)); /* (the second words' offset) */
         const __m256i fix = _mm256_set1_epi64x(((int64_t)1 << (62 - sh)) - zp);
         const __m256i vlo = _mm256_set1_epi64x(qmin), vhi = _mm256_set1_epi64x(qmax);
+        const __m256i vla = _mm256_set1_epi64x(la), vlb = _mm256_set1_epi64x(lb), c62 = _mm256_set1_epi64x((int64_t)1 << 62);
         const __m128i vta = _mm_cvtsi32_si128((int)ta), vtb = _mm_cvtsi32_si128((int)tb), vsh = _mm_cvtsi32_si128((int)sh);
         int64_t i = i0;
         __m256i over = _mm256_setzero_si256();
@@ -1082,8 +1125,12 @@ void qasr_add_requant(const void *a, int atype, const void *b, int btype, int64_
             const __m256i x = _mm256_sub_epi64(load4(a, atype, i), vza), y = _mm256_sub_epi64(load4(b, btype, i), vzb);
             over = _mm256_or_si256(over, _mm256_or_si256(_mm256_cmpgt_epi64(x, hi), _mm256_cmpgt_epi64(lo, x)));
             over = _mm256_or_si256(over, _mm256_or_si256(_mm256_cmpgt_epi64(y, hi), _mm256_cmpgt_epi64(lo, y)));
-            const __m256i v = _mm256_add_epi64(_mm256_sll_epi64(_mm256_mul_epi32(x, vma), vta),
-                                               _mm256_sll_epi64(_mm256_mul_epi32(y, vmb), vtb));
+            __m256i v = _mm256_add_epi64(_mm256_sll_epi64(_mm256_mul_epi32(x, vma), vta),
+                                         _mm256_sll_epi64(_mm256_mul_epi32(y, vmb), vtb));
+            if (haslo) /* floor(low / 2^31) + 2^31, |low| < 2^62: a logical shift of low + 2^62 */
+                v = _mm256_add_epi64(v, _mm256_srli_epi64(_mm256_add_epi64(_mm256_add_epi64(
+                    _mm256_sll_epi64(_mm256_mul_epi32(x, vla), vta), _mm256_sll_epi64(_mm256_mul_epi32(y, vlb), vtb)),
+                    c62), 31));
             __m256i q = _mm256_sub_epi64(_mm256_srl_epi64(_mm256_add_epi64(v, bias), vsh), fix);
             q = _mm256_blendv_epi8(q, vlo, _mm256_cmpgt_epi64(vlo, q));
             q = _mm256_blendv_epi8(q, vhi, _mm256_cmpgt_epi64(q, vhi));
@@ -1102,7 +1149,9 @@ void qasr_add_requant(const void *a, int atype, const void *b, int btype, int64_
                 nbad++;
                 continue;
             }
-            int64_t q = (x * ma * ((int64_t)1 << ta) + y * mb * ((int64_t)1 << tb) + ((int64_t)1 << (sh - 1))) >> sh;
+            const int64_t low = x * la * ((int64_t)1 << ta) + y * lb * ((int64_t)1 << tb); /* >>: floor (gcc) */
+            int64_t q = (x * ma * ((int64_t)1 << ta) + y * mb * ((int64_t)1 << tb) + (low >> 31) +
+                         ((int64_t)1 << (sh - 1))) >> sh;
             q = clamp64(q + zp, qmin, qmax);
             if (otype == 0) ((int8_t *)out)[i] = (int8_t)q;
             else if (otype == 1) ((int16_t *)out)[i] = (int16_t)q;
@@ -1112,11 +1161,15 @@ void qasr_add_requant(const void *a, int atype, const void *b, int btype, int64_
     *bad = nbad;
 }
 
-/* kernels.requantize: out = clamp((((acc - sub) * m[j] + 2^(sh[j]-1)) >> sh[j]) + zp, qmin, qmax), j = the column
- * (per-column multipliers) or 0; acc int8/int16/int32 or int64 (type 3), out int8 / int16 / int32 */
-static inline int64_t rq1(int64_t a, int64_t m, int64_t sh, int64_t zp, int64_t qmin, int64_t qmax) {
-    const int64_t y = ((a * m + ((int64_t)1 << (sh - 1))) >> sh) + zp;
-    return y < qmin ? qmin : y > qmax ? qmax : y;
+/* kernels.requantize: out = clamp((((acc - sub) * m[j] + floor((acc - sub) * ml[j] / 2^31) + 2^(sh[j]-1)) >> sh[j])
+ * + zp, qmin, qmax), j = the column (per-column multipliers) or 0, ml = 0 where mlo is NULL (a one-word multiplier; with
+ * two words the multiplier is m + ml 2^-31, 62 bits: exact rounding of acc (m 2^31 + ml) / 2^(sh+31)); acc
+ * int8/int16/int32 or int64 (type 3), out int8 / int16 / int32 */
+static inline int64_t rq1(int64_t a, int64_t m, int64_t ml, int64_t sh, int64_t zp, int64_t qmin, int64_t qmax) {
+    /* two-word multiplier m + ml 2^-31 (ml = 0: one word): a m + floor(a ml / 2^31), then rounded by 2^sh; 128 bits */
+    const __int128 t = (__int128)a * m + (ml ? ((__int128)a * ml) >> 31 : 0);
+    const __int128 y = ((t + ((__int128)1 << (sh - 1))) >> sh) + zp;
+    return y < qmin ? qmin : y > qmax ? qmax : (int64_t)y;
 }
 #define RQ_LOOP(AT, OT)                                                                                        \
     _Pragma("omp parallel for num_threads(nthreads) schedule(static) if (rows * cols >= 65536)")               \
@@ -1125,35 +1178,48 @@ static inline int64_t rq1(int64_t a, int64_t m, int64_t sh, int64_t zp, int64_t 
         OT *o = (OT *)out + r * cols;                                                                          \
         for (int64_t c = 0; c < cols; c++) {                                                                   \
             const int64_t j = per_col ? c : 0;                                                                 \
-            o[c] = (OT)rq1((int64_t)a[c] - sub, mult[j], shift[j], zp, qmin, qmax);                            \
+            o[c] = (OT)rq1((int64_t)a[c] - sub, mult[j], mlo ? mlo[j] : 0, shift[j], zp, qmin, qmax);          \
         }                                                                                                      \
     }
 #define RQ_OUT(AT)                                                                                             \
     if (otype == 0) { RQ_LOOP(AT, int8_t) } else if (otype == 1) { RQ_LOOP(AT, int16_t) } else { RQ_LOOP(AT, int32_t) }
 
-/* 4 int64 lanes: clamp(((v * m + 2^(sh-1)) >> sh) + zp, lo, hi) for 0 <= m < 2^31 (v * m within int64): the 64 x 32
- * product from two 32 x 32 ones, the arithmetic shift as a logical one on the one's complement of negative values */
-static inline __m256i rq64(__m256i v, __m256i m, __m256i sh, __m256i half, __m256i zp, __m256i lo, __m256i hi) {
-    __m256i p = _mm256_add_epi64(_mm256_mul_epu32(v, m),
-                                 _mm256_slli_epi64(_mm256_mul_epi32(_mm256_srli_epi64(v, 32), m), 32));
-    p = _mm256_add_epi64(p, half);
+/* v * m for int64 lanes v and 0 <= m < 2^31 (the product within int64): from two 32 x 32 products */
+static inline __m256i mul64x32(__m256i v, __m256i m) {
+    return _mm256_add_epi64(_mm256_mul_epu32(v, m), _mm256_slli_epi64(_mm256_mul_epi32(_mm256_srli_epi64(v, 32), m), 32));
+}
+
+/* arithmetic right shift of int64 lanes: a logical one on the one's complement of negative values */
+static inline __m256i sra64(__m256i p, __m256i sh) {
     const __m256i neg = _mm256_cmpgt_epi64(_mm256_setzero_si256(), p);
-    __m256i y = _mm256_add_epi64(_mm256_xor_si256(_mm256_srlv_epi64(_mm256_xor_si256(p, neg), sh), neg), zp);
+    return _mm256_xor_si256(_mm256_srlv_epi64(_mm256_xor_si256(p, neg), sh), neg);
+}
+
+/* 4 int64 lanes: clamp(((v * m + floor(v * ml / 2^31) + 2^(sh-1)) >> sh) + zp, lo, hi) for 0 <= m, ml < 2^31 (v * m
+ * within int64; with a second word ml (haslo): |v| < 2^32) */
+static inline __m256i rq64(__m256i v, __m256i m, __m256i ml, int haslo, __m256i sh, __m256i half, __m256i zp,
+                           __m256i lo, __m256i hi) {
+    __m256i p = mul64x32(v, m);
+    if (haslo) p = _mm256_add_epi64(p, sra64(mul64x32(v, ml), _mm256_set1_epi64x(31)));
+    __m256i y = _mm256_add_epi64(sra64(_mm256_add_epi64(p, half), sh), zp);
     y = _mm256_blendv_epi8(y, lo, _mm256_cmpgt_epi64(lo, y));
     return _mm256_blendv_epi8(y, hi, _mm256_cmpgt_epi64(y, hi));
 }
 
 /* one row of qasr_requant (int8 / int16 / int32 / int64 in, int8 / int16 / int32 codes out), 8 lanes a step, scalar
  * tail */
-static void rq_row(const void *acc, int type, int64_t cols, int64_t sub, const int64_t *mult, const int64_t *shift,
-                   int per_col, int64_t zp, int64_t qmin, int64_t qmax, void *out, int otype) {
+static void rq_row(const void *acc, int type, int64_t cols, int64_t sub, const int64_t *mult, const int64_t *mlo,
+                   const int64_t *shift, int per_col, int64_t zp, int64_t qmin, int64_t qmax, void *out, int otype) {
     const __m256i vsub = _mm256_set1_epi64x(sub), vzp = _mm256_set1_epi64x(zp), one = _mm256_set1_epi64x(1);
     const __m256i lo = _mm256_set1_epi64x(qmin), hi = _mm256_set1_epi64x(qmax);
     const __m256i even = _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6);
+    const int haslo = mlo != 0;
     __m256i m0 = _mm256_set1_epi64x(mult[0]), m1 = m0, s0 = _mm256_set1_epi64x(shift[0]), s1 = s0;
+    __m256i l0 = _mm256_set1_epi64x(haslo ? mlo[0] : 0), l1 = l0;
     __m256i h0 = _mm256_sllv_epi64(one, _mm256_sub_epi64(s0, one)), h1 = h0;
+    const int vec = !(type == 3 && haslo); /* (int64 values with a second word: the scalar loop, in 128 bits) */
     int64_t c = 0;
-    for (; c + 8 <= cols; c += 8) {
+    for (; vec && c + 8 <= cols; c += 8) {
         __m256i v0, v1;
         if (type == 0) {
             const __m128i a = _mm_loadl_epi64((const __m128i *)((const int8_t *)acc + c));
@@ -1178,9 +1244,13 @@ static void rq_row(const void *acc, int type, int64_t cols, int64_t sub, const i
             s1 = _mm256_loadu_si256((const __m256i *)(shift + c + 4));
             h0 = _mm256_sllv_epi64(one, _mm256_sub_epi64(s0, one));
             h1 = _mm256_sllv_epi64(one, _mm256_sub_epi64(s1, one));
+            if (haslo) {
+                l0 = _mm256_loadu_si256((const __m256i *)(mlo + c));
+                l1 = _mm256_loadu_si256((const __m256i *)(mlo + c + 4));
+            }
         }
-        __m256i y0 = rq64(_mm256_sub_epi64(v0, vsub), m0, s0, h0, vzp, lo, hi);
-        __m256i y1 = rq64(_mm256_sub_epi64(v1, vsub), m1, s1, h1, vzp, lo, hi);
+        __m256i y0 = rq64(_mm256_sub_epi64(v0, vsub), m0, l0, haslo, s0, h0, vzp, lo, hi);
+        __m256i y1 = rq64(_mm256_sub_epi64(v1, vsub), m1, l1, haslo, s1, h1, vzp, lo, hi);
         const __m128i d0 = _mm256_castsi256_si128(_mm256_permutevar8x32_epi32(y0, even));
         const __m128i d1 = _mm256_castsi256_si128(_mm256_permutevar8x32_epi32(y1, even));
         if (otype == 2) {
@@ -1194,7 +1264,7 @@ static void rq_row(const void *acc, int type, int64_t cols, int64_t sub, const i
     for (; c < cols; c++) {
         const int64_t j = per_col ? c : 0;
         const int64_t a = type == 3 ? ((const int64_t *)acc)[c] : code(acc, type, c);
-        const int64_t y = rq1(a - sub, mult[j], shift[j], zp, qmin, qmax);
+        const int64_t y = rq1(a - sub, mult[j], haslo ? mlo[j] : 0, shift[j], zp, qmin, qmax);
         if (otype == 2) ((int32_t *)out)[c] = (int32_t)y;
         else if (otype == 1) ((int16_t *)out)[c] = (int16_t)y;
         else ((int8_t *)out)[c] = (int8_t)y;
@@ -1202,21 +1272,23 @@ static void rq_row(const void *acc, int type, int64_t cols, int64_t sub, const i
 }
 
 /* whether rq_row's vector path applies: its operand ranges (n multipliers / shifts) */
-static int rq_vector_ok(const int64_t *mult, const int64_t *shift, int64_t n, int otype, int64_t qmin, int64_t qmax) {
+static int rq_vector_ok(const int64_t *mult, const int64_t *mlo, const int64_t *shift, int64_t n, int otype,
+                        int64_t qmin, int64_t qmax) {
     int vec = otype == 2 ? qmin >= INT32_MIN && qmax <= INT32_MAX : qmin >= -32768 && qmax <= 32767;
     for (int64_t j = 0; vec && j < n; j++)
-        vec = mult[j] >= 0 && mult[j] < ((int64_t)1 << 31) && shift[j] >= 1 && shift[j] <= 62;
+        vec = mult[j] >= 0 && mult[j] < ((int64_t)1 << 31) && shift[j] >= 1 && shift[j] <= 62 &&
+              (!mlo || (mlo[j] >= 0 && mlo[j] < ((int64_t)1 << 31)));
     return vec;
 }
 
 void qasr_requant(const void *acc, int type, int64_t rows, int64_t cols, int64_t sub, const int64_t *mult,
-                  const int64_t *shift, int per_col, int64_t zp, int64_t qmin, int64_t qmax, void *out, int otype,
-                  int nthreads) {
-    if (rq_vector_ok(mult, shift, per_col ? cols : 1, otype, qmin, qmax)) {
+                  const int64_t *mlo, const int64_t *shift, int per_col, int64_t zp, int64_t qmin, int64_t qmax,
+                  void *out, int otype, int nthreads) {
+    if (rq_vector_ok(mult, mlo, shift, per_col ? cols : 1, otype, qmin, qmax)) {
         const int64_t osize = (int64_t)1 << otype, asize = (int64_t)1 << type; /* 1, 2, 4, 8 bytes */
 #pragma omp parallel for num_threads(nthreads) schedule(static) if (rows * cols >= 65536)
         for (int64_t r = 0; r < rows; r++)
-            rq_row((const char *)acc + r * cols * asize, type, cols, sub, mult, shift, per_col, zp, qmin, qmax,
+            rq_row((const char *)acc + r * cols * asize, type, cols, sub, mult, mlo, shift, per_col, zp, qmin, qmax,
                    (char *)out + r * cols * osize, otype);
         return;
     }
