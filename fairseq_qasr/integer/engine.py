@@ -412,6 +412,8 @@ class IntegerEngine:
         else:
             shift = 0
         tag = name if fold is None else name + "|" + fold
+        if fold is not None and "gq:" + fold + ".rl" in self.t:  # two-word ratios (format version 5)
+            return self._grouped_gemm_two_word(name, x, fold, requant)
 
         def bias() -> Tensor:  # on the sum's grid: the folded consumer's, or the ratios' (rounded by 2^shift)
             return self.t["gq:" + fold + ".b"] if fold is not None else self._group_bias(name, ratios, shift)
@@ -437,6 +439,46 @@ class IntegerEngine:
         acc = (total + (1 << (shift - 1))) >> shift if shift else total
         acc += bias()
         return acc.view(*lead, acc.shape[-1])
+
+    def _grouped_gemm_two_word(self, name: str, x: QT, fold: str, requant: Optional[tuple]) -> Tensor:
+        """The folded sum with two-word ratios ``R = r 2^L + rl`` and bias ``B = b 2^L + bl`` (``L = gq:<fold>.ls``):
+        ``v = (sum_g r_g GEMM_g + b) + floor((sum_g rl_g GEMM_g + bl) / 2^L)``, exactly ``floor((sum_g R_g GEMM_g +
+        B) / 2^L)``, so the consumer's rounding by ``2^S`` is that of the exact sum at ``S + L`` bits. The two words'
+        sums come from one GEMM over the weights side by side (C), or from each group's int32 GEMM times both
+        words."""
+        key = "gq:" + fold
+        hi, lo, L = self.t[key + ".r"], self.t[key + ".rl"], int(self.t[key + ".ls"])
+        gs = int(self.meta["w:" + name]["group_size"])
+        lead, n = x.c.shape[:-1], hi.shape[0]
+        xc = x.c.reshape(-1, x.c.shape[-1])
+        if K.int8_gemm_backend() == "avx2":
+            packed = self._prep.get("grpc2:" + name + "|" + fold)
+            if packed is None:
+                w_t = self._linear_params(name, x.z)[0]
+                pk = cgemm.pack(torch.cat([w_t, w_t], 1), gs, torch.cat([hi, lo], 0))
+                post = torch.zeros(pk.np_, dtype=torch.int64)
+                post[:2 * n] = torch.cat([self.t[key + ".b"], self.t[key + ".bl"]])
+                packed = self._prep["grpc2:" + name + "|" + fold] = (pk, post)
+            both = cgemm.mm(xc, packed[0], x.z, post=packed[1])
+            v_hi, v_lo = both[:, :n], both[:, n:]
+        else:
+            groups = self._prep.get("grp2:" + name + "|" + fold)
+            if groups is None:
+                w_t = self._linear_params(name, x.z)[0]
+                groups = self._prep["grp2:" + name + "|" + fold] = [
+                    (w_t[g * gs:(g + 1) * gs].contiguous(), w_t[g * gs:(g + 1) * gs].int().sum(0), hi[:, g].long(),
+                     lo[:, g].long()) for g in range(hi.shape[1])]
+            v_hi = self.t[key + ".b"].expand(xc.shape[0], n).clone()
+            v_lo = self.t[key + ".bl"].expand(xc.shape[0], n).clone()
+            for g, (w_g, colsum, r_hi, r_lo) in enumerate(groups):
+                part = K.linear_int(xc[:, g * gs:(g + 1) * gs].contiguous(), w_g, -x.z * colsum if x.z else None).long()
+                v_hi += part * r_hi
+                v_lo += part * r_lo
+        v = (v_hi + (v_lo >> L)).reshape(*lead, n)
+        if requant is not None:
+            m, sh, zp, qmin, qmax, dtype = requant
+            return K.requantize(v, m, sh, zp, qmin, qmax, dtype)
+        return v
 
     def _folded_group_acc(self, src: Tuple[str, QT], qpath: str) -> Acc:
         """A grouped Linear's output with its consumer ``qpath``'s multiplier folded into the group ratios:
@@ -473,13 +515,22 @@ class IntegerEngine:
         if not 1 <= S <= 62 or bits < 16:
             raise NotImplementedError(f"{name} -> {qpath}: group ratios {float(M.min()):.3g}..{float(M.max()):.3g} "
                                       f"do not fold into int32 with a shift in [1, 62]")
-        self.t["gq:" + qpath + ".r"] = torch.round(M * 2.0 ** S).to(torch.int32)
         bias = self.t.get("b:" + name)
-        b = torch.zeros(M.shape[0], dtype=torch.int64)
-        if bias is not None:  # the fake model's bias grid s_in * min_g s_g (finest group) or s_in * max_g s_g
-            grid = s_g.amin(dim=1) if self.meta.get("bias_grid:" + name) == "finest_group" else s_g.amax(dim=1)
-            b = torch.round(bias.double() * s_in * grid / s_out * 2.0 ** S).long()
-        self.t["gq:" + qpath + ".b"] = b
+        # the fake model's bias grid s_in * min_g s_g (finest group) or s_in * max_g s_g
+        grid = None if bias is None else \
+            s_g.amin(dim=1) if self.meta.get("bias_grid:" + name) == "finest_group" else s_g.amax(dim=1)
+        if self.EXACT_MULTIPLIERS:  # two words: R = r 2^L + rl, B = b 2^L + bl from the exact scale ratios
+            L = bits  # (the low words' sums bounded as the high words')
+            r, rl = K.exact_fixed_point([s_in, s_g], s_out, S + L, L)
+            self.t["gq:" + qpath + ".r"], self.t["gq:" + qpath + ".rl"] = r.to(torch.int32), rl.to(torch.int32)
+            b, bl = K.exact_fixed_point([bias.double(), s_in, grid], s_out, S + L, L) if bias is not None else \
+                (torch.zeros(M.shape[0], dtype=torch.int64), torch.zeros(M.shape[0], dtype=torch.int64))
+            self.t["gq:" + qpath + ".b"], self.t["gq:" + qpath + ".bl"] = b, bl
+            self.t["gq:" + qpath + ".ls"] = torch.tensor(L, dtype=torch.int8)
+        else:
+            self.t["gq:" + qpath + ".r"] = torch.round(M * 2.0 ** S).to(torch.int32)
+            self.t["gq:" + qpath + ".b"] = torch.zeros(M.shape[0], dtype=torch.int64) if bias is None else \
+                torch.round(bias.double() * s_in * grid / s_out * 2.0 ** S).long()
         self.t["rqg:" + qpath + ".m"] = torch.tensor(1, dtype=torch.int32)
         self.t["rqg:" + qpath + ".sh"] = torch.tensor(S, dtype=torch.int8)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -72,6 +72,24 @@ def quantize_multiplier_exact(num: Tensor, den: Tensor) -> Tuple[Tensor, Tensor]
         ms.append(m)
         shs.append(sh)
     return torch.tensor(ms, dtype=torch.int64), torch.tensor(shs, dtype=torch.int64)
+
+
+def exact_fixed_point(factors: Sequence[Tensor], den: Tensor, shift: int, low_bits: int) -> Tuple[Tensor, Tensor]:
+    """Compile time: ``round(prod(factors) / den * 2^shift)`` (half up) of the exact binary fractions the float64
+    values are (scales, integer codes; broadcast together), as int64 ``(value >> low_bits, value mod 2^low_bits)``:
+    two words, so that values beyond int64 (a bias at ``shift`` bits) are held exactly."""
+    from fractions import Fraction
+
+    ts = torch.broadcast_tensors(*(f.detach().double() for f in factors), den.detach().double())
+    hi, lo, mask = [], [], (1 << low_bits) - 1
+    for vals in zip(*(t.reshape(-1).tolist() for t in ts)):
+        r = Fraction(1)
+        for v in vals[:-1]:
+            r *= Fraction(v)
+        q = math.floor(r / Fraction(vals[-1]) * 2 ** shift + Fraction(1, 2))
+        hi.append(q >> low_bits)
+        lo.append(q & mask)
+    return torch.tensor(hi, dtype=torch.int64).view(ts[0].shape), torch.tensor(lo, dtype=torch.int64).view(ts[0].shape)
 
 
 def split_multiplier(m: Tensor, shift: Tensor) -> Tuple[Tensor, Optional[Tensor], Tensor]:
