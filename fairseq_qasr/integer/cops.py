@@ -115,6 +115,10 @@ def requantize(acc: Tensor, m: Tensor, shift: Tensor, zp: int, qmin: int, qmax: 
             or m.numel() not in (1, cols) or (m.dim() > 1 and m.shape[-1] != m.numel()):
         return None
     mult, mlo, sh = words(m, shift)
+    if mlo.numel() and acc.dtype == torch.int64 and acc.numel():  # two words on int64 values: the C vector lanes
+        lo, hi = (int(v) for v in torch.aminmax(acc))            # take them as int32 where they fit (sub: < 2^17)
+        if -(2 ** 31) + 2 ** 17 <= lo and hi < 2 ** 31 - 2 ** 17:
+            acc = acc.to(torch.int32)
     out = torch.empty(acc.shape, dtype=out_dtype)
     _requant(acc.contiguous(), mult, mlo, sh, out, [int(sub), int(zp), int(qmin), int(qmax)])
     return out
