@@ -19,7 +19,8 @@ from .packing import pack_codes, packed_nbytes, unpack_codes
 
 FORMAT = "fairseq-qasr-integer"
 VERSION = 5  # 5: two-word (62-bit) requantization multipliers from the exact scale ratios (``rq:<q>.m`` int64 >= 2^31;
-#              ``rqa:`` [ma, ta, mb, tb, shift, la, lb]); 4: grouped Linears' consumer multipliers folded into their group ratios (``gq:``/``rqg:``); 3: LayerNorm
+#              ``rqa:`` [ma, ta, mb, tb, shift, la, lb]; ``gq:<q>.rl/.bl/.ls``), LayerNorms straight onto each
+#              consumer's grid (``lnq:``); 4: grouped Linears' consumer multipliers folded into their group ratios (``gq:``/``rqg:``); 3: LayerNorm
 #              with 24 fraction bits (``ln:`` meta ``frac``); 2: residual adds of 16-bit codes requantized per consumer
 #              (``rqa:`` constants); 1-4 still read
 READABLE_VERSIONS = (1, 2, 3, 4, 5)
@@ -107,6 +108,10 @@ def save_engine(engine: IntegerEngine, out: str, recipe: Any = None) -> Dict[str
                        for key in engine.t if key.startswith("gq:") and key.endswith(".r")}
     requant_add = {key[4:]: dict(zip(("ma", "ta", "mb", "tb", "shift", "la", "lb"), (int(v) for v in t)))
                    for key, t in engine.t.items() if key.startswith("rqa:")}
+    requant_layer_norm = {key[4:]: dict(zip(("mA", "SA", "shift", "Em", "Ee", "Eint"), (int(v) for v in t)),
+                                        bias_high=key + ".bh", bias_low=key + ".bl")
+                          for key, t in engine.t.items() if key.startswith("lnq:") and key.count(".in_q.") and
+                          not key.endswith((".bh", ".bl"))}
     header = {
         "format": FORMAT, "version": VERSION,
         "recipe": _jsonable(recipe),
@@ -139,12 +144,20 @@ def save_engine(engine: IntegerEngine, out: str, recipe: Any = None) -> Dict[str
             "layer_norm": "c = n x - sum x, D = max(isqrt(floor(sum c^2 2^2k / n) + eps_term), 1), xhat = floor((c "
                           "2^(frac+1+k) + D) / 2D), out = xhat * gain + (bias << (frac - 16)) on s_gain * 2^-frac "
                           "(meta ln:<module> = {k, eps_term, frac}; frac 16 where absent, files before version 3)",
+            "layer_norm_exact": "version 5: a LayerNorm straight onto each consumer's grid (lnq:<consumer> = [mA, "
+                                "SA, shift S, Em, Ee, Eint], lnq:<consumer>.bh/.bl the bias words): c = n x - sum x, "
+                                "V = sum c^2, per row Wf = floor((V / n) 2^2G) + floor(Em 2^(2G-Ee)) with G = (110 - "
+                                "bitlen(V // n + Eint)) // 2, D = isqrt(Wf), M = min(round(mA 2^(S+30-SA+G) / D), "
+                                "2^60 - 1) (0 where V = 0), u = c gain, t = u (M >> 30) + bh + floor((u (M mod 2^30) + "
+                                "bl) / 2^30), q = clamp(((t + 2^(S-1)) >> S) + zp, qmin, qmax); A = s_gain / s_out = "
+                                "mA 2^-SA, E = n^2 eps / s_x^2 = Em 2^-Ee",
             "stored_codes": "activations with qmin >= 0 and 8 bits are held in int8 as q - 128 at run time",
         },
         "activations": act,
         "requant": requant,
         "requant_add": requant_add,
         "requant_grouped": requant_grouped,
+        "requant_layer_norm": requant_layer_norm,
         "packed": packed,
         "meta": _jsonable({k: v for k, v in engine.meta.items() if not k.startswith("q:")}),  # q: in activations
         "scales": {p: s for p, s in engine.scales.items() if not isinstance(s, Tensor) or s.numel() == 1},

@@ -46,6 +46,31 @@ def layer_norm(x: Tensor, gain: Tensor, bias: Optional[Tensor], eps_term: int, k
                        bias.contiguous() if bias is not None else cbuild.NONE32, [int(eps_term), int(k), int(frac)])
 
 
+@cbuild.op("layer_norm_exact_avx2(Tensor x, Tensor gain, Tensor bh, Tensor bl, Tensor consts, Tensor(a!) out, "
+           "int[] ints) -> ()")
+def _layer_norm_exact(x: Tensor, gain: Tensor, bh: Tensor, bl: Tensor, consts: Tensor, out: Tensor,
+                      ints: List[int]) -> None:
+    zp, qmin, qmax = ints
+    n = x.shape[-1]
+    cbuild.dll().qasr_layer_norm_exact(x.data_ptr(), cbuild.TYPES[x.dtype], x.numel() // n, n, gain.data_ptr(),
+                                       bh.data_ptr(), bl.data_ptr(), consts.data_ptr(), zp, qmin, qmax, out.data_ptr(),
+                                       cbuild.TYPES[out.dtype], torch.get_num_threads())
+
+
+def layer_norm_exact(x: Tensor, gain: Tensor, bh: Tensor, bl: Tensor, ints: List[int], zp: int, qmin: int, qmax: int,
+                     out_dtype: torch.dtype) -> Tensor:
+    """:func:`kernels.layer_norm_exact` in one pass per row (OpenMP over rows; the row multiplier in 128 bits)."""
+    cbuild.dll()
+    n = x.shape[-1]
+    if gain.dtype != torch.int8 or gain.numel() != n or bh.numel() != n or bl.numel() != n or len(ints) != 6:
+        raise ValueError("cops.layer_norm_exact: int8 gain codes, bias words of the row length and 6 constants "
+                         "expected")
+    out = torch.empty(x.shape, dtype=out_dtype)
+    _layer_norm_exact(cbuild.codes(x).contiguous(), gain.contiguous(), bh.long().contiguous(), bl.long().contiguous(),
+                      torch.tensor([int(v) for v in ints], dtype=torch.int64), out, [int(zp), int(qmin), int(qmax)])
+    return out
+
+
 @cbuild.op("lut_avx2(Tensor x, Tensor table, Tensor(a!) out, int base) -> int")
 def _lut(x: Tensor, table: Tensor, out: Tensor, base: int) -> int:
     t = cbuild.TYPES

@@ -100,6 +100,31 @@ class AddAcc(Acc):
         return AddAcc(qa, qb, self.sum_fn, self.scale, self.headroom)
 
 
+class LNAcc(Acc):
+    """A LayerNorm's output, still to be computed: :meth:`IntegerEngine.requant` puts it straight onto each
+    consumer's grid, rounded once from the exact row statistics (:func:`kernels.layer_norm_exact`, format version 5);
+    ``t`` is the fixed-point output ``xhat * gain + bias`` of files before version 5 (and any other use)."""
+
+    def __init__(self, name: str, q: QT, run: Callable[[QT], Tensor], scale: Any = None, headroom: int = 0):
+        self.name, self.q, self.run, self._t, self.scale, self.headroom = name, q, run, None, scale, headroom
+        self.group_src = None
+
+    @property
+    def t(self) -> Tensor:
+        if self._t is None:
+            self._t = self.run(self.q)
+        return self._t
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.q.c.shape
+
+    def map_rows(self, fn: Callable[[Tensor], Tensor]) -> "LNAcc":
+        """The same LayerNorm over ``fn`` of the input codes (row selection, slicing)."""
+        return LNAcc(self.name, QT(fn(self.q.c), self.q.z, self.q.scale, self.q.on), self.run, self.scale,
+                     self.headroom)
+
+
 def _has(model: torch.nn.Module, path: str) -> bool:
     try:
         model.get_submodule(path)
@@ -188,6 +213,8 @@ class IntegerEngine:
         off, dtype = _storage(qmin, qmax)
         if isinstance(x, AddAcc) and (self.compiling or "rqa:" + qpath in self.t):
             return self._add_requant(x, qpath, zp + off, qmin + off, qmax + off, dtype, masked)
+        if isinstance(x, LNAcc) and ((self.compiling and self.EXACT_MULTIPLIERS) or "lnq:" + qpath in self.t):
+            return self._ln_requant(x, qpath, zp + off, qmin + off, qmax + off, dtype, masked)
         key = "rq:" + qpath
         if isinstance(x, Acc) and x.group_src is not None and ((self.compiling and self.FOLD_GROUPS)
                                                                or "gq:" + qpath + ".r" in self.t):
@@ -238,6 +265,29 @@ class IntegerEngine:
         self._emit(qpath, out, masked)
         return out
 
+    def _ln_requant(self, x: LNAcc, qpath: str, zp: int, qmin: int, qmax: int, dtype: torch.dtype,
+                    masked: Optional[Tensor]) -> QT:
+        """A LayerNorm straight onto ``qpath``'s grid from its exact row statistics (:func:`kernels.layer_norm_exact`):
+        ``lnq:<qpath>`` = [mA, SA, S, Em, Ee, Eint], ``lnq:<qpath>.bh/.bl`` the bias words."""
+        key = "lnq:" + qpath
+        name, gain = x.name, self.t["lng:" + x.name]
+        if self.compiling and key not in self.t:
+            mod = self._quantizer(name)
+            n = gain.numel()
+            g = self.meta["lng_bits:" + name]
+            _, iqmin, iqmax = self._qinfo(name + ".in_q.0")
+            umax = n * (iqmax - iqmin) * max(abs(int(g["qmin"])), abs(int(g["qmax"])))
+            ints, bh, bl = K.ln_exact_constants(n, float(mod.eps), float(self.scales[name + ".in_q.0"]),
+                                                float(self.scales[name + ".w_q.weight"]),
+                                                float(self._scale(qpath).reshape(())), self.t.get("b:" + name), umax)
+            self.t[key], self.t[key + ".bh"], self.t[key + ".bl"] = torch.tensor(ints, dtype=torch.int64), bh, bl
+            self.meta["ln_exact:" + name] = True  # (memory_tensor: the encoder output carried as these input codes)
+        c = K.layer_norm_exact(x.q.c, gain, self.t[key + ".bh"], self.t[key + ".bl"], self.t[key].tolist(), zp, qmin,
+                               qmax, dtype)
+        out = QT(c, zp, self._scale(qpath).reshape(()) if self.compiling else None, qpath)
+        self._emit(qpath, out, masked)
+        return out
+
     def _requant_as(self, done: QT, same_source: bool, x, qpath: str) -> QT:
         """``requant(x, qpath)``, reusing ``done`` (codes of ``x`` when ``same_source``) where ``qpath``'s grid and
         multiplier equal those of ``done`` (self-attention's q/k/v inputs share one grid): no second pass over ``x``.
@@ -249,6 +299,10 @@ class IntegerEngine:
     def _same_grid(self, a: str, b: str) -> bool:
         """Quantizers ``a`` and ``b`` have one grid and one multiplier from their source (cached)."""
         flag = self._prep.get("same:" + a + ":" + b)
+        if flag is None and ("lnq:" + a in self.t or "lnq:" + b in self.t):  # exact LayerNorm outputs
+            flag = self._prep["same:" + a + ":" + b] = self._qinfo(a) == self._qinfo(b) and all(
+                f"lnq:{q}{k}" in self.t for q in (a, b) for k in ("", ".bh", ".bl")) and all(
+                torch.equal(self.t[f"lnq:{a}{k}"], self.t[f"lnq:{b}{k}"]) for k in ("", ".bh", ".bl"))
         if flag is None:
             fa, fb = ("gq:" + a + ".r" in self.t), ("gq:" + b + ".r" in self.t)  # folded grouped Linear outputs
             (ma, sa), (mb, sb) = self._mult(self._rq_key(a)), self._mult(self._rq_key(b))
@@ -693,17 +747,18 @@ class IntegerEngine:
         frac = int(f.get("frac", 16))  # 16: files before format version 3
         gain = self.t["lng:" + name]
         bias = self.t.get("b:" + name)
-        if cbuild.available():
-            y = cops.layer_norm(q.c, gain, bias, f["eps_term"], f["k"], frac)
-        elif self.fused and not self.compiling:
-            from . import fused
-            y = fused.layer_norm(q.c, gain, bias, f["eps_term"], f["k"], frac)
-        else:
-            y = K.layer_norm_int(q.c, gain, bias, f["eps_term"], f["k"], frac)
+
+        def fixed_point(q: QT) -> Tensor:  # xhat * gain + bias on s_gain 2^-frac (files before version 5)
+            if cbuild.available():
+                return cops.layer_norm(q.c, gain, bias, f["eps_term"], f["k"], frac)
+            if self.fused and not self.compiling:
+                from . import fused
+                return fused.layer_norm(q.c, gain, bias, f["eps_term"], f["k"], frac)
+            return K.layer_norm_int(q.c, gain, bias, f["eps_term"], f["k"], frac)
         if not self.compiling:  # (scale and headroom only set the multipliers, at compile time)
-            return Acc(y)
+            return LNAcc(name, q, fixed_point)
         scale = torch.tensor(self.scales[name + ".w_q.weight"] * 2.0 ** -frac, dtype=torch.float64)
-        return Acc(y, scale, self._ln_headroom(name, gain.shape[-1], frac))
+        return LNAcc(name, q, fixed_point, scale, self._ln_headroom(name, gain.shape[-1], frac))
 
     def _ln_headroom(self, name: str, n: int, frac: int) -> int:
         """Bits beyond int32 of the LayerNorm's output ``xhat * gain + bias`` (|xhat| <= sqrt(n) 2^frac): its
@@ -1033,6 +1088,22 @@ class IntegerEngine:
             h = self.layer_norm("encoder.final_norm", h)
         return {"out": h, "mask": mask, "lengths": lengths}
 
+    def memory_tensor(self, out: Acc) -> Tensor:
+        """The encoder output as one tensor for a caller to carry (fairseq reorders it by rows): the final
+        LayerNorm's input codes where its consumers take the exact LayerNorm (format version 5), else the
+        accumulator. :meth:`memory_acc` turns it back."""
+        return out.q.c if isinstance(out, LNAcc) and "ln_exact:" + out.name in self.meta else out.t
+
+    def memory_acc(self, t: Tensor) -> Acc:
+        """:meth:`memory_tensor`'s inverse."""
+        cfg = self.cfg  # the LayerNorm the encoder ends with: a final one, or a post-norm block's
+        name = "encoder.final_norm" if cfg.get("encoder_final_norm") else \
+            None if cfg["normalize_before"] else f"encoder.layers.{cfg['encoder_layers'] - 1}.ffn_block.norm"
+        if name is not None and "ln_exact:" + name in self.meta:
+            zp, qmin, qmax = self._qinfo(name + ".in_q.0")
+            return self.layer_norm(name, QT(t, zp + _storage(qmin, qmax)[0], None, name + ".in_q.0"))
+        return Acc(t)
+
     def _positions(self, t: int) -> QT:
         """Sinusoidal encoder positions, quantized by the add's second input quantizer (a constant table)."""
         name = "encoder.add_0.in_q.1"
@@ -1166,7 +1237,7 @@ class IntegerEngine:
         if cfg.get("decoder_final_norm"):
             h = self.layer_norm("decoder.final_norm", h)
         if h.shape[1] != n_out:
-            h = h.map_rows(lambda c: c[:, -n_out:]) if isinstance(h, AddAcc) else Acc(h.t[:, -n_out:], h.scale,
+            h = h.map_rows(lambda c: c[:, -n_out:]) if isinstance(h, (AddAcc, LNAcc)) else Acc(h.t[:, -n_out:], h.scale,
                                                                                         h.headroom)
         return self.logits(h, past == 0)
 
@@ -1271,7 +1342,7 @@ class IntegerEngine:
         B, V = feats.size(0), None
         order = torch.arange(B).repeat_interleave(beam)
         out = enc["out"]
-        out = out.map_rows(lambda c: c.index_select(0, order)) if isinstance(out, AddAcc) else \
+        out = out.map_rows(lambda c: c.index_select(0, order)) if isinstance(out, (AddAcc, LNAcc)) else \
             Acc(out.t.index_select(0, order))
         enc = {"out": out, "mask": enc["mask"].index_select(0, order)}
         tokens = torch.full((B * beam, 1), bos, dtype=torch.long)

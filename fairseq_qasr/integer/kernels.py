@@ -430,6 +430,95 @@ def layer_norm_int(x: Tensor, gain: Tensor, bias: Tensor | None, eps_term: int, 
     return y
 
 
+# --- exact LayerNorm (format version 5) ----------------------------------------------------------------
+LN_ROW_BITS = 110  # the row's variance term W 2^2G is brought to about 2^110 (its square root D to ~2^55 bits)
+
+
+def mantissa62(r) -> Tuple[int, int]:
+    """``(m, e)`` with ``r = m 2^-e`` rounded half up to ``m`` in [2^61, 2^62) (``r`` a positive Fraction)."""
+    from fractions import Fraction
+
+    r = Fraction(r)
+    e = 61 - (r.numerator.bit_length() - r.denominator.bit_length())
+    while r * 2 ** e >= 2 ** 62:
+        e -= 1
+    while r * 2 ** e < 2 ** 61:
+        e += 1
+    m = math.floor(r * 2 ** e + Fraction(1, 2))
+    return (m // 2, e - 1) if m == 2 ** 62 else (m, e)
+
+
+def ln_exact_constants(n: int, eps: float, s_x: float, s_gain: float, s_out: float, bias: Optional[Tensor],
+                       umax: int) -> Tuple[list, Tensor, Tensor]:
+    """Compile time: the constants of :func:`layer_norm_exact` for a LayerNorm over ``n`` features (input grid
+    ``s_x``, gain grid ``s_gain``, bias codes on ``s_gain 2^-16``) feeding a quantizer of scale ``s_out``; ``umax``
+    bounds ``|c * gain|``. Returns ``ints = [mA, SA, S, Em, Ee, Eint]`` (``A = s_gain / s_out = mA 2^-SA``, the
+    variance floor ``E = n^2 eps / s_x^2 = Em 2^-Ee``, ``Eint = floor(E)``, the output shift ``S``) and the bias
+    ``B = round(beta / s_out 2^(S+30))`` as its high (``>> 30``) and low 30 bits per feature."""
+    from fractions import Fraction
+
+    if umax >= 2 ** 32 or n >= 2 ** 14:
+        raise NotImplementedError(f"exact LayerNorm: |c * gain| up to {umax} (n = {n}) does not fit its 2^32 bound")
+    A = Fraction(s_gain) / Fraction(s_out)
+    E = Fraction(n * n) * Fraction(eps) / (Fraction(s_x) ** 2)
+    mA, SA = mantissa62(A)
+    Em, Ee = mantissa62(E) if E > 0 else (0, 0)
+    # S: the row multiplier M = A 2^(S+30) / sqrt(W) below 2^60 for every row that is not constant
+    # (W >= E + n - 1 there); the bias's high word below 2^61
+    w_lb = float(E) + n - 1
+    S = math.floor(30 - math.log2(float(A)) + 0.5 * math.log2(w_lb)) - 1
+    b = None if bias is None else [Fraction(int(v)) * Fraction(s_gain) / 2 ** 16 / Fraction(s_out)
+                                    for v in bias.reshape(-1).tolist()]
+    if b:
+        bmax = max(abs(v) for v in b)
+        if bmax > 0:
+            S = min(S, math.floor(61 - 30 - math.log2(float(bmax))) - 1)
+    if not 1 <= S <= 62:
+        raise NotImplementedError(f"exact LayerNorm: output shift {S} outside [1, 62]")
+    words = [math.floor(v * 2 ** (S + 30) + Fraction(1, 2)) for v in (b or [Fraction(0)] * n)]
+    bh = torch.tensor([w >> 30 for w in words], dtype=torch.int64)
+    bl = torch.tensor([w & (2 ** 30 - 1) for w in words], dtype=torch.int64)
+    return [mA, SA, S, Em, Ee, math.floor(E)], bh, bl
+
+
+def ln_row_multiplier(V: int, n: int, ints: list) -> int:
+    """The row multiplier ``M = round(A 2^(S+30) / sqrt(W))`` of :func:`layer_norm_exact`, ``W = V / n + E`` (``V =
+    sum c^2``), in integers: ``Wf = floor(W 2^2G)`` near ``2^LN_ROW_BITS``, ``D = isqrt(Wf)``, ``M = round(mA
+    2^(S+30-SA+G) / D)``; 0 for a constant row (``V = 0``: every ``c`` is 0). The C kernel computes the same."""
+    if V == 0:
+        return 0
+    mA, SA, S, Em, Ee, Eint = ints
+    Wi = V // n
+    G = (LN_ROW_BITS - (Wi + Eint).bit_length()) // 2
+    e2 = 2 * G - Ee
+    Wf = (Wi << 2 * G) + (((V % n) << 2 * G) // n) + ((Em << e2) if e2 >= 0 else (Em >> -e2))
+    D = math.isqrt(Wf)
+    k = S + 30 - SA + G
+    num = mA << k if k >= 0 else mA >> -k
+    return min((num + D // 2) // D, 2 ** 60 - 1)
+
+
+def layer_norm_exact(x: Tensor, gain: Tensor, bh: Tensor, bl: Tensor, ints: list, zp: int, qmin: int, qmax: int,
+                     out_dtype=torch.int32) -> Tensor:
+    """LayerNorm over the last dim of codes ``x`` straight onto a consumer's grid, rounded once from an exact
+    computation: ``c = n x - sum x``, per row ``M`` (:func:`ln_row_multiplier`, 60 bits), ``u = c * gain``, ``t = u
+    M_hi + bh + floor((u M_lo + bl) / 2^30)`` (``M = M_hi 2^30 + M_lo``), code ``clamp(((t + 2^(S-1)) >> S) + zp)``:
+    ``round(c gain A / sqrt(V / n + E) + beta / s_out)``, the fake model's ``round(y / s_out)``, to about 2^-50
+    relative. Torch twin of the C kernel (the row multipliers in Python integers)."""
+    if cbuild.available():
+        return cops.layer_norm_exact(x, gain, bh, bl, ints, zp, qmin, qmax, out_dtype)
+    n = x.shape[-1]
+    xi = x.long().reshape(-1, n)
+    c = n * xi - xi.sum(-1, keepdim=True)
+    V = (c * c).sum(-1).tolist()
+    M = torch.tensor([ln_row_multiplier(v, n, ints) for v in V], dtype=torch.int64).unsqueeze(-1)
+    S = int(ints[2])
+    u = c * gain.long()
+    t = u * (M >> 30) + bh + ((u * (M & (2 ** 30 - 1)) + bl) >> 30)
+    y = ((t + (1 << (S - 1))) >> S) + zp
+    return y.clamp_(qmin, qmax).to(out_dtype).view(x.shape)
+
+
 def _exp_terms(q: Tensor, exp_lut: Tensor, masked, cmin: int):
     """Shared by the integer softmax and log-softmax: codes (masked lanes at ``cmin``), row max, table
     exponentials ``exp_lut[max - q]`` (0 on masked lanes) and their row sums (at least 1)."""

@@ -243,7 +243,7 @@ def test_engine_c_kernels_equal_torch_paths(param, monkeypatch):
     (enc_c, logits_c), mode = run_integer_only(run)
     assert not mode.violations
     ran = {name for name, _ in mode.ops}
-    assert {"qgemm_avx2", "attention_avx2", "pack_avx2", "layer_norm_avx2"} <= ran, ran
+    assert {"qgemm_avx2", "attention_avx2", "pack_avx2", "layer_norm_exact_avx2"} <= ran, ran
     monkeypatch.setattr(K, "_BACKEND", "int32")
     monkeypatch.setattr(cbuild, "available", lambda: False)  # LayerNorm, tables, adds, isqrt: the torch versions
     eng._prep.clear()

@@ -64,9 +64,9 @@ def test_unforced_run_only_records():
     assert torch.equal(logits, plain) and len(stats) > 100
     forced, _, _ = H.forced_run(eng, model, inp)
     assert set(forced) == set(stats)
-    key = "rq:encoder.layers.1.ffn.fc1.in_q.0.m"  # a planted 5 % error: teacher forcing stops it at its own grid,
-    saved = eng.t[key]  # without forcing it reaches the next op's grid
-    eng.t[key] = (saved.long() * 21 // 20).to(saved.dtype)
+    key = "rq:encoder.layers.1.ffn.relu_0.in_q.0.m"  # a planted 5 % error (fc1's output): teacher forcing stops it at
+    saved = eng.t[key]  # its own grid, without forcing it reaches the next op's grid
+    eng.t[key] = (saved.long() * 20 // 21).to(saved.dtype)
     eng._prep.clear()
     try:
         runs = [H.forced_run(eng, model, inp, force=f)[0] for f in (True, False)]
@@ -79,16 +79,17 @@ def test_unforced_run_only_records():
 
 def test_a_drifting_op_is_caught(compiled):
     recipe, model, cfg, inp, eng = compiled
-    key = "rq:encoder.layers.1.ffn.fc1.in_q.0.m"
+    key = next(k for k in (f"{p}encoder.layers.1.ffn.{a}.in_q.0.{w}" for a in ("relu_0", "gelu_0")
+                           for p, w in (("rq:", "m"), ("gq:", "r"))) if k in eng.t)  # fc1's output (or its ratios)
     saved = eng.t[key]
-    eng.t[key] = (saved.long() * 21 // 20).to(torch.int32)  # 5% off: a planted requantization bug
+    eng.t[key] = (saved.long() * 20 // 21).to(saved.dtype)  # 5% off: a planted requantization bug
     eng._prep.clear()
     try:
         stats, _, _ = H.forced_run(eng, model, inp)
     finally:
         eng.t[key] = saved
         eng._prep.clear()
-    assert stats["encoder.layers.1.ffn.fc1.in_q.0"]["max_lsb"] > 1
+    assert stats[key[3:-2]]["max_lsb"] > 1  # ("rq:" / "gq:" ... ".m" / ".r")
     with pytest.raises(AssertionError, match="drifting"):
         _check_layer_by_layer(stats)
 
@@ -168,9 +169,15 @@ def test_self_attention_inputs_on_one_grid_are_requantized_once(compiled, monkey
     assert torch.equal(reused, encoder_codes())
     monkeypatch.undo()
     k_in = shared[0] + ".k_proj.in_q.0"  # k's multiplier 1/8 larger (a folded one's 1: 2): another grid
-    key = eng._rq_key(k_in)
-    m, sh = eng._mult(key)
-    eng._prep[key] = (m + torch.clamp(m // 8, min=1), sh)
+    ln = "lnq:" + k_in in eng.t  # (a LayerNorm straight onto the grid: its multiplier A, the first constant)
+    key = "lnq:" + k_in if ln else eng._rq_key(k_in)
+    if ln:
+        saved = eng.t[key]
+        eng.t[key] = saved.clone()
+        eng.t[key][0] += saved[0] // 8
+    else:
+        m, sh = eng._mult(key)
+        eng._prep[key] = (m + torch.clamp(m // 8, min=1), sh)
     eng._prep.pop("same:" + shared[0] + ".q_proj.in_q.0:" + k_in, None)
     try:
         assert not eng._same_grid(shared[0] + ".q_proj.in_q.0", k_in)
@@ -180,7 +187,10 @@ def test_self_attention_inputs_on_one_grid_are_requantized_once(compiled, monkey
         assert torch.equal(other, encoder_codes())
     finally:
         monkeypatch.undo()
-        eng._prep[key] = (m, sh)
+        if ln:
+            eng.t[key] = saved
+        else:
+            eng._prep[key] = (m, sh)
         eng._prep.pop("same:" + shared[0] + ".q_proj.in_q.0:" + k_in, None)
 
 

@@ -1047,6 +1047,66 @@ void qasr_layer_norm(const void *x, int type, int64_t rows, int64_t n, const int
 #define LUT_TABLE(XT)                                                                                          \
     if (ttype == 0) { LUT_LOOP(XT, int8_t) } else if (ttype == 1) { LUT_LOOP(XT, int16_t) } else { LUT_LOOP(XT, int32_t) }
 
+/* floor(sqrt(x)) for 0 <= x < 2^126, bitwise */
+static inline __int128 isqrt128(__int128 x) {
+    __int128 res = 0;
+    for (int b = 62; b >= 0; b--) {
+        const __int128 cand = res | ((__int128)1 << b);
+        if (cand * cand <= x) res = cand;
+    }
+    return res;
+}
+
+#define LN_ROW_BITS 110 /* kernels.LN_ROW_BITS */
+
+/* kernels.ln_row_multiplier, bit for bit: M = round(mA 2^(S+30-SA+G) / isqrt(floor((V / n + E) 2^2G))) */
+static int64_t ln_row_multiplier(int64_t V, int64_t n, const int64_t *c) {
+    if (V == 0) return 0;
+    const int64_t mA = c[0], SA = c[1], S = c[2], Em = c[3], Ee = c[4], Eint = c[5];
+    const int64_t Wi = V / n, top = Wi + Eint;
+    const int bl = top ? 64 - __builtin_clzll((uint64_t)top) : 0;
+    const int64_t G = (LN_ROW_BITS - bl) >> 1, e2 = 2 * G - Ee; /* (LN_ROW_BITS - bl >= 0: floor of a halving) */
+    const __int128 Wf = ((__int128)Wi << (2 * G)) + (((__int128)(V % n) << (2 * G)) / n) +
+                        (e2 >= 0 ? (__int128)Em << e2 : (e2 > -64 ? (__int128)(Em >> -e2) : 0));
+    const __int128 D = isqrt128(Wf);
+    const int64_t k = S + 30 - SA + G;
+    const __int128 num = k >= 0 ? (__int128)mA << k : (__int128)(k > -64 ? mA >> -k : 0);
+    const __int128 M = (num + D / 2) / D;
+    const __int128 cap = ((__int128)1 << 60) - 1;
+    return (int64_t)(M < cap ? M : cap);
+}
+
+/* kernels.layer_norm_exact: per row c = n x - sum x, M (ln_row_multiplier), u = c gain, t = u M_hi + bh + ((u M_lo + bl)
+ * >> 30), out = clamp(((t + 2^(S-1)) >> S) + zp, qmin, qmax); c = [mA, SA, S, Em, Ee, Eint] */
+void qasr_layer_norm_exact(const void *x, int type, int64_t rows, int64_t n, const int8_t *gain, const int64_t *bh,
+                           const int64_t *bl, const int64_t *c, int64_t zp, int64_t qmin, int64_t qmax, void *out,
+                           int otype, int nthreads) {
+    const int64_t S = c[2], half = (int64_t)1 << (S - 1);
+#pragma omp parallel num_threads(nthreads)
+    {
+        int64_t *cv = malloc((size_t)n * sizeof(int64_t));
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < rows; r++) {
+            int64_t sum = 0, V = 0;
+            for (int64_t j = 0; j < n; j++) sum += code(x, type, r * n + j);
+            for (int64_t j = 0; j < n; j++) {
+                cv[j] = n * code(x, type, r * n + j) - sum;
+                V += cv[j] * cv[j];
+            }
+            const int64_t M = ln_row_multiplier(V, n, c), mh = M >> 30, ml = M & (((int64_t)1 << 30) - 1);
+            for (int64_t j = 0; j < n; j++) {
+                const int64_t u = cv[j] * gain[j];
+                const int64_t t = u * mh + bh[j] + ((u * ml + bl[j]) >> 30); /* (>>: floor, gcc) */
+                const int64_t y = clamp64(((t + half) >> S) + zp, qmin, qmax);
+                if (otype == 0) ((int8_t *)out)[r * n + j] = (int8_t)y;
+                else if (otype == 1) ((int16_t *)out)[r * n + j] = (int16_t)y;
+                else ((int32_t *)out)[r * n + j] = (int32_t)y;
+            }
+        }
+        free(cv);
+    }
+}
+
 int64_t qasr_lut(const void *x, int type, int64_t n, int64_t base, const void *table, int ttype, int64_t size,
                  void *out, int nthreads) {
     int64_t bad = 0;
