@@ -75,7 +75,8 @@ def _build() -> Optional[ctypes.CDLL]:
     dll.qasr_byte_way_blocks.argtypes = [ptr]
     dll.qasr_byte_way_blocks.restype = None
     dll.qasr_attention.argtypes = [ptr, i64, i64, i64, ptr, i64, i64, i64, ptr, i64, i64, i64, ctypes.c_int, i64, i64,
-                                   i64, ptr, i64, ctypes.c_int, i64, i64, i64, i64, i64, ctypes.c_int, i64, i64, i64,
+                                   i64, ptr, i64, ctypes.c_int, i64, i64, i64, ptr, i64, i64, ctypes.c_int,
+                                   i64, i64, ctypes.c_int, i64, i64, i64,
                                    ptr, i64, i64, i64, i64, ptr, ptr, ptr, ptr, ctypes.c_int]
     dll.qasr_attention.restype = None
     dll.qasr_isqrt.argtypes = [ptr, ptr, i64]

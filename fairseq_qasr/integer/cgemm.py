@@ -263,11 +263,15 @@ def byte_way_blocks() -> Tuple[int, int]:
            "Tensor kcol, Tensor(a!) out, int[] ints) -> ()")
 def _attention(q: Tensor, kp: Tensor, kinit: Tensor, lut: Tensor, vp: Tensor, klen: Tensor, kq: Tensor, kcol: Tensor,
                out: Tensor, ints: List[int]) -> None:
-    tk, zk, m1, m1l, sh1, zp1, qmin1, qmax1, mult_r, sh, zpo, qmino, qmaxo, m2, m2l, sh2, zp2, qmin2, qmax2, vo_zv = ints
+    (tk, zk, m1, m1l, sh1, zp1, qmin1, qmax1, mult_r, sh, zpo, qmino, qmaxo, cq_hi, cq_lo, Q, m2, m2l, sh2, zp2, qmin2,
+     qmax2, vo_zv) = ints
     bh, tq, d = q.shape
+    exact = lut.dtype == torch.int64  # (62-bit exponentials: kernels.softmax_exact)
     cbuild.dll().qasr_attention(q.data_ptr(), bh, tq, d, kp.data_ptr(), kp[0].numel(), tk, kp.shape[1] * NR,
-                                kinit.data_ptr(), zk, m1, m1l, sh1, zp1, qmin1, qmax1, lut.data_ptr(), mult_r, sh, zpo,
-                                qmino, qmaxo, m2, m2l, sh2, zp2, qmin2, qmax2, vp.data_ptr(), vp[0].numel(),
+                                kinit.data_ptr(), zk, m1, m1l, sh1, zp1, qmin1, qmax1,
+                                None if exact else lut.data_ptr(), mult_r, sh, zpo, qmino, qmaxo,
+                                lut.data_ptr() if exact else None, cq_hi, cq_lo, Q,
+                                m2, m2l, sh2, zp2, qmin2, qmax2, vp.data_ptr(), vp[0].numel(),
                                 vp.shape[2] * 2, vo_zv, vp.shape[1] * NR, klen.data_ptr() if klen.numel() else None,
                                 kq.data_ptr() if kq.numel() else None, kcol.data_ptr() if kcol.numel() else None,
                                 out.data_ptr(), torch.get_num_threads())
@@ -333,7 +337,8 @@ def attention(q: Tensor, zq: int, kt: Tensor, zk: int, scores_rq: Tuple[int, int
     past ``klen[i]`` are masked (key padding: no part in the row max and sums, probability 0);
     ``scores_rq`` / ``probs_rq`` = (multiplier, shift, zero point, qmin, qmax) onto the softmax input and AV input
     grids (stored codes, at most 16 bits), ``softmax`` = (``out_mult << R``, ``R + out_shift``, zero point, qmin,
-    qmax) of :func:`kernels.softmax_int` with exp table ``lut`` (int32). Probabilities go to the AV product as the
+    qmax) of :func:`kernels.softmax_int` with exp table ``lut`` (int32), or with an int64 table of 62-bit
+    exponentials ``(cq, Q, zero point, qmin, qmax)`` of :func:`kernels.softmax_exact`. Probabilities go to the AV product as the
     bytes of their offset from the zero point, so key pairs that are 0 in a whole 4-row tile are skipped. Returns the
     int64 AV accumulators [BH, Tq, d]."""
     cbuild.dll()  # (a clear error where the kernels are not available)
@@ -351,8 +356,13 @@ def attention(q: Tensor, zq: int, kt: Tensor, zk: int, scores_rq: Tuple[int, int
     if kv is None:
         kv = pack_kv(kt, zq, zk, v, zv)
     out = torch.empty(bh, tq, d, dtype=torch.int64)
-    ints = [kv.tk, zk, *_words(scores_rq), *softmax, *_words(probs_rq), kv.vo_zv]
-    _attention(q.contiguous(), kv.kp, kv.kinit, lut.to(torch.int32).contiguous(), kv.vp,
+    if lut.dtype == torch.int64:  # exact: softmax = (cq, Q, zp, qmin, qmax), cq = floor(2^Q / s_out) < 2^126
+        cq, Q = int(softmax[0]), int(softmax[1])
+        sm = [0, 1, *softmax[2:], cq >> 63, cq & (2 ** 63 - 1), Q]
+    else:
+        sm, lut = [*softmax, 0, 0, 1], lut.to(torch.int32)
+    ints = [kv.tk, zk, *_words(scores_rq), *sm, *_words(probs_rq), kv.vo_zv]
+    _attention(q.contiguous(), kv.kp, kv.kinit, lut.contiguous(), kv.vp,
                cbuild.NONE32 if klen is None else klen.to(torch.int32).contiguous(),
                NONE8 if kv.kq is None else kv.kq, cbuild.NONE32 if kv.kcol is None else kv.kcol, out,
                [int(i) for i in ints])

@@ -840,7 +840,12 @@ class IntegerEngine:
         ozp, oqmin, oqmax = self._qinfo(name + ".out_q")
         ooff, odtype = _storage(oqmin, oqmax)
         key = "sm:" + name
-        if self.compiling and key not in self.meta:
+        if self.compiling and key not in self.meta and self.EXACT_MULTIPLIERS:
+            # format version 5: 62-bit exponentials, one rounding of e / (sum e * s_out) (kernels.softmax_exact)
+            self.t[key + ".exp"] = K.exp_table_exact(self.scales[name + ".in_q.0"], qmax - qmin + 1)
+            cq, Q = K.softmax_exact_constants(self.scales[name + ".out_q"])
+            self.meta[key] = dict(cq=cq, Q=Q)
+        elif self.compiling and key not in self.meta:
             # 2^30 (not 2^20): the rounding of the many tiny exponentials of a 1500-lane row biases the row sum
             # enough to move 16-bit output codes by several LSB; only e / sum matters, and e * r stays < 2^62
             self.t[key + ".exp"] = K.exp_table(self.scales[name + ".in_q.0"], qmax - qmin + 1,
@@ -848,8 +853,12 @@ class IntegerEngine:
             mult, shift = K.softmax_out_mult(self.scales[name + ".out_q"])
             self.meta[key] = dict(mult=mult, shift=shift)
         f = self.meta[key]
-        c = K.softmax_int(q.c, qmin + off, masked, self.t[key + ".exp"], f["mult"], f["shift"], ozp + ooff,
-                          oqmin + ooff, oqmax + ooff, odtype)
+        if "cq" in f:
+            c = K.softmax_exact(q.c, qmin + off, masked, self.t[key + ".exp"], int(f["cq"]), int(f["Q"]), ozp + ooff,
+                                oqmin + ooff, oqmax + ooff, odtype)
+        else:
+            c = K.softmax_int(q.c, qmin + off, masked, self.t[key + ".exp"], f["mult"], f["shift"], ozp + ooff,
+                              oqmin + ooff, oqmax + ooff, odtype)
         out = QT(c, ozp + ooff, self._scale(name + ".out_q").reshape(()) if self.compiling else None, name + ".out_q")
         self._emit(name + ".out_q", out, None)
         return out
@@ -956,8 +965,11 @@ class IntegerEngine:
         ozp, oqmin, oqmax = self._qinfo(sm + ".out_q")
         ooff, _ = _storage(oqmin, oqmax)
         f = self.meta["sm:" + sm]
-        rb = K.recip_bits(f["mult"])
-        softmax = (f["mult"] << rb, rb + f["shift"], ozp + ooff, oqmin + ooff, oqmax + ooff)
+        if "cq" in f:  # 62-bit exponentials (the table is int64)
+            softmax = (int(f["cq"]), int(f["Q"]), ozp + ooff, oqmin + ooff, oqmax + ooff)
+        else:
+            rb = K.recip_bits(f["mult"])
+            softmax = (f["mult"] << rb, rb + f["shift"], ozp + ooff, oqmin + ooff, oqmax + ooff)
         b, h, tq, d = qs.c.shape
         kv = kc.aux.get("cgemm_kv") if kc.aux is not None else None  # cross-attention: packed once per decode
         if kv is None:
@@ -981,7 +993,7 @@ class IntegerEngine:
             grids = [name + s for s in (".matmul_0.in_q.0", ".matmul_0.in_q.1", ".softmax_0.in_q.0",
                                         ".softmax_0.out_q", ".matmul_1.in_q.0", ".matmul_1.in_q.1")]
             flag = all(_storage(*self._qinfo(g)[1:])[1] == torch.int8 for g in grids) and \
-                self.meta["sm:" + name + ".softmax_0"]["shift"] == 16
+                self.meta["sm:" + name + ".softmax_0"].get("shift") == 16  # (none with exact softmax tables)
             self._prep["fuse:" + name] = flag
         return flag
 
@@ -997,8 +1009,8 @@ class IntegerEngine:
         ooff, _ = _storage(oqmin, oqmax)
         m, sh = self._mult("rq:" + sm + ".in_q.0")
         f = self.meta["sm:" + sm]
-        if f["shift"] != 16:
-            raise ValueError("fused softmax expects out_shift 16")
+        if "cq" in f or f["shift"] != 16:
+            raise ValueError("fused softmax expects out_shift 16 (files before format version 4)")
         lut = self.t["sm:" + sm + ".exp"]
         rb = K.recip_bits(f["mult"])
         # one layout change per tensor: (B, H, Tq, d), keys as (B, H, Tk, d) (their transpose feeds the GEMM)

@@ -573,6 +573,55 @@ def softmax_int(x: Tensor, cmin: int, masked: Tensor | None, exp_lut: Tensor, ou
     return q.clamp_(qmin, qmax).to(out_dtype)
 
 
+EXP_BITS = 62  # exact softmax: exponentials round(2^62 exp(-s d))
+
+
+def exp_table_exact(scale: float, n_codes: int) -> Tensor:
+    """Compile time: ``round(2^62 exp(-scale d))`` for ``d = 0 .. n_codes-1`` (int64), from 40-digit decimals (the
+    float64 ``exp`` is good to 53 bits only)."""
+    from decimal import Decimal, localcontext
+
+    out = []
+    with localcontext() as ctx:
+        ctx.prec = 40
+        step, top = (-Decimal(scale)).exp(), Decimal(2 ** EXP_BITS)
+        v = top
+        for _ in range(n_codes):
+            e = int((v + Decimal("0.5")).to_integral_value("ROUND_FLOOR"))
+            if e == 0:
+                break
+            out.append(e)
+            v *= step
+    return torch.tensor(out + [0] * (n_codes - len(out)), dtype=torch.int64)
+
+
+def softmax_exact_constants(s_out: float) -> Tuple[int, int]:
+    """Compile time: ``(cq, Q)`` of :func:`softmax_exact`: ``Q = floor(122 + log2 s_out)``, ``cq = floor(2^Q /
+    s_out)`` (exact), so that the row reciprocal ``floor(cq / sum)`` stays below 2^61 (``sum >= 2^62``)."""
+    from fractions import Fraction
+
+    Q = math.floor(122 + math.log2(s_out))
+    return math.floor(Fraction(2) ** Q / Fraction(s_out)), Q
+
+
+def softmax_exact(x: Tensor, cmin: int, masked: Optional[Tensor], lut: Tensor, cq: int, Q: int, zp_out: int,
+                  qmin: int, qmax: int, out_dtype=torch.int8) -> Tensor:
+    """Softmax of integer codes over the last dim, rounded once from 62-bit exponentials: ``e = lut[max - x]`` (0
+    on masked lanes), per row ``r = floor(cq / sum e)`` (Python integers), code ``clamp(((e r +
+    2^(Q-1)) >> Q) + zp_out)`` = ``round(e / (sum e * s_out))`` to about 2^-45 LSB. ``e r`` (up to 2^123) is taken
+    in 31-bit limbs: ``floor(e r / 2^62) = e1 r1 + ((e1 r0 + e0 r1 + ((e0 r0) >> 31)) >> 31)``, then rounded by
+    ``2^(Q-62)``. The C attention computes the same in 128 bits."""
+    _, _, e, _ = _exp_terms(x, lut, masked, cmin)
+    mask31 = 2 ** 31 - 1
+    e1, e0 = e >> 31, e & mask31
+    s1, s0 = e1.sum(-1).reshape(-1).tolist(), e0.sum(-1).reshape(-1).tolist()
+    r = torch.tensor([cq // max((a << 31) + b, 1) for a, b in zip(s1, s0)], dtype=torch.int64).view(*e.shape[:-1], 1)
+    r1, r0 = r >> 31, r & mask31
+    t = e1 * r1 + ((e1 * r0 + e0 * r1 + ((e0 * r0) >> 31)) >> 31)
+    q = ((t + (1 << (Q - 63))) >> (Q - 62)) + zp_out
+    return q.clamp_(qmin, qmax).to(out_dtype)
+
+
 def exp_table(scale: float, n_codes: int, frac_bits: int = 20) -> Tensor:
     """Compile time: ``round(2^F exp(-scale d))`` for ``d = 0 .. n_codes-1`` (int64)."""
     d = torch.arange(n_codes, dtype=torch.float64)

@@ -224,3 +224,91 @@ def test_two_word_residual_add_is_exact(sa, sb, s_out, monkeypatch):
     outs.append(K.add_requant_int(a, 7, ma, ta, b, -3, mb, tb, sh, -5, -(2 ** 15), 2 ** 15 - 1, torch.int32, la, lb))
     for got in outs:
         assert torch.equal(got.long(), want)
+
+
+def ln_reference(x, gain, bias, n, eps, s_x, s_g, s_out, zp, lo, hi):
+    """The fake model's LayerNorm code ``round(y / s_out) + zp`` in 60-digit decimals."""
+    from decimal import Decimal, getcontext
+
+    getcontext().prec = 60
+    out = []
+    for row in x.tolist():
+        mu = Fraction(sum(row), n)
+        var = sum((Fraction(v) - mu) ** 2 for v in row) / n * Fraction(s_x) ** 2
+        den = (Decimal(var.numerator) / Decimal(var.denominator) + Decimal(eps)).sqrt()
+        codes = []
+        for j, v in enumerate(row):
+            d = (Fraction(v) - mu) * Fraction(s_x)
+            y = Decimal(d.numerator) / Decimal(d.denominator) / den * Decimal(int(gain[j])) * Decimal(s_g) \
+                + Decimal(int(bias[j])) * Decimal(s_g) / Decimal(2 ** 16)
+            codes.append(min(max(int((y / Decimal(s_out) + Decimal("0.5")).to_integral_value("ROUND_FLOOR")) + zp,
+                                 lo), hi))
+        out.append(codes)
+    return torch.tensor(out)
+
+
+@pytest.mark.parametrize("bits", [8, 16])
+def test_exact_layer_norm_equals_a_60_digit_reference(bits, monkeypatch):
+    """:func:`kernels.layer_norm_exact` (C, and its torch twin with the row multipliers in Python integers): every
+    code equals the fake model's LayerNorm evaluated in 60-digit decimals, on rows of 16- and 8-bit codes, a constant
+    row (its codes are the bias alone) and a row with one code apart."""
+    g = torch.Generator().manual_seed(bits)
+    n, half = 384, 2 ** (bits - 1)
+    x = torch.randint(-half, half, (24, n), generator=g, dtype=torch.int32)
+    x[0], x[1] = 7, 0
+    x[1, 5] = 1
+    gain = torch.randint(-127, 128, (n,), generator=g, dtype=torch.int8)
+    bias = torch.randint(-2 ** 20, 2 ** 20, (n,), generator=g, dtype=torch.int32)
+    s_x, s_g, s_out = (float(torch.tensor(v).float()) for v in (3e-4 * 2 ** (16 - bits), 0.013, 0.05))
+    ints, bh, bl = K.ln_exact_constants(n, 1e-5, s_x, s_g, s_out, bias, n * 2 ** bits * 128)
+    want = ln_reference(x, gain, bias, n, 1e-5, s_x, s_g, s_out, 3, -128, 127)
+    outs = [cops.layer_norm_exact(x, gain, bh, bl, ints, 3, -128, 127, torch.int32)] if cbuild.available() else []
+    monkeypatch.setattr(cbuild, "available", lambda: False)
+    outs.append(K.layer_norm_exact(x, gain, bh, bl, ints, 3, -128, 127))
+    for got in outs:
+        assert torch.equal(got.long(), want)
+    assert bool((want[0] == want[0].mode().values).float().mean() < 1)  # (the bias alone still varies by channel)
+
+
+def softmax_reference(x, s_in, s_out, zp, lo, hi):
+    """The fake model's softmax codes ``round(p / s_out) + zp`` in 50-digit decimals."""
+    from decimal import Decimal, getcontext
+
+    getcontext().prec = 50
+    so = Decimal(Fraction(s_out).numerator) / Decimal(Fraction(s_out).denominator)
+    out = []
+    for row in x.reshape(-1, x.shape[-1]).tolist():
+        es = [(-Decimal(s_in) * (max(row) - v)).exp() for v in row]
+        total = sum(es)
+        out.append([min(max(int((e / total / so + Decimal("0.5")).to_integral_value("ROUND_FLOOR")) + zp, lo), hi)
+                    for e in es])
+    return torch.tensor(out).view(x.shape)
+
+
+@pytest.mark.parametrize("bits", [8, 16])
+def test_exact_softmax_equals_a_50_digit_reference(bits, monkeypatch):
+    """:func:`kernels.softmax_exact` (62-bit exponentials, one rounding) and the one-pass C attention with its int64
+    table: every probability code equals the fake model's softmax in 50-digit decimals (16- and 8-bit output
+    grids)."""
+    g = torch.Generator().manual_seed(bits)
+    s_in = float(torch.tensor(0.05 / 16).float())
+    s_out = float(torch.tensor(1 / (2 ** bits - 1)).float())
+    x = torch.randint(-2000, 2000, (3, 16, 500), generator=g)
+    lut = K.exp_table_exact(s_in, 2 ** 16)
+    cq, Q = K.softmax_exact_constants(s_out)
+    want = softmax_reference(x, s_in, s_out, 0, 0, 2 ** bits - 1)
+    got = K.softmax_exact(x, -(2 ** 15), None, lut, cq, Q, 0, 0, 2 ** bits - 1, torch.int32)
+    assert torch.equal(got.long(), want)
+    if not cbuild.available():
+        return
+    # the C attention: scores straight onto these codes (multiplier 1), the probabilities onto an AV grid of the
+    # same codes (multiplier 1, zero point 0), values the identity rows: the output is the probability codes
+    bh, tq, tk = 2, 5, 40
+    q = torch.randint(-40, 40, (bh, tq, 64), generator=g, dtype=torch.int8)  # (scores within the 16-bit grid)
+    kt = torch.randint(-40, 40, (bh, 64, tk), generator=g, dtype=torch.int8)
+    srq, prq = (2 ** 30, 30, 0, -(2 ** 15), 2 ** 15 - 1), (2 ** 30, 30, -(2 ** 15), -(2 ** 15), 2 ** 15 - 1)
+    v = torch.eye(tk, 64, dtype=torch.int32).expand(bh, tk, 64).contiguous()  # (column j: key j's probability)
+    out = cgemm.attention(q, 0, kt, 0, srq, lut, (cq, Q, 0, 0, 2 ** bits - 1), prq, v, 0)
+    scores = (q.long() @ kt.long())
+    want_c = softmax_reference(scores, s_in, s_out, 0, 0, 2 ** bits - 1)
+    assert torch.equal(out[..., :tk], want_c)

@@ -630,6 +630,27 @@ static inline __m256i rq8n(__m256i s, __m256i m, __m256i ml, int haslo, __m256i 
     return _mm256_min_epi32(_mm256_max_epi32(y, lo), hi);
 }
 
+/* The attention's softmax: one-word (int32 table lut, r = floor(mult_r / total), p = (e r + 2^(sh-1)) >> sh) or exact
+ * (format version 5: lut64 = round(2^62 exp(-s d)), r = floor(cq / total) in 128 bits with cq = floor(2^Q / s_out),
+ * p = (e r + 2^(Q-1)) >> Q: kernels.softmax_exact) */
+typedef struct {
+    const int32_t *lut;
+    const int64_t *lut64;
+    int64_t mult_r;
+    int sh, Q;
+    __int128 cq;
+} smx;
+static inline int64_t sm_e(const smx *s, int64_t d) { return s->lut64 ? s->lut64[d] : s->lut[d]; }
+static inline __int128 sm_recip(const smx *s, __int128 total) {
+    total = total > 1 ? total : 1;
+    return s->lut64 ? s->cq / total : (__int128)(s->mult_r / (int64_t)total);
+}
+static inline int64_t sm_p(const smx *s, int64_t e, __int128 r) {
+    if (s->lut64)
+        return (int64_t)(((unsigned __int128)e * (unsigned __int128)r + ((unsigned __int128)1 << (s->Q - 1))) >> s->Q);
+    return (e * (int64_t)r + ((int64_t)1 << (s->sh - 1))) >> s->sh;
+}
+
 /* the pairs p < pairs (pairs % 8 == 0) where any of the MR rows at a (row stride lda) is nonzero -> idx; count */
 static inline int64_t active_pairs(const int16_t *a, int64_t lda, int64_t pairs, int32_t *idx) {
     int64_t n = 0;
@@ -660,6 +681,7 @@ void qasr_attention(const int8_t *q, int64_t BH, int64_t Tq, int64_t d,
                     const int16_t *kp, int64_t kstride, int64_t Tk, int64_t Tkp, const int32_t *kinit, int64_t zk,
                     int64_t m1, int64_t m1l, int sh1, int64_t zp1, int64_t qmin1, int64_t qmax1,
                     const int32_t *lut, int64_t mult_r, int sh, int64_t zpo, int64_t qmino, int64_t qmaxo,
+                    const int64_t *lut64, int64_t cq_hi, int64_t cq_lo, int Q,
                     int64_t m2, int64_t m2l, int sh2, int64_t zp2, int64_t qmin2, int64_t qmax2,
                     const int16_t *vp, int64_t vstride, int64_t vKp, int64_t vo_zv, int64_t dp, const int32_t *klen,
                     const int8_t *kq, const int32_t *kcol, int64_t *out, int nthreads) {
@@ -676,13 +698,14 @@ void qasr_attention(const int8_t *q, int64_t BH, int64_t Tq, int64_t d,
         int16_t *pb = aligned_alloc(64, (size_t)((AB * lda * 2 + 63) / 64 * 64));
         int32_t *idx = malloc((size_t)(2 * vpairs) * sizeof(int32_t));
         const int64_t span = qmax1 - qmin1 + 1;
+        const smx sm = {lut, lut64, mult_r, sh, Q, ((__int128)cq_hi << 63) | (__int128)cq_lo};
         int64_t lz = span; /* lut[lz..] are 0 */
-        while (lz > 0 && lut[lz - 1] == 0) lz--;
+        while (lz > 0 && sm_e(&sm, lz - 1) == 0) lz--;
         /* short table loops: a non-increasing table, and probability 0 (p = zpo) taken to d = 0 on the AV grid; then
          * the codes below the first (from the top) whose d is 0 all have d = 0 */
         int shortcut = clamp64((((int64_t)1 << (sh2 - 1)) >> sh2) + zp2, qmin2, qmax2) == zp2 && zpo >= qmino &&
                        zpo <= qmaxo;
-        for (int64_t i = 1; i < span && shortcut; i++) shortcut = lut[i] <= lut[i - 1] && lut[i] >= 0;
+        for (int64_t i = 1; i < span && shortcut; i++) shortcut = sm_e(&sm, i) <= sm_e(&sm, i - 1) && sm_e(&sm, i) >= 0;
         int32_t *hist = span <= 4096 ? malloc((size_t)(4 * span) * sizeof(int32_t)) : 0; /* 4 interleaved counts */
         int32_t *tab = span <= 4096 ? malloc((size_t)span * sizeof(int32_t)) : 0;
         int64_t qsum[AB], psum[AB], t64[MR * NR];
@@ -775,8 +798,8 @@ void qasr_attention(const int8_t *q, int64_t BH, int64_t Tq, int64_t d,
                         memset(dl + tk, 0, (size_t)(vKp - tk) * sizeof(int16_t));
                         int32_t mx32 = (int32_t)qmin1; /* (every code >= qmin1; no key: all probabilities 0) */
                         for (int64_t j = 0; j < tk; j++) mx32 = row[j] > mx32 ? row[j] : mx32; /* (vectorized) */
-                        const int64_t mx = mx32, top = mx - qmin1, half = (int64_t)1 << (sh - 1);
-                        int64_t total = 0;
+                        const int64_t mx = mx32, top = mx - qmin1;
+                        __int128 total = 0;
                         if (hist) { /* k-bit input: sums and outputs per code value, not per lane */
                             /* four interleaved histograms: repeated codes do not wait on each other's increments */
                             int32_t *h1 = hist + span, *h2 = h1 + span, *h3 = h2 + span;
@@ -794,13 +817,12 @@ void qasr_attention(const int8_t *q, int64_t BH, int64_t Tq, int64_t d,
                             const int64_t cl = shortcut && top - lz + 1 > 0 ? top - lz + 1 : 0;
                             for (int64_t c = top; c >= cl; c--) {
                                 hist[c] += h1[c] + h2[c] + h3[c];
-                                total += hist[c] * (int64_t)lut[top - c];
+                                total += (__int128)hist[c] * sm_e(&sm, top - c);
                             }
-                            total = total > 1 ? total : 1;
-                            const int64_t recip = mult_r / total;
+                            const __int128 recip = sm_recip(&sm, total);
                             int64_t c0 = top + 1; /* the lowest code present whose d is not 0 */
                             for (int64_t c = top; c >= cl; c--) {
-                                int64_t p = clamp64(((lut[top - c] * recip + half) >> sh) + zpo, qmino, qmaxo);
+                                int64_t p = clamp64(sm_p(&sm, sm_e(&sm, top - c), recip) + zpo, qmino, qmaxo);
                                 tab[c] = (int32_t)(rq1(p - zpo, m2, m2l, sh2, zp2, qmin2, qmax2) - zp2); /* [0, 2^16) */
                                 if (!tab[c] && shortcut) break;
                                 s2 += hist[c] * (int64_t)tab[c];
@@ -827,11 +849,10 @@ void qasr_attention(const int8_t *q, int64_t BH, int64_t Tq, int64_t d,
                                     dl[j] = (int16_t)(tab[row[j] - qmin1] & 255);
                                 }
                         } else {
-                            for (int64_t j = 0; j < tk; j++) total += lut[mx - row[j]];
-                            total = total > 1 ? total : 1;
-                            const int64_t recip = mult_r / total;
+                            for (int64_t j = 0; j < tk; j++) total += sm_e(&sm, mx - row[j]);
+                            const __int128 recip = sm_recip(&sm, total);
                             for (int64_t j = 0; j < tk; j++) {
-                                int64_t p = clamp64(((lut[mx - row[j]] * recip + half) >> sh) + zpo, qmino, qmaxo);
+                                int64_t p = clamp64(sm_p(&sm, sm_e(&sm, mx - row[j]), recip) + zpo, qmino, qmaxo);
                                 int64_t v = rq1(p - zpo, m2, m2l, sh2, zp2, qmin2, qmax2) - zp2;
                                 dh[j] = (int16_t)(v >> 8);
                                 dl[j] = (int16_t)(v & 255);
