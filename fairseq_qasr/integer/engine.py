@@ -336,10 +336,11 @@ class IntegerEngine:
 
     def _multiplier(self, num, s_out: Tensor, headroom: int) -> Tuple[Tensor, Tensor]:
         """Compile time: the requantization multiplier ``num / s_out`` (per tensor or per channel): two words, 62 bits
-        of the exact ratio (:func:`kernels.quantize_multiplier_exact`), for accumulators within int32; one word of
-        ``31 - headroom`` bits for wider ones (and with ``EXACT_MULTIPLIERS`` off, as before format version 5)."""
+        of the exact ratio (:func:`kernels.quantize_multiplier_exact`; int64 accumulators of up to 62 bits take the
+        kernels' 128-bit / limb arithmetic); with ``EXACT_MULTIPLIERS`` off, as before format version 5, one word of
+        ``31 - headroom`` bits."""
         num = torch.as_tensor(num, dtype=torch.float64)
-        if self.EXACT_MULTIPLIERS and not headroom:
+        if self.EXACT_MULTIPLIERS and headroom <= 31:
             m, sh = K.quantize_multiplier_exact(num, s_out.reshape(()))
             return m, sh.to(torch.int8)
         return K.shorten_multiplier(*K.quantize_multiplier(num / s_out.reshape(())), headroom)

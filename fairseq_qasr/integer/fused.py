@@ -28,9 +28,11 @@ def _requant(acc: Tensor, sub: int, m: Tensor, ml: Tensor, sh: Tensor, zp: int, 
 def requant(acc: Tensor, m: Tensor, sh: Tensor, zp: int, qmin: int, qmax: int, sub: int = 0) -> Tensor:
     """``clamp(round((acc - sub) * m * 2^-sh) + zp)`` as int8 (``sub``: the zero point of codes; one- or two-word
     multipliers, :func:`kernels.split_multiplier`; int32 accumulators)."""
-    from .kernels import split_multiplier
+    from .kernels import requantize, split_multiplier
 
     hi, lo, s = split_multiplier(m, sh)
+    if lo is not None and acc.dtype == torch.int64:  # (wide accumulators with two words: the exact limb arithmetic)
+        return requantize(acc, m, sh, zp, qmin, qmax, torch.int8, sub)
     return _compiled("requant2", _requant)(acc, sub, hi, torch.zeros_like(hi) if lo is None else lo, s, zp, qmin, qmax)
 
 

@@ -107,13 +107,30 @@ def split_multiplier(m: Tensor, shift: Tensor) -> Tuple[Tensor, Optional[Tensor]
 
 
 def _wide_product(a: Tensor, hi: Tensor, lo: Optional[Tensor]) -> Tensor:
-    """``a m_hi + floor(a m_lo / 2^31)`` in int64 (``|a| < 2^32`` where ``m_lo`` is given: checked)."""
-    if lo is None:
-        return a * hi
-    if a.numel() and int(a.abs().max()) >= 2 ** 32:
-        raise ValueError("two-word requantization of values beyond 2^32 (an int64 accumulator needs a one-word "
-                         "multiplier)")
-    return a * hi + ((a * lo) >> 31)
+    """``a m_hi + floor(a m_lo / 2^31)`` in int64 (``|a| < 2^32`` where ``m_lo`` is given)."""
+    return a * hi if lo is None else a * hi + ((a * lo) >> 31)
+
+
+def mul_round(a: Tensor, hi: Tensor, lo: Optional[Tensor], s: Tensor) -> Tensor:
+    """``round(a (m_hi + m_lo 2^-31) 2^-s)`` (half up) exactly, as :func:`rshift_round` of :func:`_wide_product`
+    where ``|a| < 2^32``; for wider int64 values (``|a| < 2^62``: wide accumulators with a two-word multiplier) in
+    31-bit limbs: ``a m = T 2^62 + R`` with ``a = a1 2^31 + a0``, ``m = m_hi 2^31 + m_lo``, then ``(T + 2^(S-63))
+    >> (S-62)`` for ``S = s + 31 >= 63`` (else ``T 2^(62-S) + ((R + 2^(S-1)) >> S)``). The C kernels take 128 bits."""
+    if lo is None or not a.numel() or int(a.abs().max()) < 2 ** 32:
+        return rshift_round(_wide_product(a, hi, lo), s)
+    if int(a.abs().max()) >= 2 ** 62:
+        raise ValueError("two-word requantization of values of 2^62 or more")
+    m31 = WIDE_WORD - 1
+    a1, a0 = a >> 31, a & m31
+    y = a1 * lo + a0 * hi  # |y| < 2^63
+    z = (y & m31) * WIDE_WORD + a0 * lo  # < 2^63
+    t = a1 * hi + (y >> 31) + (z >> 62)
+    r = z & (2 ** 62 - 1)
+    S = s.long() + 31
+    big = S >= 63
+    hi_part = (t + (torch.ones_like(S) << (S - 63).clamp(min=0))) >> (S - 62).clamp(min=0)
+    lo_part = (t << (62 - S).clamp(min=0)) + ((r + (torch.ones_like(S) << (S - 1).clamp(max=62))) >> S.clamp(max=62))
+    return torch.where(big, hi_part, lo_part)
 
 
 # --- requantization -------------------------------------------------------------------------------
@@ -202,14 +219,14 @@ def requantize(acc: Tensor, m: Tensor, shift: Tensor, zp: int, qmin: int, qmax: 
             return out
     a = acc.long() - sub if sub else acc.long()
     hi, lo, sh = split_multiplier(m, shift)
-    y = rshift_round(_wide_product(a, hi, lo), sh) + zp
+    y = mul_round(a, hi, lo, sh) + zp
     return y.clamp_(qmin, qmax).to(out_dtype)
 
 
 def rescale(acc: Tensor, m: Tensor, shift: Tensor) -> Tensor:
     """``round(acc * m * 2^-shift)`` as int64 (no clamp): move an accumulator onto another grid."""
     hi, lo, sh = split_multiplier(m, shift)
-    return rshift_round(_wide_product(acc.long(), hi, lo), sh)
+    return mul_round(acc.long(), hi, lo, sh)
 
 
 # --- GEMMs ----------------------------------------------------------------------------------------

@@ -28,8 +28,8 @@ def exact(a: torch.Tensor, m: torch.Tensor, sh: torch.Tensor, zp: int, lo: int, 
 
 def near_tie(a0: int, M: float) -> tuple:
     """A two-word multiplier ``(m, shift)`` near ``M`` that puts ``a0 > 0`` (not a power of two) just at or above a
-    rounding tie, so that its high word alone (the low word dropped) rounds ``a0`` one code lower: ``m = ceil((k +
-    1/2) 2^shift / a0)`` for the first ``k >= floor(a0 M)`` where that leaves a low word."""
+    rounding tie, so that its high word alone (the low word dropped) rounds ``a0`` one code lower or more: ``m =
+    ceil((k + 1/2) 2^shift / a0)`` for the first ``k >= floor(a0 M)`` where that leaves a low word."""
     assert a0 > 0 and a0 & (a0 - 1), a0
     for k in range(int(a0 * M), int(a0 * M) + 64):
         tie = Fraction(2 * k + 1, 2 * a0)
@@ -43,7 +43,7 @@ def near_tie(a0: int, M: float) -> tuple:
             else:
                 break
         if m % 2 ** 31:
-            assert (a0 * (m >> 31) * 2 ** 31 + 2 ** (sh - 1)) >> sh == k  # (the high word alone: k)
+            assert (a0 * (m >> 31) * 2 ** 31 + 2 ** (sh - 1)) >> sh <= k  # (the high word alone: k or less)
             return m, sh
     raise AssertionError(f"no near tie for {a0}")
 
@@ -112,12 +112,25 @@ def test_two_word_requantize_is_exact_on_every_path(acc_dtype, per_col, monkeypa
             assert got.dtype == dt and torch.equal(got, want), name
 
 
-def test_two_words_on_int64_values_beyond_2_31_are_an_error(monkeypatch):
+@pytest.mark.parametrize("ratio", [2.0 ** -40, 3e-9, 0.37 * 2.0 ** -20])
+def test_two_words_on_wide_int64_accumulators_are_exact(ratio, monkeypatch):
+    """int64 accumulators up to 2^61 with a two-word multiplier: the torch limb arithmetic and C's 128-bit scalar
+    path both round exactly (ties planted), every output grid width; beyond 2^62 an error."""
+    g = torch.Generator().manual_seed(int(ratio * 2 ** 50) % 1000)
+    acc = torch.randint(-(2 ** 61), 2 ** 61, (7, 33), generator=g, dtype=torch.int64)
+    acc[0, :3] = torch.tensor([2 ** 61 - 1, -(2 ** 61), 0])
+    a0 = int(acc[1:].abs().max()) | 1
+    acc[1, 0] = a0
+    m, sh = (torch.tensor(v) for v in near_tie(a0, ratio))
+    want = exact(acc, m, sh, 5, -(2 ** 31), 2 ** 31 - 1)
+    outs = [cops.requantize(acc, m, sh, 5, -(2 ** 31), 2 ** 31 - 1, torch.int32)] if cbuild.available() else []
     monkeypatch.setattr(cbuild, "available", lambda: False)
     monkeypatch.setattr(K, "ONE_PASS", False)
-    m, sh = K.quantize_multiplier_exact(torch.tensor([1e-3]), torch.tensor([0.5]))
-    with pytest.raises(ValueError, match="one-word"):
-        K.requantize(torch.tensor([2 ** 32]), m, sh, 0, -128, 127, torch.int8)
+    outs.append(K.requantize(acc, m, sh, 5, -(2 ** 31), 2 ** 31 - 1, torch.int32))
+    for got in outs:
+        assert torch.equal(got.long(), want)
+    with pytest.raises(ValueError, match="2\\^62"):
+        K.requantize(torch.tensor([2 ** 62]), m, sh, 0, -128, 127, torch.int8)
 
 
 @needs_c
