@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Teacher-forced, op-by-op equivalence of the integer engine with the fake-quantized checkpoint, on real utterances.
 
-    python scripts/compare_engine.py CKPT --data DIR --split dev-clean [--engine FILE.safetensors] [--utts N]
+    python scripts/compare_engine.py CKPT --data DIR --split dev-clean [--engine FILE.safetensors] [--utts N | --ids I,J]
                                     [--json OUT.json] [--free-running | --unforced] [--float64]
 
 For each utterance (the reference transcript as decoder input): every op of the engine gets exactly the fake
@@ -33,6 +33,8 @@ def main() -> int:
     p.add_argument("--split", default="dev-clean")
     p.add_argument("--engine", help="exported file to check (default: compile the engine from CKPT in memory)")
     p.add_argument("--utts", type=int, default=0, help="first N utterances only (0: all)")
+    p.add_argument("--ids", default="", help="these utterances only (comma-separated dataset indices, as "
+                                              "fairseq-generate's S-/H- ids)")
     p.add_argument("--json", help="write the per-utterance and total figures here (atomically)")
     p.add_argument("--free-running", action="store_true",
                    help="decode each utterance greedily with both (batch of one) instead: identical transcripts, and "
@@ -70,13 +72,15 @@ def main() -> int:
         net = ds.collater([ds[0]])["net_input"]
         to_float64(model, lambda m: m(**net))
     n = min(len(ds), args.utts) if args.utts else len(ds)
+    ids = [int(i) for i in args.ids.split(",")] if args.ids else list(range(n))
+    n = len(ids)
     if args.free_running:
-        return free_running(args, eng, model, ds, n, task.target_dictionary)
+        return free_running(args, eng, model, ds, ids, task.target_dictionary)
     if args.unforced:
-        return unforced(args, eng, model, ds, n)
+        return unforced(args, eng, model, ds, ids)
     rows, drift = [], {}
     pad = task.target_dictionary.pad()
-    for i in tqdm(range(n), desc=f"teacher-forced {args.split}", disable=args.no_progress):
+    for i in tqdm(ids, desc=f"teacher-forced {args.split}", disable=args.no_progress):
         sample = ds.collater([ds[i]])
         net = sample["net_input"]
         stats, logits, ref = forced_run(eng, model, net)
@@ -107,7 +111,7 @@ def main() -> int:
     return 0 if not drift else 1
 
 
-def unforced(args, eng, model, ds, n: int) -> int:
+def unforced(args, eng, model, ds, ids: list) -> int:
     """--unforced: per quantizer (execution order), the share of the engine's own codes that differ from the fake
     model's and by how many LSB at most, over ``n`` utterances; the logits' largest difference in nats."""
     from tqdm import tqdm
@@ -116,7 +120,8 @@ def unforced(args, eng, model, ds, n: int) -> int:
 
     total: dict = {}
     worst = 0.0
-    for i in tqdm(range(n), desc=f"unforced {args.split}", disable=args.no_progress):
+    n = len(ids)
+    for i in tqdm(ids, desc=f"unforced {args.split}", disable=args.no_progress):
         stats, logits, ref = forced_run(eng, model, ds.collater([ds[i]])["net_input"], force=False)
         kept = ref > -1e3
         worst = max(worst, float((logits.double() * eng.meta["logits.scale"] - ref.double()).abs()[kept].max()))
@@ -135,14 +140,15 @@ def unforced(args, eng, model, ds, n: int) -> int:
     return 0
 
 
-def free_running(args, eng, model, ds, n: int, dictionary) -> int:
+def free_running(args, eng, model, ds, ids: list, dictionary) -> int:
     """--free-running: greedy transcripts of the engine and of the fake model, utterance by utterance."""
     from tqdm import tqdm
 
     from fairseq_qasr.integer.equivalence import free_running_compare
 
     rows = []
-    for i in tqdm(range(n), desc=f"free-running {args.split}", disable=args.no_progress):
+    n = len(ids)
+    for i in tqdm(ids, desc=f"free-running {args.split}", disable=args.no_progress):
         sample = ds.collater([ds[i]])
         r = free_running_compare(eng, model, sample["net_input"], max_len=args.max_len, bos=dictionary.eos(),
                                  eos=dictionary.eos(), pad=dictionary.pad())

@@ -17,7 +17,7 @@ from torch import Tensor
 from fairseq.dataclass import FairseqDataclass
 from fairseq.models import (FairseqEncoder, FairseqEncoderDecoderModel, FairseqIncrementalDecoder, register_model)
 
-from ..integer.engine import QT, Acc, IntegerEngine, reorder_state
+from ..integer.engine import IntegerEngine, reorder_state
 from .format import load_engine
 
 STATE = "qasr_integer"

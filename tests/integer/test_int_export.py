@@ -104,12 +104,26 @@ def test_position_table_with_sparse_corrections(tmp_path):
     assert torch.equal(mem.t["pos:encoder"], disk.t["pos:encoder"]) and torch.equal(outs[0], outs[1])
 
 
+def as_old_file(dst, tensors: dict, header: dict) -> str:
+    """``tensors`` and ``header`` written as an exported file (an older version's, as the tests edit them)."""
+    import json
+
+    from safetensors.torch import save_file
+    save_file(tensors, str(dst), metadata={"qasr": json.dumps(header)})
+    return str(dst)
+
+
+def logits_of(e, inp):
+    """Teacher-forced logits of engine ``e`` on the test inputs."""
+    return e.decode_step(inp["prev_output_tokens"], e.encode(e.quantize_input(inp["src_tokens"]), inp["src_lengths"]),
+                         None)
+
+
 def test_residual_adds_per_consumer_and_version_1_files(tmp_path, monkeypatch):
     """A pre-norm model with a 16-bit residual stream: the file (version 2 on) holds each add consumer's two
     multipliers (``rqa:``), reloads bit-identically, and a version-1 file (without them) still loads and runs on the
     add's fine sum."""
-    from safetensors.torch import load_file, save_file
-    import json
+    from safetensors.torch import load_file
     model, d, cfg, inp = H.quantized_xs("w8a8_r16", **H.WHISPER_LAYOUT)
     path = tmp_path / "v3.safetensors"
     header = export_model(model, str(path), cfg=cfg)
@@ -124,7 +138,7 @@ def test_residual_adds_per_consumer_and_version_1_files(tmp_path, monkeypatch):
     tensors = {k: v for k, v in load_file(str(path)).items() if not k.startswith("rqa:")}
     h1 = dict(read_header(str(path)), version=1)
     h1.pop("requant_add")
-    save_file(tensors, str(old), metadata={"qasr": json.dumps(h1)})
+    as_old_file(old, tensors, h1)
     from fairseq_qasr.integer import kernels as K
     calls = []
     monkeypatch.setattr(K, "add_requant_int", lambda *a, **k: calls.append(1))  # must not run for version 1
@@ -138,15 +152,12 @@ def test_residual_adds_per_consumer_and_version_1_files(tmp_path, monkeypatch):
 def test_layer_norm_fraction_bits_and_version_2_files(tmp_path, monkeypatch):
     """Version 3 files carry the LayerNorm's 24 fraction bits (``ln:`` meta ``frac``) and reload bit-identically; a
     version 2 file (16 fraction bits, no ``frac``) still loads and gives what an engine compiled with 16 bits gives."""
-    import json
-
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
     model, d, cfg, inp = H.quantized_xs("w8a8", **H.WHISPER_LAYOUT)
     monkeypatch.setattr(IntegerEngine, "EXACT_MULTIPLIERS", False)  # the fixed-point LayerNorm of versions 1-4
 
     def logits(e):
-        return e.decode_step(inp["prev_output_tokens"], e.encode(e.quantize_input(inp["src_tokens"]),
-                                                                  inp["src_lengths"]), None)
+        return logits_of(e, inp)
 
     path = tmp_path / "v3.safetensors"
     header = export_model(model, str(path), cfg=cfg)
@@ -161,7 +172,7 @@ def test_layer_norm_fraction_bits_and_version_2_files(tmp_path, monkeypatch):
     h2 = dict(h2, version=2, meta={k: ({kk: vv for kk, vv in v.items() if kk != "frac"} if k.startswith("ln:") else v)
                                    for k, v in h2["meta"].items()})
     old = tmp_path / "v2.safetensors"
-    save_file(load_file(str(path16)), str(old), metadata={"qasr": json.dumps(h2)})
+    as_old_file(old, load_file(str(path16)), h2)
     monkeypatch.setattr(IntegerEngine, "LN_FRAC_BITS", 24)
     assert torch.equal(logits(load_engine(str(old))), want16)
     assert not torch.equal(want16, logits(IntegerEngine.from_quantized(model, cfg)))  # 24 bits: other integers
@@ -171,14 +182,11 @@ def test_grouped_folding_and_version_3_files(tmp_path, monkeypatch):
     """Version 4 files carry the grouped Linears' folded ratios (``gq:``, ``rqg:``, header ``requant_grouped``) and
     reload bit-identically; a version 3 file (consumer-independent ratios only) still loads and gives what an engine
     compiled without folding gives."""
-    import json
-
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
     model, d, cfg, inp = H.quantized_xs(H.GROUPED_16BIT, **H.WHISPER_LAYOUT)
 
     def logits(e):
-        return e.decode_step(inp["prev_output_tokens"], e.encode(e.quantize_input(inp["src_tokens"]),
-                                                                  inp["src_lengths"]), None)
+        return logits_of(e, inp)
 
     path = tmp_path / "v4.safetensors"
     header = export_model(model, str(path), cfg=cfg)
@@ -193,7 +201,7 @@ def test_grouped_folding_and_version_3_files(tmp_path, monkeypatch):
     h3 = dict(export_model(model, str(path3), cfg=cfg), version=3)
     assert not h3["requant_grouped"]
     old = tmp_path / "v3.safetensors"
-    save_file(load_file(str(path3)), str(old), metadata={"qasr": json.dumps(h3)})
+    as_old_file(old, load_file(str(path3)), h3)
     monkeypatch.setattr(IntegerEngine, "FOLD_GROUPS", True)
     assert torch.equal(logits(load_engine(str(old))), plain)
     assert not torch.equal(want, plain)  # folded: other integers
@@ -204,14 +212,11 @@ def test_two_word_multipliers_and_version_4_files(tmp_path, monkeypatch):
     words) and reload bit-identically; a version 4 file (one-word multipliers throughout) still loads and gives what an
     engine compiled with ``EXACT_MULTIPLIERS`` off gives. (On a model this small the two give the same logits: one
     word already leaves about one code in 10^7 different, tests/integer/test_int_two_word.py plants the ties.)"""
-    import json
-
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
     model, d, cfg, inp = H.quantized_xs("w8a8_r16", **H.WHISPER_LAYOUT)
 
     def logits(e):
-        return e.decode_step(inp["prev_output_tokens"], e.encode(e.quantize_input(inp["src_tokens"]),
-                                                                  inp["src_lengths"]), None)
+        return logits_of(e, inp)
 
     path = tmp_path / "v5.safetensors"
     export_model(model, str(path), cfg=cfg)
@@ -229,6 +234,6 @@ def test_two_word_multipliers_and_version_4_files(tmp_path, monkeypatch):
     assert all(int(v.max()) < 2 ** 31 for k, v in t4.items() if k.startswith("rq:") and k.endswith(".m"))
     assert all(v.numel() == 5 for k, v in t4.items() if k.startswith("rqa:"))
     old = tmp_path / "v4.safetensors"
-    save_file(t4, str(old), metadata={"qasr": json.dumps(h4)})
+    as_old_file(old, t4, h4)
     monkeypatch.setattr(IntegerEngine, "EXACT_MULTIPLIERS", True)
     assert torch.equal(logits(load_engine(str(old))), one)
