@@ -193,15 +193,24 @@ def add_requant_int(a: Tensor, za: int, ma: int, ta: int, b: Tensor, zb: int, mb
                     qmin: int, qmax: int, out_dtype=torch.int32, la: int = 0, lb: int = 0) -> Tensor:
     """Residual add straight onto a consumer's grid: ``clamp(((x ma 2^ta + y mb 2^tb + floor((x la 2^ta + y lb 2^tb)
     / 2^31) + 2^(sh-1)) >> sh) + zp, qmin, qmax)``, ``x = a - za``, ``y = b - zb`` within 2^17 (every term stays
-    below 2^61: exact in int64); ``la``, ``lb``: the second words of two-word multipliers (0: one word)."""
+    below 2^61: exact in int64); ``la``, ``lb``: the second words of two-word multipliers (0: one word). Exact ties
+    of the real value (the full product within its rounding bound of a half) round to even, as the fake model's
+    ``torch.round``: two grids' ratios meet on a half now and then (2 codes in test-clean, session 14)."""
     if cbuild.available():  # (a broadcast operand, e.g. the positions of a batch, copied out first)
         a, b = torch.broadcast_tensors(a, b)
         return cops.add_requant(a, za, ma, ta, b, zb, mb, tb, sh, zp, qmin, qmax, out_dtype, la, lb)
     x, y = a.long() - za, b.long() - zb
-    v = x * (ma << ta) + y * (mb << tb) + (1 << (sh - 1))
-    if la or lb:
-        v = v + ((x * (la << ta) + y * (lb << tb)) >> 31)
-    return torch.clamp((v >> sh) + zp, qmin, qmax).to(out_dtype)
+    low = x * (la << ta) + y * (lb << tb)
+    t = x * (ma << ta) + y * (mb << tb) + (low >> 31)
+    half = 1 << (sh - 1)
+    q = (t + half) >> sh
+    # an exact tie of the real value rounds to even (the fake model's torch.round): the 93-bit product t 2^31 +
+    # (low mod 2^31) lies within w of the exact value (the multipliers' rounding)
+    rem, d = t & (2 * half - 1), low & (2 ** 31 - 1)
+    w = ((x.abs() << ta) + (y.abs() << tb)) // 2 + 1
+    odd = (q & 1) == 1
+    q = q - (odd & (rem == half) & (d <= w)).long() + (odd & (rem == half - 1) & (2 ** 31 - d <= w)).long()
+    return torch.clamp(q + zp, qmin, qmax).to(out_dtype)
 
 
 def requantize(acc: Tensor, m: Tensor, shift: Tensor, zp: int, qmin: int, qmax: int, out_dtype=torch.int8,

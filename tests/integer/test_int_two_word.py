@@ -195,6 +195,7 @@ def test_two_word_residual_add_at_a_tie(x0, monkeypatch):
     """The add with two-word multipliers planted so that one element sits at a tie the low words decide (C vector
     lanes and tail, torch): equal to the exact rounding."""
     m, S = near_tie(x0, 0.37)
+    m += 2  # (just past the tie by more than the multipliers' rounding bound: not taken for an exact tie)
     ma, la, sh = m >> 31, m % 2 ** 31, S - 31
     mb, lb = ma, la + 1
     g = torch.Generator().manual_seed(x0)
@@ -217,7 +218,7 @@ def test_two_word_residual_add_at_a_tie(x0, monkeypatch):
 def test_two_word_residual_add_is_exact(sa, sb, s_out, monkeypatch):
     """:func:`kernels.add_multipliers_exact`: both ratios to 62 bits (2^-61 relative; the finer one coarser beyond
     2^13 apart), and the add (C vector lanes and tail, torch) equal to the exact rounding of ``x s_a / s_out + y s_b /
-    s_out`` with those multipliers."""
+    s_out`` (exact ties, many in the last case, to even)."""
     sa, sb, s_out = (float(torch.tensor(v, dtype=torch.float32)) for v in (sa, sb, s_out))
     ma, ta, mb, tb, sh, la, lb = K.add_multipliers_exact(sa, sb, s_out)
     A, B, S = (ma * 2 ** 31 + la) << ta, (mb * 2 ** 31 + lb) << tb, sh + 31
@@ -228,7 +229,8 @@ def test_two_word_residual_add_is_exact(sa, sb, s_out, monkeypatch):
     a = torch.randint(-(2 ** 15), 2 ** 15, (3001,), generator=g, dtype=torch.int32)
     b = torch.randint(-(2 ** 15), 2 ** 15, (3001,), generator=g, dtype=torch.int32).to(torch.int16)
     a[:4] = torch.tensor([2 ** 15 - 1, -(2 ** 15), 0, 1])
-    want = torch.tensor([min(max((((x - 7) * A + (y + 3) * B + (1 << (S - 1))) >> S) - 5, -(2 ** 15)), 2 ** 15 - 1)
+    ra, rb = Fraction(sa) / Fraction(s_out), Fraction(sb) / Fraction(s_out)  # the fake model's exact value, rounded
+    want = torch.tensor([min(max(round((x - 7) * ra + (y + 3) * rb) - 5, -(2 ** 15)), 2 ** 15 - 1)  # (half to even)
                          for x, y in zip(a.tolist(), b.tolist())])
     outs = []
     if cbuild.available():
@@ -325,3 +327,25 @@ def test_exact_softmax_equals_a_50_digit_reference(bits, monkeypatch):
     scores = (q.long() @ kt.long())
     want_c = softmax_reference(scores, s_in, s_out, 0, 0, 2 ** bits - 1)
     assert torch.equal(out[..., :tk], want_c)
+
+
+def test_exact_ties_of_a_residual_add_round_to_even(monkeypatch):
+    """Two grids whose ratios meet on halves (``s_a / s_out = 1/2``, ``s_b / s_out = 5/6``: ``x/2 + 5y/6`` is a half
+    for odd ``x`` and ``y`` a multiple of 6): every exact tie rounds to even, as the fake model's ``torch.round``
+    (negative and positive, in vector lanes and the tail), every other value as before; C and torch."""
+    sa, sb, s_out = 3 * 2.0 ** -10, 5 * 2.0 ** -10, 6 * 2.0 ** -10
+    ma, ta, mb, tb, sh, la, lb = K.add_multipliers_exact(sa, sb, s_out)
+    assert lb  # (5/6: a non-dyadic ratio, only approximated by its 62 bits)
+    x = torch.arange(-601, 602, dtype=torch.int32)
+    y = (torch.arange(x.numel()) % 7 - 3).int() * 6  # multiples of 6
+    y[::5] += 1  # (and some that are not: no tie)
+    want = torch.round(torch.tensor([float(Fraction(int(u)) / 2 + Fraction(int(v)) * 5 / 6) for u, v in
+                                     zip(x.tolist(), y.tolist())], dtype=torch.float64)).long()
+    ties = sum(1 for u, v in zip(x.tolist(), y.tolist()) if u % 2 and v % 6 == 0)
+    assert ties > 400
+    outs = [cops.add_requant(x, 0, ma, ta, y, 0, mb, tb, sh, 0, -(2 ** 31), 2 ** 31 - 1, torch.int32, la, lb)] \
+        if cbuild.available() else []
+    monkeypatch.setattr(cbuild, "available", lambda: False)
+    outs.append(K.add_requant_int(x, 0, ma, ta, y, 0, mb, tb, sh, 0, -(2 ** 31), 2 ** 31 - 1, torch.int32, la, lb))
+    for got in outs:
+        assert torch.equal(got.long(), want)

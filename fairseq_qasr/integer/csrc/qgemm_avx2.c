@@ -1182,6 +1182,23 @@ void qasr_add(const void *a, int atype, int64_t za, int64_t ka, const void *b, i
  * ta, tb <= 13, 1 <= sh <= 62), codes within 2^17 of their zero points: every product is below 2^61, their sums and
  * the rounding term below 2^63. 4 int64 lanes a step (vpmuldq); *bad counts the codes 2^17 or more from their zero
  * point (their outputs are left unset: the caller raises). */
+/* one code of qasr_add_requant: t = x ma 2^ta + y mb 2^tb + floor(low / 2^31), low = x la 2^ta + y lb 2^tb, rounded
+ * by 2^sh half up, except at an exact tie of the real value, rounded to even as the fake model's torch.round: the
+ * 93-bit product t 2^31 + (low mod 2^31) lies within w = (|x| 2^ta + |y| 2^tb) / 2 + 1 of the exact value (the
+ * multipliers' rounding), so a tie shows as t mod 2^sh = 2^(sh-1) with low mod 2^31 <= w (from above) or t mod 2^sh
+ * = 2^(sh-1) - 1 with 2^31 - (low mod 2^31) <= w (from below) */
+static inline int64_t add_rq1(int64_t x, int64_t y, int64_t ma, int64_t ta, int64_t mb, int64_t tb, int64_t sh,
+                              int64_t la, int64_t lb, int64_t zp, int64_t qmin, int64_t qmax) {
+    const int64_t low = x * la * ((int64_t)1 << ta) + y * lb * ((int64_t)1 << tb); /* >>: floor (gcc) */
+    const int64_t t = x * ma * ((int64_t)1 << ta) + y * mb * ((int64_t)1 << tb) + (low >> 31);
+    const int64_t half = (int64_t)1 << (sh - 1), rem = t & ((half << 1) - 1), d = low & (((int64_t)1 << 31) - 1);
+    const int64_t w = (((x < 0 ? -x : x) << ta) + ((y < 0 ? -y : y) << tb)) / 2 + 1;
+    int64_t q = (t + half) >> sh;
+    if ((q & 1) && ((rem == half && d <= w) || (rem == half - 1 && ((int64_t)1 << 31) - d <= w)))
+        q += rem == half ? -1 : 1;
+    return clamp64(q + zp, qmin, qmax);
+}
+
 void qasr_add_requant(const void *a, int atype, const void *b, int btype, int64_t n, int64_t za, int64_t ma,
                       int64_t ta, int64_t zb, int64_t mb, int64_t tb, int64_t sh, int64_t zp, int64_t qmin,
                       int64_t qmax, int64_t la, int64_t lb, int64_t *bad, void *out, int otype, int nthreads) {
@@ -1200,6 +1217,7 @@ void qasr_add_requant(const void *a, int atype, const void *b, int btype, int64_
         const __m256i vlo = _mm256_set1_epi64x(qmin), vhi = _mm256_set1_epi64x(qmax);
         const __m256i vla = _mm256_set1_epi64x(la), vlb = _mm256_set1_epi64x(lb), c62 = _mm256_set1_epi64x((int64_t)1 << 62);
         const __m128i vta = _mm_cvtsi32_si128((int)ta), vtb = _mm_cvtsi32_si128((int)tb), vsh = _mm_cvtsi32_si128((int)sh);
+        const __m256i rmask = _mm256_set1_epi64x(((int64_t)1 << sh) - 1);
         int64_t i = i0;
         __m256i over = _mm256_setzero_si256();
         for (; i + 4 <= i1; i += 4) {
@@ -1212,11 +1230,23 @@ void qasr_add_requant(const void *a, int atype, const void *b, int btype, int64_
                 v = _mm256_add_epi64(v, _mm256_srli_epi64(_mm256_add_epi64(_mm256_add_epi64(
                     _mm256_sll_epi64(_mm256_mul_epi32(x, vla), vta), _mm256_sll_epi64(_mm256_mul_epi32(y, vlb), vtb)),
                     c62), 31));
-            __m256i q = _mm256_sub_epi64(_mm256_srl_epi64(_mm256_add_epi64(v, bias), vsh), fix);
+            const __m256i u = _mm256_add_epi64(v, bias); /* t + 2^62 + 2^(sh-1) */
+            __m256i q = _mm256_sub_epi64(_mm256_srl_epi64(u, vsh), fix);
             q = _mm256_blendv_epi8(q, vlo, _mm256_cmpgt_epi64(vlo, q));
             q = _mm256_blendv_epi8(q, vhi, _mm256_cmpgt_epi64(q, vhi));
             int64_t t[4];
             _mm256_storeu_si256((__m256i *)t, q);
+            /* t mod 2^sh at 2^(sh-1) or 2^(sh-1) - 1 (rare): maybe an exact tie, the lanes again in add_rq1 */
+            const __m256i r = _mm256_and_si256(u, rmask);
+            const __m256i near = _mm256_or_si256(_mm256_cmpeq_epi64(r, _mm256_setzero_si256()), _mm256_cmpeq_epi64(r, rmask));
+            if (!_mm256_testz_si256(near, near)) {
+                int64_t xs[4], ys[4];
+                _mm256_storeu_si256((__m256i *)xs, x);
+                _mm256_storeu_si256((__m256i *)ys, y);
+                for (int l = 0; l < 4; l++)
+                    if (xs[l] < lim && xs[l] >= -lim && ys[l] < lim && ys[l] >= -lim)
+                        t[l] = add_rq1(xs[l], ys[l], ma, ta, mb, tb, sh, la, lb, zp, qmin, qmax);
+            }
             for (int l = 0; l < 4; l++) {
                 if (otype == 0) ((int8_t *)out)[i + l] = (int8_t)t[l];
                 else if (otype == 1) ((int16_t *)out)[i + l] = (int16_t)t[l];
@@ -1230,10 +1260,7 @@ void qasr_add_requant(const void *a, int atype, const void *b, int btype, int64_
                 nbad++;
                 continue;
             }
-            const int64_t low = x * la * ((int64_t)1 << ta) + y * lb * ((int64_t)1 << tb); /* >>: floor (gcc) */
-            int64_t q = (x * ma * ((int64_t)1 << ta) + y * mb * ((int64_t)1 << tb) + (low >> 31) +
-                         ((int64_t)1 << (sh - 1))) >> sh;
-            q = clamp64(q + zp, qmin, qmax);
+            const int64_t q = add_rq1(x, y, ma, ta, mb, tb, sh, la, lb, zp, qmin, qmax);
             if (otype == 0) ((int8_t *)out)[i] = (int8_t)q;
             else if (otype == 1) ((int16_t *)out)[i] = (int16_t)q;
             else ((int32_t *)out)[i] = (int32_t)q;
