@@ -119,6 +119,23 @@ def logits_of(e, inp):
                          None)
 
 
+def current_and_older(tmp_path, monkeypatch, model, cfg, inp, flag: str, version: int):
+    """Exports ``model`` as today (it must reload bit-identically), then with ``IntegerEngine.<flag>`` off as format
+    ``version`` wrote it, and loads that file with today's engine. Returns (today's header, today's logits, the older
+    file's header and tensors, the logits of an engine compiled with ``flag`` off, the older file's logits)."""
+    from safetensors.torch import load_file
+    header = export_model(model, str(tmp_path / "new.safetensors"), cfg=cfg)
+    want = logits_of(IntegerEngine.from_quantized(model, cfg), inp)
+    assert torch.equal(want, logits_of(load_engine(str(tmp_path / "new.safetensors")), inp))
+    monkeypatch.setattr(IntegerEngine, flag, False)
+    plain = logits_of(IntegerEngine.from_quantized(model, cfg), inp)
+    h_old = dict(export_model(model, str(tmp_path / "plain.safetensors"), cfg=cfg), version=version)
+    t_old = load_file(str(tmp_path / "plain.safetensors"))
+    old = as_old_file(tmp_path / "old.safetensors", t_old, h_old)
+    monkeypatch.setattr(IntegerEngine, flag, True)
+    return header, want, h_old, t_old, plain, logits_of(load_engine(old), inp)
+
+
 def test_residual_adds_per_consumer_and_version_1_files(tmp_path, monkeypatch):
     """A pre-norm model with a 16-bit residual stream: the file (version 2 on) holds each add consumer's two
     multipliers (``rqa:``), reloads bit-identically, and a version-1 file (without them) still loads and runs on the
@@ -182,28 +199,13 @@ def test_grouped_folding_and_version_3_files(tmp_path, monkeypatch):
     """Version 4 files carry the grouped Linears' folded ratios (``gq:``, ``rqg:``, header ``requant_grouped``) and
     reload bit-identically; a version 3 file (consumer-independent ratios only) still loads and gives what an engine
     compiled without folding gives."""
-    from safetensors.torch import load_file
     model, d, cfg, inp = H.quantized_xs(H.GROUPED_16BIT, **H.WHISPER_LAYOUT)
-
-    def logits(e):
-        return logits_of(e, inp)
-
-    path = tmp_path / "v4.safetensors"
-    header = export_model(model, str(path), cfg=cfg)
+    header, want, h3, _, plain, old = current_and_older(tmp_path, monkeypatch, model, cfg, inp, "FOLD_GROUPS", 3)
     folded = header["requant_grouped"]
     assert header["version"] == 5 and "decoder.layers.0.cross_attn.matmul_1.in_q.1" in folded
     assert all(1 <= v["shift"] <= 62 for v in folded.values())
-    want = logits(IntegerEngine.from_quantized(model, cfg))
-    assert torch.equal(want, logits(load_engine(str(path))))
-    monkeypatch.setattr(IntegerEngine, "FOLD_GROUPS", False)
-    plain = logits(IntegerEngine.from_quantized(model, cfg))
-    path3 = tmp_path / "plain.safetensors"
-    h3 = dict(export_model(model, str(path3), cfg=cfg), version=3)
     assert not h3["requant_grouped"]
-    old = tmp_path / "v3.safetensors"
-    as_old_file(old, load_file(str(path3)), h3)
-    monkeypatch.setattr(IntegerEngine, "FOLD_GROUPS", True)
-    assert torch.equal(logits(load_engine(str(old))), plain)
+    assert torch.equal(old, plain)
     assert not torch.equal(want, plain)  # folded: other integers
 
 
@@ -214,26 +216,11 @@ def test_two_word_multipliers_and_version_4_files(tmp_path, monkeypatch):
     word already leaves about one code in 10^7 different, tests/integer/test_int_two_word.py plants the ties.)"""
     from safetensors.torch import load_file
     model, d, cfg, inp = H.quantized_xs("w8a8_r16", **H.WHISPER_LAYOUT)
-
-    def logits(e):
-        return logits_of(e, inp)
-
-    path = tmp_path / "v5.safetensors"
-    export_model(model, str(path), cfg=cfg)
-    t = load_file(str(path))
+    _, _, _, t4, plain, old = current_and_older(tmp_path, monkeypatch, model, cfg, inp, "EXACT_MULTIPLIERS", 4)
+    t = load_file(str(tmp_path / "new.safetensors"))
     two = [k for k, v in t.items() if k.startswith("rq:") and k.endswith(".m") and int(v.max()) >= 2 ** 61]
     assert len(two) > 20 and all(t[k].dtype == torch.int64 for k in two)
     assert all(t[k].numel() == 7 for k in t if k.startswith("rqa:"))
-    want = logits(IntegerEngine.from_quantized(model, cfg))
-    assert torch.equal(want, logits(load_engine(str(path))))
-    monkeypatch.setattr(IntegerEngine, "EXACT_MULTIPLIERS", False)
-    one = logits(IntegerEngine.from_quantized(model, cfg))
-    path4 = tmp_path / "one.safetensors"
-    h4 = dict(export_model(model, str(path4), cfg=cfg), version=4)
-    t4 = load_file(str(path4))
     assert all(int(v.max()) < 2 ** 31 for k, v in t4.items() if k.startswith("rq:") and k.endswith(".m"))
     assert all(v.numel() == 5 for k, v in t4.items() if k.startswith("rqa:"))
-    old = tmp_path / "v4.safetensors"
-    as_old_file(old, t4, h4)
-    monkeypatch.setattr(IntegerEngine, "EXACT_MULTIPLIERS", True)
-    assert torch.equal(logits(load_engine(str(old))), one)
+    assert torch.equal(old, plain)
