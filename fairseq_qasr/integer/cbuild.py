@@ -85,6 +85,9 @@ def _build() -> Optional[ctypes.CDLL]:
     dll.qasr_layer_norm_exact.argtypes = [ptr, ctypes.c_int, i64, i64, ptr, ptr, ptr, ptr, i64, i64, i64, ptr,
                                           ctypes.c_int, ctypes.c_int]
     dll.qasr_layer_norm_exact.restype = None
+    dll.qasr_softmax_exact.argtypes = [ptr, ctypes.c_int, i64, i64, ptr, i64, ptr, i64, i64, ctypes.c_int, i64, i64, i64,
+                                       ptr, ctypes.c_int, ctypes.c_int]
+    dll.qasr_softmax_exact.restype = None
     dll.qasr_ln_vector.argtypes = [ctypes.c_int]
     dll.qasr_ln_vector.restype = None
     dll.qasr_lut.argtypes = [ptr, ctypes.c_int, i64, i64, ptr, ctypes.c_int, i64, ptr, ctypes.c_int]

@@ -71,6 +71,30 @@ def layer_norm_exact(x: Tensor, gain: Tensor, bh: Tensor, bl: Tensor, ints: List
     return out
 
 
+@cbuild.op("softmax_exact_avx2(Tensor x, Tensor mask, Tensor lut, Tensor(a!) out, int[] ints) -> ()")
+def _softmax_exact(x: Tensor, mask: Tensor, lut: Tensor, out: Tensor, ints: List[int]) -> None:
+    cmin, cq_hi, cq_lo, Q, zp, qmin, qmax = ints
+    n = x.shape[-1]
+    cbuild.dll().qasr_softmax_exact(x.data_ptr(), cbuild.TYPES[x.dtype], x.numel() // n, n,
+                                    mask.data_ptr() if mask.numel() else None, cmin, lut.data_ptr(), cq_hi, cq_lo, Q, zp,
+                                    qmin, qmax, out.data_ptr(), cbuild.TYPES[out.dtype], torch.get_num_threads())
+
+
+def softmax_exact(x: Tensor, cmin: int, masked: Optional[Tensor], lut: Tensor, cq: int, Q: int, zp: int, qmin: int,
+                  qmax: int, out_dtype: torch.dtype) -> Tensor:
+    """:func:`kernels.softmax_exact` in one pass per row (the row reciprocal and the products in 128 bits); ``masked``
+    broadcasts to ``x``."""
+    cbuild.dll()
+    if lut.dtype != torch.int64 or out_dtype not in cbuild.TYPES:
+        raise ValueError("cops.softmax_exact: an int64 table and int8/16/32 codes out expected")
+    out = torch.empty(x.shape, dtype=out_dtype)
+    mask = masked.expand(x.shape).to(torch.uint8).contiguous() if masked is not None else \
+        torch.empty(0, dtype=torch.uint8)  # (a mask that broadcasts, e.g. causal: expanded to the input's shape)
+    _softmax_exact(cbuild.codes(x).contiguous(), mask, lut.contiguous(), out,
+                   [int(cmin), int(cq) >> 63, int(cq) & (2 ** 63 - 1), int(Q), int(zp), int(qmin), int(qmax)])
+    return out
+
+
 @cbuild.op("lut_avx2(Tensor x, Tensor table, Tensor(a!) out, int base) -> int")
 def _lut(x: Tensor, table: Tensor, out: Tensor, base: int) -> int:
     t = cbuild.TYPES

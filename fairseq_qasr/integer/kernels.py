@@ -636,12 +636,16 @@ def softmax_exact(x: Tensor, cmin: int, masked: Optional[Tensor], lut: Tensor, c
     on masked lanes), per row ``r = floor(cq / sum e)`` (Python integers), code ``clamp(((e r +
     2^(Q-1)) >> Q) + zp_out)`` = ``round(e / (sum e * s_out))`` to about 2^-45 LSB. ``e r`` (up to 2^123) is taken
     in 31-bit limbs: ``floor(e r / 2^62) = e1 r1 + ((e1 r0 + e0 r1 + ((e0 r0) >> 31)) >> 31)``, then rounded by
-    ``2^(Q-62)``. The C attention computes the same in 128 bits."""
+    ``2^(Q-62)``. The C kernels compute the same in 128 bits (:func:`cops.softmax_exact`, the one-pass attention)."""
+    if cbuild.available():
+        return cops.softmax_exact(x, cmin, masked, lut, cq, Q, zp_out, qmin, qmax, out_dtype)
     _, _, e, _ = _exp_terms(x, lut, masked, cmin)
     mask31 = 2 ** 31 - 1
     e1, e0 = e >> 31, e & mask31
     s1, s0 = e1.sum(-1).reshape(-1).tolist(), e0.sum(-1).reshape(-1).tolist()
-    r = torch.tensor([cq // max((a << 31) + b, 1) for a, b in zip(s1, s0)], dtype=torch.int64).view(*e.shape[:-1], 1)
+    # (a row with a lane has sum e >= 2^62, its maximum's e: r < 2^61; a fully masked row has every e = 0)
+    r = torch.tensor([min(cq // max((a << 31) + b, 1), 2 ** 62) for a, b in zip(s1, s0)],
+                     dtype=torch.int64).view(*e.shape[:-1], 1)
     r1, r0 = r >> 31, r & mask31
     t = e1 * r1 + ((e1 * r0 + e0 * r1 + ((e0 * r0) >> 31)) >> 31)
     q = ((t + (1 << (Q - 63))) >> (Q - 62)) + zp_out

@@ -349,3 +349,28 @@ def test_exact_ties_of_a_residual_add_round_to_even(monkeypatch):
     outs.append(K.add_requant_int(x, 0, ma, ta, y, 0, mb, tb, sh, 0, -(2 ** 31), 2 ** 31 - 1, torch.int32, la, lb))
     for got in outs:
         assert torch.equal(got.long(), want)
+
+
+@pytest.mark.skipif(not cbuild.available(), reason="C kernels not built here")
+@pytest.mark.parametrize("masked", [False, True])
+def test_c_softmax_exact_equals_the_torch_twin(masked, monkeypatch):
+    """:func:`cops.softmax_exact` (rows in C, 128 bits) against the torch twin (31-bit limbs), with key padding and a
+    causal mask that broadcasts, a fully masked row, int8 / 16-bit codes out."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randint(-2000, 2000, (2, 3, 7, 300), generator=g).int()
+    mask = None
+    if masked:
+        mask = torch.zeros(1, 1, 7, 300, dtype=torch.bool)
+        mask[..., 290:] = True  # key padding
+        mask[0, 0, 2] = True  # a fully masked row
+    lut = K.exp_table_exact(float(torch.tensor(0.003).float()), 2 ** 16)
+    for bits, dt in ((8, torch.int8), (16, torch.int32)):
+        cq, Q = K.softmax_exact_constants(float(torch.tensor(1 / (2 ** bits - 1)).float()))
+        got = cops.softmax_exact(x, -(2 ** 15), mask, lut, cq, Q, -128 if bits == 8 else 0,
+                                 -128 if bits == 8 else 0, 127 if bits == 8 else 2 ** 16 - 1, dt)
+        monkeypatch.setattr(cbuild, "available", lambda: False)
+        want = K.softmax_exact(x, -(2 ** 15), None if mask is None else mask.expand(x.shape), lut, cq, Q,
+                               -128 if bits == 8 else 0, -128 if bits == 8 else 0, 127 if bits == 8 else 2 ** 16 - 1,
+                               dt)
+        monkeypatch.undo()
+        assert got.dtype == dt and torch.equal(got, want)

@@ -1068,6 +1068,36 @@ void qasr_layer_norm(const void *x, int type, int64_t rows, int64_t n, const int
 #define LUT_TABLE(XT)                                                                                          \
     if (ttype == 0) { LUT_LOOP(XT, int8_t) } else if (ttype == 1) { LUT_LOOP(XT, int16_t) } else { LUT_LOOP(XT, int32_t) }
 
+/* kernels.softmax_exact, bit for bit: rows of n codes x (masked lanes: mask[r n + j] != 0, or no mask), e = lut[max - x]
+ * (0 on masked lanes), r = floor(cq / max(sum e, 1)) in 128 bits, out = clamp(((e r + 2^(Q-1)) >> Q) + zp, qmin, qmax) */
+void qasr_softmax_exact(const void *x, int type, int64_t rows, int64_t n, const uint8_t *mask, int64_t cmin,
+                        const int64_t *lut, int64_t cq_hi, int64_t cq_lo, int Q, int64_t zp, int64_t qmin,
+                        int64_t qmax, void *out, int otype, int nthreads) {
+    const __int128 cq = ((__int128)cq_hi << 63) | (__int128)cq_lo;
+    const unsigned __int128 half = (unsigned __int128)1 << (Q - 1);
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (rows * n >= 65536)
+    for (int64_t r = 0; r < rows; r++) {
+        const uint8_t *mk = mask ? mask + r * n : 0;
+        int64_t mx = cmin - 1;
+        for (int64_t j = 0; j < n; j++) {
+            const int64_t v = mk && mk[j] ? cmin : code(x, type, r * n + j);
+            if (!(mk && mk[j]) && v > mx) mx = v;
+        }
+        if (mx < cmin) mx = cmin; /* (no lane: every probability from e = 0) */
+        __int128 total = 0;
+        for (int64_t j = 0; j < n; j++)
+            if (!(mk && mk[j])) total += lut[mx - code(x, type, r * n + j)];
+        const unsigned __int128 rr = (unsigned __int128)(cq / (total > 1 ? total : 1));
+        for (int64_t j = 0; j < n; j++) {
+            const int64_t e = mk && mk[j] ? 0 : lut[mx - code(x, type, r * n + j)];
+            const int64_t p = clamp64((int64_t)(((unsigned __int128)e * rr + half) >> Q) + zp, qmin, qmax);
+            if (otype == 0) ((int8_t *)out)[r * n + j] = (int8_t)p;
+            else if (otype == 1) ((int16_t *)out)[r * n + j] = (int16_t)p;
+            else ((int32_t *)out)[r * n + j] = (int32_t)p;
+        }
+    }
+}
+
 /* floor(sqrt(x)) for 0 <= x < 2^126, bitwise */
 static inline __int128 isqrt128(__int128 x) {
     __int128 res = 0;
