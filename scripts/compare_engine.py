@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Teacher-forced, op-by-op equivalence of the integer engine with the fake-quantized checkpoint, on real utterances.
 
-    python scripts/compare_engine.py CKPT --data DIR --split dev-clean [--engine FILE.safetensors] [--utts N | --ids I,J]
-                                    [--json OUT.json] [--free-running | --unforced] [--float64]
+    python scripts/compare_engine.py CKPT --data DIR --split dev-clean [--engine FILE.safetensors]
+                                    [--utts N | --ids I,J] [--json OUT.json] [--free-running | --unforced] [--float64]
 
 For each utterance (the reference transcript as decoder input): every op of the engine gets exactly the fake
 model's input codes; reports, per utterance and over all, the quantizers whose codes differ by more than 1 LSB, the

@@ -35,7 +35,8 @@ class _Encoder(FairseqEncoder):
 
     def forward(self, src_tokens: Tensor, src_lengths: Tensor, **unused) -> Dict[str, List[Tensor]]:
         enc = self.engine.encode(self.engine.quantize_input(src_tokens.float()), src_lengths.cpu())
-        return {"encoder_out": [self.engine.memory_tensor(enc["out"])], "encoder_padding_mask": [enc["mask"]], "src_lengths": [enc["lengths"]]}
+        return {"encoder_out": [self.engine.memory_tensor(enc["out"])], "encoder_padding_mask": [enc["mask"]],
+                "src_lengths": [enc["lengths"]]}
 
     def reorder_encoder_out(self, encoder_out, new_order):
         return {k: [t.index_select(0, new_order) for t in v] for k, v in encoder_out.items()}
@@ -51,7 +52,8 @@ class _Decoder(FairseqIncrementalDecoder):
         self.logit_scale = float(engine.meta["logits.scale"])
 
     def forward(self, prev_output_tokens: Tensor, encoder_out=None, incremental_state=None, **unused):
-        enc = {"out": self.engine.memory_acc(encoder_out["encoder_out"][0]), "mask": encoder_out["encoder_padding_mask"][0]}
+        enc = {"out": self.engine.memory_acc(encoder_out["encoder_out"][0]),
+               "mask": encoder_out["encoder_padding_mask"][0]}
         state = None
         if incremental_state is not None:
             state = self.get_incremental_state(incremental_state, STATE)

@@ -20,7 +20,8 @@ from .packing import pack_codes, packed_nbytes, unpack_codes
 FORMAT = "fairseq-qasr-integer"
 VERSION = 5  # 5: two-word (62-bit) requantization multipliers from the exact scale ratios (``rq:<q>.m`` int64 >= 2^31;
 #              ``rqa:`` [ma, ta, mb, tb, shift, la, lb]; ``gq:<q>.rl/.bl/.ls``), LayerNorms straight onto each
-#              consumer's grid (``lnq:``); 4: grouped Linears' consumer multipliers folded into their group ratios (``gq:``/``rqg:``); 3: LayerNorm
+#              consumer's grid (``lnq:``); 4: grouped Linears' consumer multipliers folded into their group ratios
+#              (``gq:``/``rqg:``); 3: LayerNorm
 #              with 24 fraction bits (``ln:`` meta ``frac``); 2: residual adds of 16-bit codes requantized per consumer
 #              (``rqa:`` constants); 1-4 still read
 READABLE_VERSIONS = (1, 2, 3, 4, 5)

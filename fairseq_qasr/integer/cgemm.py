@@ -278,7 +278,7 @@ def _attention(q: Tensor, kp: Tensor, kinit: Tensor, lut: Tensor, vp: Tensor, kl
 
 
 def _words(rq: Tuple[int, int, int, int, int]) -> List[int]:
-    """(multiplier, shift, zp, qmin, qmax) -> (m_hi, m_lo, shift', zp, qmin, qmax) (:func:`kernels.split_multiplier`)."""
+    """(multiplier, shift, zp, qmin, qmax) -> (m_hi, m_lo, shift', zp, qmin, qmax) (kernels.split_multiplier)."""
     hi, lo, sh = cops.words(torch.tensor([int(rq[0])]), torch.tensor([int(rq[1])]))
     return [int(hi), int(lo) if lo.numel() else 0, int(sh), *rq[2:]]
 
@@ -338,9 +338,9 @@ def attention(q: Tensor, zq: int, kt: Tensor, zk: int, scores_rq: Tuple[int, int
     ``scores_rq`` / ``probs_rq`` = (multiplier, shift, zero point, qmin, qmax) onto the softmax input and AV input
     grids (stored codes, at most 16 bits), ``softmax`` = (``out_mult << R``, ``R + out_shift``, zero point, qmin,
     qmax) of :func:`kernels.softmax_int` with exp table ``lut`` (int32), or with an int64 table of 62-bit
-    exponentials ``(cq, Q, zero point, qmin, qmax)`` of :func:`kernels.softmax_exact`. Probabilities go to the AV product as the
-    bytes of their offset from the zero point, so key pairs that are 0 in a whole 4-row tile are skipped. Returns the
-    int64 AV accumulators [BH, Tq, d]."""
+    exponentials ``(cq, Q, zero point, qmin, qmax)`` of :func:`kernels.softmax_exact`. Probabilities go to the AV
+    product as the bytes of their offset from the zero point, so key pairs that are 0 in a whole 4-row tile are
+    skipped. Returns the int64 AV accumulators [BH, Tq, d]."""
     cbuild.dll()  # (a clear error where the kernels are not available)
     bh, tq, d = q.shape
     if q.dtype != torch.int8 or d % 2:

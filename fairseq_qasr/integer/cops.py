@@ -76,8 +76,8 @@ def _softmax_exact(x: Tensor, mask: Tensor, lut: Tensor, out: Tensor, ints: List
     cmin, cq_hi, cq_lo, Q, zp, qmin, qmax = ints
     n = x.shape[-1]
     cbuild.dll().qasr_softmax_exact(x.data_ptr(), cbuild.TYPES[x.dtype], x.numel() // n, n,
-                                    mask.data_ptr() if mask.numel() else None, cmin, lut.data_ptr(), cq_hi, cq_lo, Q, zp,
-                                    qmin, qmax, out.data_ptr(), cbuild.TYPES[out.dtype], torch.get_num_threads())
+                                    mask.data_ptr() if mask.numel() else None, cmin, lut.data_ptr(), cq_hi, cq_lo, Q,
+                                    zp, qmin, qmax, out.data_ptr(), cbuild.TYPES[out.dtype], torch.get_num_threads())
 
 
 def softmax_exact(x: Tensor, cmin: int, masked: Optional[Tensor], lut: Tensor, cq: int, Q: int, zp: int, qmin: int,
@@ -187,7 +187,7 @@ def add_requant(a: Tensor, za: int, ma: int, ta: int, b: Tensor, zb: int, mb: in
     cbuild.dll()
     if a.shape != b.shape:
         raise ValueError(f"cops.add_requant: shapes {tuple(a.shape)} and {tuple(b.shape)} differ")
-    if not (0 <= ma < 2 ** 31 and 0 <= mb < 2 ** 31 and 0 <= la < 2 ** 31 and 0 <= lb < 2 ** 31 and 0 <= ta <= 13 and 0 <= tb <= 13 and 1 <= sh <= 62
+    if not (all(0 <= v < 2 ** 31 for v in (ma, mb, la, lb)) and 0 <= ta <= 13 and 0 <= tb <= 13 and 1 <= sh <= 62
             and abs(za) < 2 ** 17 and abs(zb) < 2 ** 17 and out_dtype in cbuild.TYPES):
         raise ValueError(f"cops.add_requant: constants out of range ({ma}, {ta}, {mb}, {tb}, {sh}, {za}, {zb})")
     out = torch.empty(a.shape, dtype=out_dtype)

@@ -1099,6 +1099,8 @@ class IntegerEngine:
             h = self._block(L, "ffn_block", 1, h, lambda y: self.ffn(L + ".ffn", y))
         if cfg.get("encoder_final_norm"):
             h = self.layer_norm("encoder.final_norm", h)
+        if self.compiling and isinstance(h, LNAcc):
+            self.meta["encoder_out_norm"] = h.name  # (memory_acc: the LayerNorm the encoder ends with)
         return {"out": h, "mask": mask, "lengths": lengths}
 
     def memory_tensor(self, out: Acc) -> Tensor:
@@ -1109,9 +1111,7 @@ class IntegerEngine:
 
     def memory_acc(self, t: Tensor) -> Acc:
         """:meth:`memory_tensor`'s inverse."""
-        cfg = self.cfg  # the LayerNorm the encoder ends with: a final one, or a post-norm block's
-        name = "encoder.final_norm" if cfg.get("encoder_final_norm") else \
-            None if cfg["normalize_before"] else f"encoder.layers.{cfg['encoder_layers'] - 1}.ffn_block.norm"
+        name = self.meta.get("encoder_out_norm")
         if name is not None and "ln_exact:" + name in self.meta:
             zp, qmin, qmax = self._qinfo(name + ".in_q.0")
             return self.layer_norm(name, QT(t, zp + _storage(qmin, qmax)[0], None, name + ".in_q.0"))

@@ -43,6 +43,20 @@ def quantize_multiplier(M: Tensor) -> Tuple[Tensor, Tensor]:
 WIDE_WORD = 2 ** 31  # two-word multipliers: m >= WIDE_WORD holds m_hi 2^31 + m_lo (see split_multiplier)
 
 
+def mantissa62(r) -> Tuple[int, int]:
+    """``(m, e)`` with ``r = m 2^-e`` rounded half up to ``m`` in [2^61, 2^62) (``r`` a positive Fraction)."""
+    from fractions import Fraction
+
+    r = Fraction(r)
+    e = 61 - (r.numerator.bit_length() - r.denominator.bit_length())
+    while r * 2 ** e >= 2 ** 62:
+        e -= 1
+    while r * 2 ** e < 2 ** 61:
+        e += 1
+    m = math.floor(r * 2 ** e + Fraction(1, 2))
+    return (m // 2, e - 1) if m == 2 ** 62 else (m, e)
+
+
 def quantize_multiplier_exact(num: Tensor, den: Tensor) -> Tuple[Tensor, Tensor]:
     """Compile time: the real multipliers ``num / den`` (float64 values taken as the exact binary fractions they
     are: products of float32 scales, float32 scales) -> (``m`` int64 in [2^61, 2^62), ``shift``) with ``m 2^-shift``
@@ -58,15 +72,11 @@ def quantize_multiplier_exact(num: Tensor, den: Tensor) -> Tuple[Tensor, Tensor]
         if not (a > 0 and b > 0 and math.isfinite(a) and math.isfinite(b)):
             raise ValueError(f"requantization multiplier must be positive and finite ({a} / {b})")
         r = Fraction(a) / Fraction(b)
-        e = r.numerator.bit_length() - r.denominator.bit_length()  # 2^(e-1) < r < 2^(e+1)
-        if r < Fraction(2) ** e:
-            e -= 1  # now 2^e <= r < 2^(e+1)
-        sh = min(61 - e, 93)
+        m, sh = mantissa62(r)
         if sh < 32:
             raise ValueError(f"requantization multiplier too large ({float(r):.3g} >= 2^30)")
-        m = math.floor(r * 2 ** sh + Fraction(1, 2))
-        if m == 2 ** 62:  # (rounded up to the next power of two)
-            m, sh = 2 ** 61, sh - 1
+        if sh > 93:  # (the shift stops at 93: fewer bits)
+            m, sh = math.floor(r * 2 ** 93 + Fraction(1, 2)), 93
         if m < WIDE_WORD:
             raise ValueError(f"requantization multiplier too small ({float(r):.3g} < 2^-62)")
         ms.append(m)
@@ -216,8 +226,8 @@ def add_requant_int(a: Tensor, za: int, ma: int, ta: int, b: Tensor, zb: int, mb
 def requantize(acc: Tensor, m: Tensor, shift: Tensor, zp: int, qmin: int, qmax: int, out_dtype=torch.int8,
                sub: int = 0) -> Tensor:
     """``clamp(round((acc - sub) * m * 2^-shift) + zp, qmin, qmax)``: int32/int64 accumulator (or codes minus their
-    zero point ``sub``) -> integer codes; one- or two-word multipliers (:func:`split_multiplier`) (one pass in C (:mod:`.cops`) or :mod:`.numba_kernels` where it applies,
-    else torch ops)."""
+    zero point ``sub``) -> integer codes; one- or two-word multipliers (:func:`split_multiplier`). One pass in C
+    (:mod:`.cops`) or :mod:`.numba_kernels` where it applies, else torch ops."""
     if cbuild.available():
         out = cops.requantize(acc, m, shift, zp, qmin, qmax, out_dtype, sub)
         if out is not None:
@@ -460,20 +470,6 @@ def layer_norm_int(x: Tensor, gain: Tensor, bias: Tensor | None, eps_term: int, 
 LN_ROW_BITS = 110  # the row's variance term W 2^2G is brought to about 2^110 (its square root D to ~2^55 bits)
 
 
-def mantissa62(r) -> Tuple[int, int]:
-    """``(m, e)`` with ``r = m 2^-e`` rounded half up to ``m`` in [2^61, 2^62) (``r`` a positive Fraction)."""
-    from fractions import Fraction
-
-    r = Fraction(r)
-    e = 61 - (r.numerator.bit_length() - r.denominator.bit_length())
-    while r * 2 ** e >= 2 ** 62:
-        e -= 1
-    while r * 2 ** e < 2 ** 61:
-        e += 1
-    m = math.floor(r * 2 ** e + Fraction(1, 2))
-    return (m // 2, e - 1) if m == 2 ** 62 else (m, e)
-
-
 def ln_exact_constants(n: int, eps: float, s_x: float, s_gain: float, s_out: float, bias: Optional[Tensor],
                        umax: int) -> Tuple[list, Tensor, Tensor]:
     """Compile time: the constants of :func:`layer_norm_exact` for a LayerNorm over ``n`` features (input grid
@@ -493,17 +489,14 @@ def ln_exact_constants(n: int, eps: float, s_x: float, s_gain: float, s_out: flo
     # (W >= E + n - 1 there); the bias's high word below 2^61
     w_lb = float(E) + n - 1
     S = math.floor(30 - math.log2(float(A)) + 0.5 * math.log2(w_lb)) - 1
-    b = None if bias is None else [Fraction(int(v)) * Fraction(s_gain) / 2 ** 16 / Fraction(s_out)
-                                    for v in bias.reshape(-1).tolist()]
-    if b:
-        bmax = max(abs(v) for v in b)
-        if bmax > 0:
-            S = min(S, math.floor(61 - 30 - math.log2(float(bmax))) - 1)
+    bmax = 0 if bias is None else int(bias.long().abs().max()) * s_gain / 2 ** 16 / s_out
+    if bmax > 0:
+        S = min(S, math.floor(61 - 30 - math.log2(bmax)) - 1)
     if not 1 <= S <= 62:
         raise NotImplementedError(f"exact LayerNorm: output shift {S} outside [1, 62]")
-    words = [math.floor(v * 2 ** (S + 30) + Fraction(1, 2)) for v in (b or [Fraction(0)] * n)]
-    bh = torch.tensor([w >> 30 for w in words], dtype=torch.int64)
-    bl = torch.tensor([w & (2 ** 30 - 1) for w in words], dtype=torch.int64)
+    codes = torch.zeros(n, dtype=torch.float64) if bias is None else bias.reshape(-1).double()
+    bh, bl = exact_fixed_point([codes, torch.tensor(s_gain * 2.0 ** -16, dtype=torch.float64)],
+                               torch.tensor(s_out, dtype=torch.float64), S + 30, 30)
     return [mA, SA, S, Em, Ee, math.floor(E)], bh, bl
 
 

@@ -433,7 +433,8 @@ void qasr_qgemm(const void *a, int atype, int64_t lda, int32_t off, int reps, in
                 const int16_t *bp, int64_t Kp, int64_t Np, int64_t N, int64_t gs, const int32_t *ratio,
                 const int64_t *init, int64_t bz, int rshift, const int64_t *post, int32_t *out32, int64_t *out64,
                 int64_t ldo, const int8_t *bq, const int64_t *colsum, const int64_t *rq_mult, const int64_t *rq_mlo,
-                const int64_t *rq_shift, int rq_per_col, int64_t rq_zp, int64_t rq_qmin, int64_t rq_qmax, void *rq_out, int rq_otype,
+                const int64_t *rq_shift, int rq_per_col, int64_t rq_zp, int64_t rq_qmin, int64_t rq_qmax, void *rq_out,
+                int rq_otype,
                 int64_t ldr, int nthreads) {
     const int64_t panels = Np / NR, groups = (Kp + gs - 1) / gs, gp = gs / 2, pairs = Kp / 2, Kh = Kp / reps;
     /* rq_out: the int64 values are requantized in the epilogue (qasr_requant's arithmetic) instead of stored */
@@ -705,7 +706,8 @@ void qasr_attention(const int8_t *q, int64_t BH, int64_t Tq, int64_t d,
          * the codes below the first (from the top) whose d is 0 all have d = 0 */
         int shortcut = clamp64((((int64_t)1 << (sh2 - 1)) >> sh2) + zp2, qmin2, qmax2) == zp2 && zpo >= qmino &&
                        zpo <= qmaxo;
-        for (int64_t i = 1; i < span && shortcut; i++) shortcut = sm_e(&sm, i) <= sm_e(&sm, i - 1) && sm_e(&sm, i) >= 0;
+        for (int64_t i = 1; i < span && shortcut; i++)
+            shortcut = sm_e(&sm, i) <= sm_e(&sm, i - 1) && sm_e(&sm, i) >= 0;
         int32_t *hist = span <= 4096 ? malloc((size_t)(4 * span) * sizeof(int32_t)) : 0; /* 4 interleaved counts */
         int32_t *tab = span <= 4096 ? malloc((size_t)span * sizeof(int32_t)) : 0;
         int64_t qsum[AB], psum[AB], t64[MR * NR];
@@ -715,10 +717,12 @@ void qasr_attention(const int8_t *q, int64_t BH, int64_t Tq, int64_t d,
         const __m256i vm1 = _mm256_set1_epi64x(m1), vfix1 = _mm256_set1_epi64x(((int64_t)1 << (62 - sh1)) - zp1);
         const int lo1 = m1l != 0; /* a second word of the scores' multiplier (lo_term's 2^31 out of the bias) */
         const __m256i vm1l = _mm256_set1_epi64x(m1l);
-        const __m256i vb1 = _mm256_set1_epi64x(((int64_t)1 << 62) + ((int64_t)1 << (sh1 - 1)) - (lo1 ? (int64_t)1 << 31 : 0));
+        const __m256i vb1 = _mm256_set1_epi64x(((int64_t)1 << 62) + ((int64_t)1 << (sh1 - 1)) -
+                                               (lo1 ? (int64_t)1 << 31 : 0));
         const __m256i vlo1 = _mm256_set1_epi64x(qmin1), vhi1 = _mm256_set1_epi64x(qmax1);
         const __m128i vsh1 = _mm_cvtsi32_si128(sh1);
-        const int narrow = (m1 < ((int64_t)1 << (sh1 - 1)) || (m1 == ((int64_t)1 << (sh1 - 1)) && !lo1)) && zp1 > -((int64_t)1 << 29) && zp1 < ((int64_t)1 << 29);
+        const int narrow = (m1 < ((int64_t)1 << (sh1 - 1)) || (m1 == ((int64_t)1 << (sh1 - 1)) && !lo1)) &&
+                           zp1 > -((int64_t)1 << 29) && zp1 < ((int64_t)1 << 29);
         const __m256i vfix32 = _mm256_set1_epi32((int32_t)(uint32_t)(((int64_t)1 << (62 - sh1)) - zp1));
         const __m256i vlo32 = _mm256_set1_epi32((int32_t)qmin1), vhi32 = _mm256_set1_epi32((int32_t)qmax1);
 #pragma omp for schedule(static) collapse(2)
@@ -776,7 +780,8 @@ void qasr_attention(const int8_t *q, int64_t BH, int64_t Tq, int64_t d,
                             __m256i s0 = _mm256_sub_epi32(_mm256_add_epi32(acc[2 * r], k0), rs);
                             __m256i s1 = _mm256_sub_epi32(_mm256_add_epi32(acc[2 * r + 1], k1), rs);
                             if (narrow) {
-                                _mm256_storeu_si256((__m256i *)o, rq8n(s0, vm1, vm1l, lo1, vb1, vsh1, vfix32, vlo32, vhi32));
+                                _mm256_storeu_si256((__m256i *)o,
+                                                    rq8n(s0, vm1, vm1l, lo1, vb1, vsh1, vfix32, vlo32, vhi32));
                                 _mm256_storeu_si256((__m256i *)(o + 8),
                                                     rq8n(s1, vm1, vm1l, lo1, vb1, vsh1, vfix32, vlo32, vhi32));
                             } else {
@@ -1073,8 +1078,7 @@ void qasr_layer_norm(const void *x, int type, int64_t rows, int64_t n, const int
 void qasr_softmax_exact(const void *x, int type, int64_t rows, int64_t n, const uint8_t *mask, int64_t cmin,
                         const int64_t *lut, int64_t cq_hi, int64_t cq_lo, int Q, int64_t zp, int64_t qmin,
                         int64_t qmax, void *out, int otype, int nthreads) {
-    const __int128 cq = ((__int128)cq_hi << 63) | (__int128)cq_lo;
-    const unsigned __int128 half = (unsigned __int128)1 << (Q - 1);
+    const smx sm = {0, lut, 0, 0, Q, ((__int128)cq_hi << 63) | (__int128)cq_lo}; /* (the attention's exact softmax) */
 #pragma omp parallel for num_threads(nthreads) schedule(static) if (rows * n >= 65536)
     for (int64_t r = 0; r < rows; r++) {
         const uint8_t *mk = mask ? mask + r * n : 0;
@@ -1087,10 +1091,10 @@ void qasr_softmax_exact(const void *x, int type, int64_t rows, int64_t n, const 
         __int128 total = 0;
         for (int64_t j = 0; j < n; j++)
             if (!(mk && mk[j])) total += lut[mx - code(x, type, r * n + j)];
-        const unsigned __int128 rr = (unsigned __int128)(cq / (total > 1 ? total : 1));
+        const __int128 rr = sm_recip(&sm, total);
         for (int64_t j = 0; j < n; j++) {
             const int64_t e = mk && mk[j] ? 0 : lut[mx - code(x, type, r * n + j)];
-            const int64_t p = clamp64((int64_t)(((unsigned __int128)e * rr + half) >> Q) + zp, qmin, qmax);
+            const int64_t p = clamp64(sm_p(&sm, e, rr) + zp, qmin, qmax);
             if (otype == 0) ((int8_t *)out)[r * n + j] = (int8_t)p;
             else if (otype == 1) ((int16_t *)out)[r * n + j] = (int16_t)p;
             else ((int32_t *)out)[r * n + j] = (int32_t)p;
