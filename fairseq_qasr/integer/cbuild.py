@@ -70,7 +70,7 @@ def _build() -> Optional[ctypes.CDLL]:
     dll.qasr_pack_bytes.restype = None
     dll.qasr_qgemm.argtypes = [ptr, ctypes.c_int, i64, i32, ctypes.c_int, i64, i64, ptr, i64, i64, i64, i64, ptr, ptr,
                                i64, ctypes.c_int, ptr, ptr, ptr, i64, ptr, ptr, ptr, ptr, ptr, ctypes.c_int, i64, i64,
-                               i64, ptr, ctypes.c_int, i64, ctypes.c_int]
+                               i64, ptr, ctypes.c_int, i64, ptr, ctypes.c_int, ctypes.c_int]
     dll.qasr_qgemm.restype = None
     dll.qasr_byte_way_blocks.argtypes = [ptr]
     dll.qasr_byte_way_blocks.restype = None

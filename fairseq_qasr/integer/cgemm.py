@@ -11,6 +11,7 @@ the torch path split 16-bit codes into bytes and ran one GEMM per weight group.
 """
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
@@ -45,13 +46,25 @@ class Packed:
     inits: dict = field(default_factory=dict)  # (off - za, zb) -> the kernel's int64 column term, cached
     bq: Optional[Tensor] = None  # int8 [Np/16, Kq/4, 16, 4]: codes in [-127, 127] as bytes, for the u8 x s8 way
     colsum_np: Optional[Tensor] = None  # colsum zero padded to Np (the u8 x s8 way's centre term)
+    ratio_lo: Optional[Tensor] = None  # int32 [groups, Np]: second words of two-word ratios ratio * 2^lshift + ratio_lo
+    colsum_lo: Optional[Tensor] = None  # int64 [N]: sum_g ratio_lo_g * colsum_g
+    lshift: int = 0
+
+    @property
+    def words(self) -> int:
+        """1, or 2 with two-word ratios: column terms, ``post`` and ``colsum_np`` then hold the second words' at
+        ``Np``."""
+        return 1 if self.ratio_lo is None else 2
 
     def init(self, d: int, zb: int) -> Tensor:
-        """Column term ``d * colsum - zb * K * d`` (``d = off - za``), zero padded to ``Np``; cached per key."""
+        """Column term ``d * colsum - zb * K * d`` (``d = off - za``), zero padded to ``Np`` (two words: both, the
+        second at ``Np``); cached per key."""
         t = self.inits.get((d, zb))
         if t is None:
-            t = torch.zeros(self.np_, dtype=torch.int64)
+            t = torch.zeros(self.np_ * self.words, dtype=torch.int64)
             t[:self.n] = d * self.colsum - zb * self.k * d
+            if self.colsum_lo is not None:
+                t[self.np_:self.np_ + self.n] = d * self.colsum_lo
             if len(self.inits) < 64:
                 self.inits[(d, zb)] = t
         return t
@@ -116,11 +129,13 @@ def _byte_panels(b: Tensor) -> Tensor:
 
 
 def pack(b: Tensor, group_size: int = 0, ratio: Optional[Tensor] = None, wide: bool = False,
-         split: Optional[bool] = None) -> Packed:
+         split: Optional[bool] = None, ratio_lo: Optional[Tensor] = None, lshift: int = 0) -> Packed:
     """Pack codes ``b [K, N]`` (any strides). Codes within [-255, 255] are packed as they are; wider (16-bit) codes
     as their high and low bytes (two stacked halves combined by ratios 256 and 1, int64 out). ``group_size`` +
     ``ratio [N, groups]`` (int32): per-group products combined as ``sum_g ratio[n, g] * partial_g``; ``wide``: the
-    left operand has 16-bit codes (int64 out, int32 partial sums over ``WIDE_GROUP`` k)."""
+    left operand has 16-bit codes (int64 out, int32 partial sums over ``WIDE_GROUP`` k). ``ratio_lo`` (like
+    ``ratio``) + ``lshift`` in [1, 62]: two-word ratios ``R = ratio * 2^lshift + ratio_lo``; the product is then
+    ``floor(sum_g R_g partial_g / 2^lshift)`` (plus ``post``'s words, :func:`mm`), each partial sum computed once."""
     cbuild.dll()  # (a clear error where the kernels are not available)
     if b.dtype not in (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64) or b.dim() != 2:
         raise TypeError(f"cgemm.pack: expected 2-D integer codes, got {b.dtype} {tuple(b.shape)}")
@@ -161,19 +176,29 @@ def pack(b: Tensor, group_size: int = 0, ratio: Optional[Tensor] = None, wide: b
         rt[:, :n] = ratio.t()
         colsum = (cbuild.codes(b).long().view(k // gs, gs, n).sum(1) * ratio.t().long()).sum(0)
     p = Packed(bp, k, n, gs, rt, colsum, wide or ratio is not None)
+    if ratio_lo is not None:
+        if ratio is None or tuple(ratio_lo.shape) != tuple(ratio.shape) or not 1 <= lshift <= 62:
+            raise ValueError(f"cgemm.pack: second ratio words {tuple(ratio_lo.shape)} need first words of the same "
+                             f"shape and a shift in [1, 62] (got {lshift})")
+        p.ratio_lo = torch.zeros(k // gs, np_, dtype=torch.int32)
+        p.ratio_lo[:, :n] = ratio_lo.t()
+        p.colsum_lo = (cbuild.codes(b).long().view(k // gs, gs, n).sum(1) * ratio_lo.t().long()).sum(0)
+        p.lshift = lshift
     if BYTE_WAY and not wide and (ratio is None or gs % 4 == 0) \
             and b.numel() and int(b.min()) >= -127 and int(b.max()) <= 127:
         p.bq = _byte_panels(b)
-        p.colsum_np = torch.zeros(np_, dtype=torch.int64)
+        p.colsum_np = torch.zeros(np_ * p.words, dtype=torch.int64)
         p.colsum_np[:n] = colsum
+        if p.colsum_lo is not None:
+            p.colsum_np[np_:np_ + n] = p.colsum_lo
     return p
 
 
-@cbuild.op("qgemm_avx2(Tensor a, Tensor bp, Tensor bq, Tensor colsum, Tensor ratio, Tensor init, Tensor post, "
-           "Tensor rq_mult, Tensor rq_mlo, Tensor rq_shift, Tensor(a!) out, int[] ints) -> ()")
-def _qgemm_op(a: Tensor, bp: Tensor, bq: Tensor, colsum: Tensor, ratio: Tensor, init: Tensor, post: Tensor,
-              rq_mult: Tensor, rq_mlo: Tensor, rq_shift: Tensor, out: Tensor, ints: List[int]) -> None:
-    off, reps, k, n, gs, bz, rshift, rq, rq_zp, rq_qmin, rq_qmax, acc64 = ints
+@cbuild.op("qgemm_avx2(Tensor a, Tensor bp, Tensor bq, Tensor colsum, Tensor ratio, Tensor ratio_lo, Tensor init, "
+           "Tensor post, Tensor rq_mult, Tensor rq_mlo, Tensor rq_shift, Tensor(a!) out, int[] ints) -> ()")
+def _qgemm_op(a: Tensor, bp: Tensor, bq: Tensor, colsum: Tensor, ratio: Tensor, ratio_lo: Tensor, init: Tensor,
+              post: Tensor, rq_mult: Tensor, rq_mlo: Tensor, rq_shift: Tensor, out: Tensor, ints: List[int]) -> None:
+    off, reps, k, n, gs, bz, rshift, rq, rq_zp, rq_qmin, rq_qmax, acc64, lshift = ints
     out64 = bool(acc64)  # int64 accumulators (else int32); rq: either requantized into out's codes
     cbuild.dll().qasr_qgemm(a.data_ptr(), cbuild.TYPES[a.dtype], a.stride(0), off, reps, a.shape[0], k,
                             bp.data_ptr(), bp.shape[1] * 2, bp.shape[0] * NR, n, gs,
@@ -186,7 +211,8 @@ def _qgemm_op(a: Tensor, bp: Tensor, bq: Tensor, colsum: Tensor, ratio: Tensor, 
                             rq_mult.data_ptr() if rq else None, rq_mlo.data_ptr() if rq and rq_mlo.numel() else None,
                             rq_shift.data_ptr() if rq else None,
                             int(rq_mult.numel() > 1), rq_zp, rq_qmin, rq_qmax, out.data_ptr() if rq else None,
-                            cbuild.TYPES.get(out.dtype, 0), out.stride(0), torch.get_num_threads())
+                            cbuild.TYPES.get(out.dtype, 0), out.stride(0),
+                            ratio_lo.data_ptr() if ratio_lo.numel() else None, lshift, torch.get_num_threads())
 
 
 def mm(a: Tensor, p: Packed, za: int = 0, zb: int = 0, out: Optional[Tensor] = None, rshift: int = 0,
@@ -200,7 +226,9 @@ def mm(a: Tensor, p: Packed, za: int = 0, zb: int = 0, out: Optional[Tensor] = N
     added. ``requant = (multiplier, shift, zp, qmin, qmax, dtype)`` (one multiplier/shift or one per column): the
     int32/int64 results never reach memory; returns their codes as :func:`cops.requantize` would
     (``clamp(((v * m + 2^(sh-1)) >> sh) + zp, qmin, qmax)``) in ``dtype`` (int8/int16/int32). ``bias [N]``: added
-    to every row, within the kernel's column terms (no extra pass over the output)."""
+    to every row, within the kernel's column terms (no extra pass over the output). Two-word ratios
+    (:func:`pack`'s ``ratio_lo``): ``floor(sum_g (ratio_g 2^L + ratio_lo_g) partial_g / 2^L)``, with ``post`` as
+    ``[2 Np]`` words ``(b, bl)`` adding ``floor(b + bl / 2^L)`` exactly (no ``rshift``)."""
     cbuild.dll()  # (a clear error where the kernels are not available)
     if a.dim() != 2 or a.shape[1] != p.k:
         raise ValueError(f"cgemm.mm: left operand {tuple(a.shape)} does not match K={p.k}")
@@ -236,18 +264,22 @@ def mm(a: Tensor, p: Packed, za: int = 0, zb: int = 0, out: Optional[Tensor] = N
     if bias is not None:
         if bias.numel() != p.n:
             raise ValueError(f"cgemm.mm: bias of {bias.numel()} values for N={p.n}")
-        col = torch.zeros(p.np_, dtype=torch.int64)
+        col = torch.zeros(p.np_ * p.words, dtype=torch.int64)  # (first words only)
         col[:p.n] = bias.reshape(-1)
         init = col if init is cbuild.NONE64 else col + init
     if (rshift or post is not None) and not p.out64:
         raise ValueError("cgemm.mm: rshift/post apply to int64 outputs only")
-    if post is not None and post.numel() != p.np_:  # (callers that repeat a post term pass it padded to Np)
+    if p.words == 2:
+        if rshift or zb or (post is not None and post.numel() != 2 * p.np_):
+            raise ValueError("cgemm.mm: two-word ratios take post as [2 Np] words, no rshift or right zero point")
+    elif post is not None and post.numel() != p.np_:  # (callers that repeat a post term pass it padded to Np)
         post = torch.cat([post.long(), torch.zeros(p.np_ - p.n, dtype=torch.int64)]) if p.np_ > p.n else post.long()
     byteway = p.bq is not None and a.dtype == torch.int8
     _qgemm_op(a, p.bp, p.bq if byteway else NONE8, p.colsum_np if byteway else cbuild.NONE64,
-              p.ratio if p.ratio is not None else cbuild.NONE32, init,
+              p.ratio if p.ratio is not None else cbuild.NONE32,
+              p.ratio_lo if p.ratio_lo is not None else cbuild.NONE32, init,
               cbuild.NONE64 if post is None else post.contiguous(), rq_m, rq_ml, rq_sh, out,
-              [off, p.reps, p.k, p.n, p.gs, zb, rshift, *rq_ints, int(p.out64)])
+              [off, p.reps, p.k, p.n, p.gs, zb, rshift, *rq_ints, int(p.out64), p.lshift])
     return out
 
 
@@ -279,8 +311,13 @@ def _attention(q: Tensor, kp: Tensor, kinit: Tensor, lut: Tensor, vp: Tensor, kl
 
 def _words(rq: Tuple[int, int, int, int, int]) -> List[int]:
     """(multiplier, shift, zp, qmin, qmax) -> (m_hi, m_lo, shift', zp, qmin, qmax) (kernels.split_multiplier)."""
-    hi, lo, sh = cops.words(torch.tensor([int(rq[0])]), torch.tensor([int(rq[1])]))
-    return [int(hi), int(lo) if lo.numel() else 0, int(sh), *rq[2:]]
+    return list(_split_words(int(rq[0]), int(rq[1]))) + list(rq[2:])
+
+
+@functools.lru_cache(maxsize=1024)
+def _split_words(m: int, shift: int) -> Tuple[int, int, int]:
+    hi, lo, sh = cops.words(torch.tensor([m]), torch.tensor([shift]))
+    return int(hi), int(lo) if lo.numel() else 0, int(sh)
 
 
 @dataclass

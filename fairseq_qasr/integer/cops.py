@@ -3,7 +3,8 @@ integer square root, table look-ups (GELU), 16-bit residual adds. Each is bit fo
 :mod:`.kernels` (``tests/integer/test_int_cgemm.py``), one pass instead of a chain of int64 tensor ops."""
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+import weakref
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -145,14 +146,26 @@ def _requant(acc: Tensor, mult: Tensor, mlo: Tensor, shift: Tensor, out: Tensor,
                               torch.get_num_threads())
 
 
+_WORDS: Dict[Tuple[int, int], tuple] = {}  # (id(m), id(shift)) -> (their weak references, versions, words)
+
+
 def words(m: Tensor, shift: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
     """The kernels' operands of one- or two-word multipliers (:func:`kernels.split_multiplier`): contiguous int64
-    ``(m_hi, m_lo, shift)`` of equal length, ``m_lo`` empty for one-word multipliers."""
+    ``(m_hi, m_lo, shift)`` of equal length, ``m_lo`` empty for one-word multipliers. Remembered per pair of tensor
+    objects (an engine's constants: every call of a layer) while neither is changed in place."""
+    key, versions = (id(m), id(shift)), (m._version, shift._version)
+    hit = _WORDS.get(key)
+    if hit is not None and hit[0]() is m and hit[1]() is shift and hit[2] == versions:
+        return hit[3]
     from .kernels import split_multiplier
 
     hi, lo, sh = split_multiplier(m.reshape(-1), shift.reshape(-1))
     hi = hi.contiguous()
-    return hi, cbuild.NONE64 if lo is None else lo.contiguous(), sh.expand(hi.numel()).contiguous()
+    out = hi, cbuild.NONE64 if lo is None else lo.contiguous(), sh.expand(hi.numel()).contiguous()
+    if len(_WORDS) >= 4096:  # (entries of freed tensors)
+        _WORDS.clear()
+    _WORDS[key] = (weakref.ref(m), weakref.ref(shift), versions, out)
+    return out
 
 
 def requantize(acc: Tensor, m: Tensor, shift: Tensor, zp: int, qmin: int, qmax: int, out_dtype,

@@ -498,9 +498,9 @@ class IntegerEngine:
     def _grouped_gemm_two_word(self, name: str, x: QT, fold: str, requant: Optional[tuple]) -> Tensor:
         """The folded sum with two-word ratios ``R = r 2^L + rl`` and bias ``B = b 2^L + bl`` (``L = gq:<fold>.ls``):
         ``v = (sum_g r_g GEMM_g + b) + floor((sum_g rl_g GEMM_g + bl) / 2^L)``, exactly ``floor((sum_g R_g GEMM_g +
-        B) / 2^L)``, so the consumer's rounding by ``2^S`` is that of the exact sum at ``S + L`` bits. The two words'
-        sums come from one GEMM over the weights side by side (C), or from each group's int32 GEMM times both
-        words."""
+        B) / 2^L)``, so the consumer's rounding by ``2^S`` is that of the exact sum at ``S + L`` bits. The C kernel
+        multiplies each group's int32 partial sum by both words and requantizes in its epilogue; elsewhere each
+        group's int32 GEMM is taken times both words."""
         key = "gq:" + fold
         hi, lo, L = self.t[key + ".r"], self.t[key + ".rl"], int(self.t[key + ".ls"])
         gs = int(self.meta["w:" + name]["group_size"])
@@ -509,13 +509,11 @@ class IntegerEngine:
         if K.int8_gemm_backend() == "avx2":
             packed = self._prep.get("grpc2:" + name + "|" + fold)
             if packed is None:
-                w_t = self._linear_params(name, x.z)[0]
-                pk = cgemm.pack(torch.cat([w_t, w_t], 1), gs, torch.cat([hi, lo], 0))
-                post = torch.zeros(pk.np_, dtype=torch.int64)
-                post[:2 * n] = torch.cat([self.t[key + ".b"], self.t[key + ".bl"]])
+                pk = cgemm.pack(self._linear_params(name, x.z)[0], gs, hi, ratio_lo=lo, lshift=L)
+                post = torch.zeros(2 * pk.np_, dtype=torch.int64)
+                post[:n], post[pk.np_:pk.np_ + n] = self.t[key + ".b"], self.t[key + ".bl"]
                 packed = self._prep["grpc2:" + name + "|" + fold] = (pk, post)
-            both = cgemm.mm(xc, packed[0], x.z, post=packed[1])
-            v_hi, v_lo = both[:, :n], both[:, n:]
+            return cgemm.mm(xc, packed[0], x.z, post=packed[1], requant=requant).view(*lead, n)
         else:
             groups = self._prep.get("grp2:" + name + "|" + fold)
             if groups is None:

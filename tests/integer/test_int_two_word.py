@@ -159,6 +159,43 @@ def test_two_word_gemm_epilogue_is_exact(out_dtype, rows):
 
 
 @needs_c
+@pytest.mark.parametrize("spread", [127, 20])  # full-range codes (the vpmaddwd way), or near their mean (u8 x s8 way)
+def test_two_word_group_ratios_in_one_gemm_are_exact(spread):
+    """A grouped Linear's folded sum with two-word ratios and bias (format version 5) from one pass of the C GEMM:
+    ``floor((sum_g (r_g 2^L + rl_g) GEMM_g + b 2^L + bl) / 2^L)`` equals Python integers, left zero point, bias in the
+    column terms, outliers of the u8 x s8 way and a partial panel (N = 37) included; requantized in the epilogue it
+    equals the exact rounding of that sum."""
+    g = torch.Generator().manual_seed(spread)
+    m, k, n, gs, za, L = 23, 256, 37, 64, 3, 30
+    a = torch.randint(-spread, spread + 1, (m, k), generator=g, dtype=torch.int8)
+    a[4, 7], a[9, 100] = 127, -128  # (outliers of the u8 x s8 way)
+    w = torch.randint(-127, 128, (k, n), generator=g, dtype=torch.int8)
+    hi = torch.randint(0, 2 ** 30, (n, k // gs), generator=g, dtype=torch.int32)
+    lo = torch.randint(0, 2 ** 30, (n, k // gs), generator=g, dtype=torch.int32)
+    b = torch.randint(-2 ** 40, 2 ** 40, (n,), generator=g)
+    bl = torch.randint(-2 ** 29, 2 ** 29, (n,), generator=g)
+    bias = torch.randint(-1000, 1000, (n,), generator=g)
+    p = cgemm.pack(w, gs, hi, ratio_lo=lo, lshift=L)
+    post = torch.zeros(2 * p.np_, dtype=torch.int64)
+    post[:n], post[p.np_:p.np_ + n] = b, bl
+    cgemm.byte_way_blocks()
+    got = cgemm.mm(a, p, za, post=post, bias=bias)
+    assert cgemm.byte_way_blocks()[1 if spread < 127 else 0] > 0  # (the way meant)
+    parts = [[[sum((x - za) * y for x, y in zip(row[q * gs:(q + 1) * gs], col[q * gs:(q + 1) * gs]))
+               for q in range(k // gs)] for col in w.t().tolist()] for row in a.tolist()]
+    want = torch.tensor([[(sum((int(hi[j, q]) * 2 ** L + int(lo[j, q])) * pq for q, pq in enumerate(pj))
+                           + (int(b[j]) + int(bias[j])) * 2 ** L + int(bl[j])) >> L for j, pj in enumerate(pr)]
+                         for pr in parts])
+    assert torch.equal(got, want)
+    rq_m, rq_sh = two_word(n, g, 2.0 ** -42, 2.0 ** -38)
+    codes = cgemm.mm(a, p, za, post=post, bias=bias, requant=(rq_m, rq_sh, 1, -128, 127, torch.int8))
+    assert torch.equal(codes.long(), exact(want, rq_m, rq_sh, 1, -128, 127))
+    assert len(set(codes.reshape(-1).tolist())) > 50  # (codes across the range, not clamped)
+    with pytest.raises(ValueError, match="two-word"):
+        cgemm.mm(a, p, za, post=post[:p.np_])
+
+
+@needs_c
 @pytest.mark.parametrize("M", [0.6, 1.3 * 2.0 ** -15])  # above 1/2: the 64-bit lanes; below: the 32-bit ones
 def test_two_word_attention_requantizations_are_exact(M):
     """The one-pass attention's scores and probabilities requantized with two-word multipliers, each planted so that

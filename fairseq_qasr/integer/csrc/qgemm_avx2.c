@@ -122,6 +122,20 @@ static inline void tile(const int16_t *a, int64_t lda, const int16_t *bp, int64_
     for (int64_t p = p0; p < p1; p++) tile_pair(a, lda, bp, p, acc);
 }
 
+/* two-word ratios: t += acc * ratio, tl += acc * ratio_lo (8 columns) */
+static inline void flush2(int64_t *t, int64_t *tl, __m256i acc, const int32_t *ratio, const int32_t *ratio_lo) {
+    const __m256i lo = _mm256_cvtepi32_epi64(_mm256_castsi256_si128(acc));
+    const __m256i hi = _mm256_cvtepi32_epi64(_mm256_extracti128_si256(acc, 1));
+    const int32_t *rs[2] = {ratio, ratio_lo};
+    int64_t *ts[2] = {t, tl};
+    for (int w = 0; w < 2; w++) {
+        const __m256i a = _mm256_mul_epi32(lo, _mm256_cvtepi32_epi64(_mm_loadu_si128((const __m128i *)rs[w])));
+        const __m256i b = _mm256_mul_epi32(hi, _mm256_cvtepi32_epi64(_mm_loadu_si128((const __m128i *)(rs[w] + 4))));
+        _mm256_storeu_si256((__m256i *)ts[w], _mm256_add_epi64(_mm256_loadu_si256((const __m256i *)ts[w]), a));
+        _mm256_storeu_si256((__m256i *)(ts[w] + 4), _mm256_add_epi64(_mm256_loadu_si256((const __m256i *)(ts[w] + 4)), b));
+    }
+}
+
 static inline void flush(int64_t *t, __m256i acc, const int32_t *ratio) {
     __m256i lo = _mm256_cvtepi32_epi64(_mm256_castsi256_si128(acc));
     __m256i hi = _mm256_cvtepi32_epi64(_mm256_extracti128_si256(acc, 1));
@@ -429,13 +443,46 @@ static inline void store64(int64_t *o, int64_t ldo, const int64_t *t, const int6
     }
 }
 
+/* ... two-word ratios (bz = 0, rshift = 0): v = t + ci[n] + post[n] + floor((tl + cil[n] + postl[n]) / 2^L), the exact
+ * floor((sum_g (ratio 2^L + ratio_lo) partial_g + ...) / 2^L) (|tl + ...| < 2^61: the floor is a logical shift on
+ * v + 2^62); columns < nc */
+static inline void store64w(int64_t *o, int64_t ldo, const int64_t *t, const int64_t *tl, const int64_t *ci,
+                            const int64_t *cil, const int64_t *post, const int64_t *postl, int L, int64_t rc,
+                            int64_t nc, const rq_epilogue *rq, int64_t m0, int64_t n0) {
+    int64_t row[NR];
+    const __m256i bias = _mm256_set1_epi64x((int64_t)1 << 62), fix = _mm256_set1_epi64x((int64_t)1 << (62 - L));
+    for (int64_t r = 0; r < rc; r++) {
+        int64_t *d = rq ? row : o + r * ldo;
+        if (nc == NR) {
+            for (int h = 0; h < NR; h += 4) {
+#define LD(p) _mm256_loadu_si256((const __m256i *)(p))
+                __m256i vl = _mm256_add_epi64(LD(tl + r * NR + h), LD(cil + h));
+                __m256i v = _mm256_add_epi64(LD(t + r * NR + h), LD(ci + h));
+                if (post) {
+                    vl = _mm256_add_epi64(vl, LD(postl + h));
+                    v = _mm256_add_epi64(v, LD(post + h));
+                }
+#undef LD
+                vl = _mm256_sub_epi64(_mm256_srli_epi64(_mm256_add_epi64(vl, bias), L), fix);
+                _mm256_storeu_si256((__m256i *)(d + h), _mm256_add_epi64(v, vl));
+            }
+        } else {
+            for (int64_t c = 0; c < nc; c++) {
+                const int64_t vl = tl[r * NR + c] + cil[c] + (post ? postl[c] : 0);
+                d[c] = t[r * NR + c] + ci[c] + (post ? post[c] : 0) + (vl >> L); /* (arithmetic: floor) */
+            }
+        }
+        if (rq) rq_tile_row(rq, row, 3, m0 + r, n0, nc);
+    }
+}
+
 void qasr_qgemm(const void *a, int atype, int64_t lda, int32_t off, int reps, int64_t M, int64_t K,
                 const int16_t *bp, int64_t Kp, int64_t Np, int64_t N, int64_t gs, const int32_t *ratio,
                 const int64_t *init, int64_t bz, int rshift, const int64_t *post, int32_t *out32, int64_t *out64,
                 int64_t ldo, const int8_t *bq, const int64_t *colsum, const int64_t *rq_mult, const int64_t *rq_mlo,
                 const int64_t *rq_shift, int rq_per_col, int64_t rq_zp, int64_t rq_qmin, int64_t rq_qmax, void *rq_out,
                 int rq_otype,
-                int64_t ldr, int nthreads) {
+                int64_t ldr, const int32_t *ratio_lo, int lshift, int nthreads) {
     const int64_t panels = Np / NR, groups = (Kp + gs - 1) / gs, gp = gs / 2, pairs = Kp / 2, Kh = Kp / reps;
     /* rq_out: the int64 values are requantized in the epilogue (qasr_requant's arithmetic) instead of stored */
     rq_epilogue rqe = {rq_mult, rq_mlo, rq_shift, rq_per_col, rq_otype, 0, rq_zp, rq_qmin, rq_qmax, ldr, rq_out, 0};
@@ -453,13 +500,14 @@ void qasr_qgemm(const void *a, int atype, int64_t lda, int32_t off, int reps, in
         uint8_t *ubuf = byteway ? aligned_alloc(64, (size_t)((brows * Kq + 63) / 64 * 64)) : 0;
         const int64_t maxout = brows * K / OUT_DIV;
         outlier *ol = byteway ? malloc((size_t)(maxout + 1) * sizeof(outlier)) : 0;
-        int64_t *ci64 = malloc((size_t)Np * sizeof(int64_t)); /* the block's column terms: init (+ centre term) */
+        /* the block's column terms: init (+ centre term); two-word ratios: the low words' at + Np */
+        int64_t *ci64 = malloc((size_t)(ratio_lo ? 2 * Np : Np) * sizeof(int64_t));
         int32_t *ci32 = malloc((size_t)Np * sizeof(int32_t));
         int ci_bytes = -1; /* what ci holds: -1 nothing yet, 0 init, 1 a block's init + centre term */
         int32_t ostart[MB + 1];
         int64_t rowsum[MB], cterm[MB];
         int32_t t32[MR * NR];
-        int64_t t64[MR * NR];
+        int64_t t64[MR * NR], t64l[MR * NR];
         __m256i acc[2 * MR];
 #pragma omp for schedule(static)
         for (int64_t mb = 0; mb < M; mb += MB) {
@@ -472,9 +520,9 @@ void qasr_qgemm(const void *a, int atype, int64_t lda, int32_t off, int reps, in
                 blocks_taken[bytes]++;
             }
             if (bytes || ci_bytes != 0) { /* the centre (one per block) joins the column terms */
-                for (int64_t n = 0; n < Np; n++) {
+                for (int64_t n = 0; n < (ratio_lo ? 2 * Np : Np); n++) {
                     ci64[n] = (init ? init[n] : 0) + (bytes ? cterm[0] * colsum[n] : 0);
-                    ci32[n] = (int32_t)(uint32_t)ci64[n]; /* (int32 outputs: exact modulo 2^32) */
+                    if (n < Np) ci32[n] = (int32_t)(uint32_t)ci64[n]; /* (int32 outputs: exact modulo 2^32) */
                 }
                 ci_bytes = bytes;
             }
@@ -535,10 +583,19 @@ void qasr_qgemm(const void *a, int atype, int64_t lda, int32_t off, int reps, in
                         continue;
                     }
                     memset(t64, 0, sizeof(t64));
+                    if (ratio_lo) memset(t64l, 0, sizeof(t64l));
                     for (int64_t g = 0; g < groups; g++) {
                         if (bytes) tile8(ubuf + i * Kq, Kq, b8, g * gq, (g + 1) * gq < quads ? (g + 1) * gq : quads, acc);
                         else tile(arow, Kp, b, g * gp, (g + 1) * gp < pairs ? (g + 1) * gp : pairs, acc);
                         const int32_t *rg = ratio ? ratio + g * Np + n0 : 0;
+                        if (ratio_lo) {
+                            const int32_t *rl = ratio_lo + g * Np + n0;
+                            for (int r = 0; r < MR; r++) {
+                                flush2(t64 + r * NR, t64l + r * NR, acc[2 * r], rg, rl);
+                                flush2(t64 + r * NR + 8, t64l + r * NR + 8, acc[2 * r + 1], rg + 8, rl + 8);
+                            }
+                            continue;
+                        }
                         for (int r = 0; r < MR; r++) {
                             flush(t64 + r * NR, acc[2 * r], rg);
                             flush(t64 + r * NR + 8, acc[2 * r + 1], rg ? rg + 8 : 0);
@@ -549,7 +606,13 @@ void qasr_qgemm(const void *a, int atype, int64_t lda, int32_t off, int reps, in
                             for (int32_t j = ostart[i + r]; j < ostart[i + r + 1]; j++) {
                                 const int64_t k = ol[j].k;
                                 add_outlier64(t64 + r * NR, b, k, ol[j].e, ratio ? ratio + (k / gs) * Np + n0 : 0);
+                                if (ratio_lo) add_outlier64(t64l + r * NR, b, k, ol[j].e, ratio_lo + (k / gs) * Np + n0);
                             }
+                    if (ratio_lo) {
+                        store64w(rq ? 0 : out64 + (mb + i) * ldo + n0, ldo, t64, t64l, ci64 + n0, ci64 + Np + n0,
+                                 post ? post + n0 : 0, post ? post + Np + n0 : 0, lshift, rc, nc, rq, mb + i, n0);
+                        continue;
+                    }
                     if (nc == NR) {
                         store64(rq ? 0 : out64 + (mb + i) * ldo + n0, ldo, t64, ci64 + n0, rowsum + i, bz, rshift,
                                 post ? post + n0 : 0, rc, rq, mb + i, n0);
