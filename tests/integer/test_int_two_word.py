@@ -320,6 +320,14 @@ def test_exact_layer_norm_equals_a_60_digit_reference(bits, monkeypatch):
     for got in outs:
         assert torch.equal(got.long(), want)
     assert bool((want[0] == want[0].mode().values).float().mean() < 1)  # (the bias alone still varies by channel)
+    monkeypatch.undo()
+    if outs[:-1]:  # the C kernel's vector lanes (8-bit rows) and scalar tail (n = 380) into every code width
+        for dtype in (torch.int8, torch.int16):
+            got = cops.layer_norm_exact(x, gain, bh, bl, ints, 3, -128, 127, dtype)
+            assert got.dtype == dtype and torch.equal(got.long(), want)
+        ints4, bh4, bl4 = K.ln_exact_constants(n - 4, 1e-5, s_x, s_g, s_out, bias[4:], n * 2 ** bits * 128)
+        assert torch.equal(cops.layer_norm_exact(x[:, 4:], gain[4:], bh4, bl4, ints4, 3, -128, 127, torch.int8).long(),
+                           ln_reference(x[:, 4:], gain[4:], bias[4:], n - 4, 1e-5, s_x, s_g, s_out, 3, -128, 127))
 
 
 def softmax_reference(x, s_in, s_out, zp, lo, hi):

@@ -773,6 +773,16 @@ void qasr_attention(const int8_t *q, int64_t BH, int64_t Tq, int64_t d,
             shortcut = sm_e(&sm, i) <= sm_e(&sm, i - 1) && sm_e(&sm, i) >= 0;
         int32_t *hist = span <= 4096 ? malloc((size_t)(4 * span) * sizeof(int32_t)) : 0; /* 4 interleaved counts */
         int32_t *tab = span <= 4096 ? malloc((size_t)span * sizeof(int32_t)) : 0;
+        /* the table's 31-bit words in reverse (erev[span - 1 - d], then the low words): the softmax sum over the codes
+         * in vector lanes, sum hist * hi and sum hist * lo in int64 (sum hist <= Tk < 2^31: no overflow) */
+        int32_t *erev = hist ? malloc((size_t)(2 * span) * sizeof(int32_t)) : 0;
+        int vsum = erev != 0 && Tk < ((int64_t)1 << 31);
+        for (int64_t i = 0; i < span && erev; i++) {
+            const int64_t e = sm_e(&sm, i);
+            vsum = vsum && e >= 0;
+            erev[span - 1 - i] = (int32_t)(e >> 31);
+            erev[2 * span - 1 - i] = (int32_t)(e & 0x7FFFFFFF);
+        }
         int64_t qsum[AB], psum[AB], t64[MR * NR];
         static const int32_t r256[NR] = {256, 256, 256, 256, 256, 256, 256, 256,
                                           256, 256, 256, 256, 256, 256, 256, 256};
@@ -883,39 +893,67 @@ void qasr_attention(const int8_t *q, int64_t BH, int64_t Tq, int64_t d,
                             /* codes from the top down; with the shortcut, the codes below top - lz add 0 to the sum
                              * (lut[lz..] = 0) and have d = 0, and so do those below the first whose d is 0 */
                             const int64_t cl = shortcut && top - lz + 1 > 0 ? top - lz + 1 : 0;
-                            for (int64_t c = top; c >= cl; c--) {
+                            int64_t c = cl;
+                            if (vsum) { /* 8 codes a step: the four counts merged, times both words of e */
+                                const int32_t *eh = erev + (span - 1 - top), *el = eh + span; /* e(top - c) */
+                                __m256i ah = _mm256_setzero_si256(), al = _mm256_setzero_si256();
+                                for (; c + 8 <= top + 1; c += 8) {
+#define LD(p) _mm256_loadu_si256((const __m256i *)(p))
+                                    const __m256i hv = _mm256_add_epi32(_mm256_add_epi32(LD(hist + c), LD(h1 + c)),
+                                                                        _mm256_add_epi32(LD(h2 + c), LD(h3 + c)));
+                                    const __m256i ev = LD(eh + c), lv = LD(el + c), ho = _mm256_srli_epi64(hv, 32);
+#undef LD
+                                    _mm256_storeu_si256((__m256i *)(hist + c), hv);
+                                    ah = _mm256_add_epi64(_mm256_add_epi64(ah, _mm256_mul_epu32(hv, ev)),
+                                                          _mm256_mul_epu32(ho, _mm256_srli_epi64(ev, 32)));
+                                    al = _mm256_add_epi64(_mm256_add_epi64(al, _mm256_mul_epu32(hv, lv)),
+                                                          _mm256_mul_epu32(ho, _mm256_srli_epi64(lv, 32)));
+                                }
+                                int64_t sh_[4], sl_[4];
+                                _mm256_storeu_si256((__m256i *)sh_, ah);
+                                _mm256_storeu_si256((__m256i *)sl_, al);
+                                total = ((__int128)(sh_[0] + sh_[1] + sh_[2] + sh_[3]) << 31) + sl_[0] + sl_[1] + sl_[2] +
+                                        sl_[3];
+                            }
+                            for (; c <= top; c++) {
                                 hist[c] += h1[c] + h2[c] + h3[c];
                                 total += (__int128)hist[c] * sm_e(&sm, top - c);
                             }
                             const __int128 recip = sm_recip(&sm, total);
                             int64_t c0 = top + 1; /* the lowest code present whose d is not 0 */
-                            for (int64_t c = top; c >= cl; c--) {
+                            for (int64_t c = top; c >= cl; c--) { /* (codes no lane has: not looked up; the first
+                                                                    * present one whose d is 0 still ends the loop) */
+                                if (!hist[c]) continue;
                                 int64_t p = clamp64(sm_p(&sm, sm_e(&sm, top - c), recip) + zpo, qmino, qmaxo);
                                 tab[c] = (int32_t)(rq1(p - zpo, m2, m2l, sh2, zp2, qmin2, qmax2) - zp2); /* [0, 2^16) */
                                 if (!tab[c] && shortcut) break;
                                 s2 += hist[c] * (int64_t)tab[c];
-                                if (tab[c] && hist[c]) c0 = c;
+                                if (tab[c]) c0 = c;
                             }
                             /* d = tab[row - qmin1] as bytes: every lane below c0 is 0 (most lanes of long rows), so
-                             * the row is zeroed and only lanes at or above c0 are looked up */
-                            memset(dh, 0, (size_t)tk * sizeof(int16_t));
-                            memset(dl, 0, (size_t)tk * sizeof(int16_t));
+                             * only 8 lanes with one at or above c0 are looked up (a masked gather), others store 0 */
                             const __m256i vc0 = _mm256_set1_epi32((int32_t)(c0 + qmin1 - 1));
+                            const __m256i vq = _mm256_set1_epi32((int32_t)qmin1), b255 = _mm256_set1_epi32(255);
                             for (j = 0; j + 8 <= tk; j += 8) {
-                                unsigned msk = (unsigned)_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(
-                                    _mm256_loadu_si256((const __m256i *)(row + j)), vc0)));
-                                while (msk) {
-                                    const int64_t l = j + __builtin_ctz(msk);
-                                    msk &= msk - 1;
-                                    dh[l] = (int16_t)(tab[row[l] - qmin1] >> 8);
-                                    dl[l] = (int16_t)(tab[row[l] - qmin1] & 255);
+                                const __m256i rv = _mm256_loadu_si256((const __m256i *)(row + j));
+                                const __m256i act = _mm256_cmpgt_epi32(rv, vc0);
+                                __m128i vh = _mm_setzero_si128(), vl = vh;
+                                if (!_mm256_testz_si256(act, act)) {
+                                    const __m256i g = _mm256_mask_i32gather_epi32(_mm256_setzero_si256(), tab,
+                                                                                  _mm256_sub_epi32(rv, vq), act, 4);
+                                    const __m256i w = _mm256_permute4x64_epi64( /* (values < 2^16: no saturation) */
+                                        _mm256_packus_epi32(_mm256_srli_epi32(g, 8), _mm256_and_si256(g, b255)), 0xD8);
+                                    vh = _mm256_castsi256_si128(w);
+                                    vl = _mm256_extracti128_si256(w, 1);
                                 }
+                                _mm_storeu_si128((__m128i *)(dh + j), vh);
+                                _mm_storeu_si128((__m128i *)(dl + j), vl);
                             }
-                            for (; j < tk; j++)
-                                if (row[j] - qmin1 >= c0) {
-                                    dh[j] = (int16_t)(tab[row[j] - qmin1] >> 8);
-                                    dl[j] = (int16_t)(tab[row[j] - qmin1] & 255);
-                                }
+                            for (; j < tk; j++) {
+                                const int32_t v = row[j] - qmin1 >= c0 ? tab[row[j] - qmin1] : 0;
+                                dh[j] = (int16_t)(v >> 8);
+                                dl[j] = (int16_t)(v & 255);
+                            }
                         } else {
                             for (int64_t j = 0; j < tk; j++) total += sm_e(&sm, mx - row[j]);
                             const __int128 recip = sm_recip(&sm, total);
@@ -966,6 +1004,7 @@ void qasr_attention(const int8_t *q, int64_t BH, int64_t Tq, int64_t d,
         free(pb);
         free(idx);
         free(hist);
+        free(erev);
         free(tab);
     }
 }
@@ -1194,25 +1233,75 @@ static int64_t ln_row_multiplier(int64_t V, int64_t n, const int64_t *c) {
     return (int64_t)(M < cap ? M : cap);
 }
 
+/* 4 elements of qasr_layer_norm_exact's last step in int64 lanes: cv (|cv| < 2^31, |cv gain| < 2^31), gain, the
+ * row multiplier's words mh, ml (< 2^30), bias words with |bh| < 2^60 and S <= 60 (so |t + 2^(S-1)| < 2^62: the
+ * floors are logical shifts on the values plus 2^62, vb = 2^62 + 2^(S-1), fix = 2^(62-S) - zp) -> clamped codes
+ * (low dwords of the lanes) */
+static inline __m256i ln_exact4(const int64_t *cv, const int8_t *gain, const int64_t *bh, const int64_t *bl, __m256i mh,
+                                __m256i ml, __m256i vb, __m128i shv, __m256i fix, __m256i vlo, __m256i vhi) {
+    const __m256i big = _mm256_set1_epi64x((int64_t)1 << 62), fix30 = _mm256_set1_epi64x((int64_t)1 << 32);
+    const __m256i g = _mm256_cvtepi8_epi64(_mm_cvtsi32_si128(*(const int32_t *)gain));
+    const __m256i u = _mm256_mul_epi32(_mm256_loadu_si256((const __m256i *)cv), g);
+    const __m256i lo = _mm256_add_epi64(_mm256_mul_epi32(u, ml), _mm256_loadu_si256((const __m256i *)bl));
+    const __m256i t = _mm256_add_epi64(_mm256_add_epi64(_mm256_mul_epi32(u, mh), _mm256_loadu_si256((const __m256i *)bh)),
+                                       _mm256_sub_epi64(_mm256_srli_epi64(_mm256_add_epi64(lo, big), 30), fix30));
+    __m256i y = _mm256_sub_epi64(_mm256_srl_epi64(_mm256_add_epi64(t, vb), shv), fix);
+    y = _mm256_blendv_epi8(y, vlo, _mm256_cmpgt_epi64(vlo, y));
+    return _mm256_blendv_epi8(y, vhi, _mm256_cmpgt_epi64(y, vhi));
+}
+
 /* kernels.layer_norm_exact: per row c = n x - sum x, M (ln_row_multiplier), u = c gain, t = u M_hi + bh + ((u M_lo + bl)
- * >> 30), out = clamp(((t + 2^(S-1)) >> S) + zp, qmin, qmax); c = [mA, SA, S, Em, Ee, Eint] */
+ * >> 30), out = clamp(((t + 2^(S-1)) >> S) + zp, qmin, qmax); c = [mA, SA, S, Em, Ee, Eint]. Rows whose products fit
+ * (|c| max |gain| < 2^31) take int64 vector lanes, 8 elements a step */
 void qasr_layer_norm_exact(const void *x, int type, int64_t rows, int64_t n, const int8_t *gain, const int64_t *bh,
                            const int64_t *bl, const int64_t *c, int64_t zp, int64_t qmin, int64_t qmax, void *out,
                            int otype, int nthreads) {
     const int64_t S = c[2], half = (int64_t)1 << (S - 1);
+    int64_t gmax = 1, bmax = 0;
+    for (int64_t j = 0; j < n; j++) {
+        gmax = gain[j] > gmax ? gain[j] : -gain[j] > gmax ? -gain[j] : gmax;
+        bmax = bh[j] > bmax ? bh[j] : -bh[j] > bmax ? -bh[j] : bmax;
+    }
+    const int vec = S >= 1 && S <= 60 && bmax < ((int64_t)1 << 60);
 #pragma omp parallel num_threads(nthreads)
     {
-        int64_t *cv = malloc((size_t)n * sizeof(int64_t));
+        int64_t *cv = malloc((size_t)(n + 8) * sizeof(int64_t));
+        const __m128i shv = _mm_cvtsi32_si128((int)S);
+        const __m256i fix = _mm256_set1_epi64x(((int64_t)1 << (62 - S)) - zp);
+        const __m256i vb = _mm256_set1_epi64x(((int64_t)1 << 62) + half);
+        const __m256i vlo = _mm256_set1_epi64x(qmin), vhi = _mm256_set1_epi64x(qmax);
+        const __m256i even = _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6);
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < rows; r++) {
-            int64_t sum = 0, V = 0;
+            int64_t sum = 0, V = 0, cmax = 0;
             for (int64_t j = 0; j < n; j++) sum += code(x, type, r * n + j);
             for (int64_t j = 0; j < n; j++) {
                 cv[j] = n * code(x, type, r * n + j) - sum;
                 V += cv[j] * cv[j];
+                cmax = cv[j] > cmax ? cv[j] : -cv[j] > cmax ? -cv[j] : cmax;
             }
             const int64_t M = ln_row_multiplier(V, n, c), mh = M >> 30, ml = M & (((int64_t)1 << 30) - 1);
-            for (int64_t j = 0; j < n; j++) {
+            int64_t j = 0;
+            if (vec && cmax * gmax < ((int64_t)1 << 31)) {
+                const __m256i vmh = _mm256_set1_epi64x(mh), vml = _mm256_set1_epi64x(ml);
+                for (; j + 8 <= n; j += 8) {
+                    const __m256i a = ln_exact4(cv + j, gain + j, bh + j, bl + j, vmh, vml, vb, shv, fix, vlo, vhi);
+                    const __m256i b = ln_exact4(cv + j + 4, gain + j + 4, bh + j + 4, bl + j + 4, vmh, vml, vb, shv, fix,
+                                                vlo, vhi);
+                    const __m128i wa = _mm256_castsi256_si128(_mm256_permutevar8x32_epi32(a, even));
+                    const __m128i wb = _mm256_castsi256_si128(_mm256_permutevar8x32_epi32(b, even));
+                    const __m128i w16 = _mm_packs_epi32(wa, wb); /* (codes in range: no saturation) */
+                    if (otype == 2) {
+                        _mm_storeu_si128((__m128i *)((int32_t *)out + r * n + j), wa);
+                        _mm_storeu_si128((__m128i *)((int32_t *)out + r * n + j + 4), wb);
+                    } else if (otype == 1) {
+                        _mm_storeu_si128((__m128i *)((int16_t *)out + r * n + j), w16);
+                    } else {
+                        _mm_storel_epi64((__m128i *)((int8_t *)out + r * n + j), _mm_packs_epi16(w16, w16));
+                    }
+                }
+            }
+            for (; j < n; j++) {
                 const int64_t u = cv[j] * gain[j];
                 const int64_t t = u * mh + bh[j] + ((u * ml + bl[j]) >> 30); /* (>>: floor, gcc) */
                 const int64_t y = clamp64(((t + half) >> S) + zp, qmin, qmax);
