@@ -1250,6 +1250,82 @@ static inline __m256i ln_exact4(const int64_t *cv, const int8_t *gain, const int
     return _mm256_blendv_epi8(y, vhi, _mm256_cmpgt_epi64(y, vhi));
 }
 
+/* 8 codes (int8, int16 or int32 storage) from element i as int32 lanes */
+static inline __m256i load8_i32(const void *x, int type, int64_t i) {
+    if (type == 0) return _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)((const int8_t *)x + i)));
+    if (type == 1) return _mm256_cvtepi16_epi32(_mm_loadu_si128((const __m128i *)((const int16_t *)x + i)));
+    return _mm256_loadu_si256((const __m256i *)((const int32_t *)x + i));
+}
+
+static inline int64_t hsum64(__m256i v) {
+    int64_t t[4];
+    _mm256_storeu_si256((__m256i *)t, v);
+    return t[0] + t[1] + t[2] + t[3];
+}
+
+/* LayerNorm row statistics: sum x, then cv = n x - sum (int64), V = sum cv^2 and max |cv|; in int64 vector lanes
+ * when n (max x - min x) < 2^31 (every cv fits the 32-bit multiplies), else scalar */
+static void ln_row_stats(const void *x, int type, int64_t off, int64_t n, int64_t *cv, int64_t *V_, int64_t *cmax_) {
+    int64_t sum = 0, V = 0, cmax = 0, j = 0, xmin = 0, xmax = 0;
+    if (n >= 8) {
+        __m256i s = _mm256_setzero_si256(), mn = load8_i32(x, type, off), mx = mn;
+        for (; j + 8 <= n; j += 8) {
+            const __m256i v = load8_i32(x, type, off + j);
+            s = _mm256_add_epi64(s, _mm256_add_epi64(_mm256_cvtepi32_epi64(_mm256_castsi256_si128(v)),
+                                                     _mm256_cvtepi32_epi64(_mm256_extracti128_si256(v, 1))));
+            mn = _mm256_min_epi32(mn, v);
+            mx = _mm256_max_epi32(mx, v);
+        }
+        int32_t a[8], b[8];
+        _mm256_storeu_si256((__m256i *)a, mn);
+        _mm256_storeu_si256((__m256i *)b, mx);
+        xmin = a[0], xmax = b[0];
+        for (int k = 1; k < 8; k++) {
+            xmin = a[k] < xmin ? a[k] : xmin;
+            xmax = b[k] > xmax ? b[k] : xmax;
+        }
+        sum = hsum64(s);
+    }
+    for (int64_t k = j; k < n; k++) {
+        const int64_t v = code(x, type, off + k);
+        sum += v;
+        xmin = k == 0 || v < xmin ? v : xmin;
+        xmax = k == 0 || v > xmax ? v : xmax;
+    }
+    j = 0;
+    if (n >= 8 && n * (xmax - xmin) < ((int64_t)1 << 31)) {
+        const __m256i vn = _mm256_set1_epi64x(n), vs = _mm256_set1_epi64x(sum);
+        __m256i acc = _mm256_setzero_si256(), hi = _mm256_setzero_si256(), lo = hi;
+        for (; j + 8 <= n; j += 8) {
+            const __m256i v = load8_i32(x, type, off + j);
+            for (int h = 0; h < 2; h++) {
+                const __m256i c = _mm256_sub_epi64(
+                    _mm256_mul_epi32(_mm256_cvtepi32_epi64(h ? _mm256_extracti128_si256(v, 1) : _mm256_castsi256_si128(v)),
+                                     vn), vs);
+                _mm256_storeu_si256((__m256i *)(cv + j + 4 * h), c);
+                acc = _mm256_add_epi64(acc, _mm256_mul_epi32(c, c));
+                hi = _mm256_blendv_epi8(hi, c, _mm256_cmpgt_epi64(c, hi));
+                lo = _mm256_blendv_epi8(lo, c, _mm256_cmpgt_epi64(lo, c));
+            }
+        }
+        int64_t a[4], b[4];
+        _mm256_storeu_si256((__m256i *)a, hi);
+        _mm256_storeu_si256((__m256i *)b, lo);
+        for (int k = 0; k < 4; k++) {
+            cmax = a[k] > cmax ? a[k] : cmax;
+            cmax = -b[k] > cmax ? -b[k] : cmax;
+        }
+        V = hsum64(acc);
+    }
+    for (; j < n; j++) {
+        cv[j] = n * code(x, type, off + j) - sum;
+        V += cv[j] * cv[j];
+        cmax = cv[j] > cmax ? cv[j] : -cv[j] > cmax ? -cv[j] : cmax;
+    }
+    *V_ = V;
+    *cmax_ = cmax;
+}
+
 /* kernels.layer_norm_exact: per row c = n x - sum x, M (ln_row_multiplier), u = c gain, t = u M_hi + bh + ((u M_lo + bl)
  * >> 30), out = clamp(((t + 2^(S-1)) >> S) + zp, qmin, qmax); c = [mA, SA, S, Em, Ee, Eint]. Rows whose products fit
  * (|c| max |gain| < 2^31) take int64 vector lanes, 8 elements a step */
@@ -1273,13 +1349,8 @@ void qasr_layer_norm_exact(const void *x, int type, int64_t rows, int64_t n, con
         const __m256i even = _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6);
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < rows; r++) {
-            int64_t sum = 0, V = 0, cmax = 0;
-            for (int64_t j = 0; j < n; j++) sum += code(x, type, r * n + j);
-            for (int64_t j = 0; j < n; j++) {
-                cv[j] = n * code(x, type, r * n + j) - sum;
-                V += cv[j] * cv[j];
-                cmax = cv[j] > cmax ? cv[j] : -cv[j] > cmax ? -cv[j] : cmax;
-            }
+            int64_t V, cmax;
+            ln_row_stats(x, type, r * n, n, cv, &V, &cmax);
             const int64_t M = ln_row_multiplier(V, n, c), mh = M >> 30, ml = M & (((int64_t)1 << 30) - 1);
             int64_t j = 0;
             if (vec && cmax * gmax < ((int64_t)1 << 31)) {
