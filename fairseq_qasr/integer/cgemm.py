@@ -227,8 +227,8 @@ def mm(a: Tensor, p: Packed, za: int = 0, zb: int = 0, out: Optional[Tensor] = N
     int32/int64 results never reach memory; returns their codes as :func:`cops.requantize` would
     (``clamp(((v * m + 2^(sh-1)) >> sh) + zp, qmin, qmax)``) in ``dtype`` (int8/int16/int32). ``bias [N]``: added
     to every row, within the kernel's column terms (no extra pass over the output). Two-word ratios
-    (:func:`pack`'s ``ratio_lo``): ``floor(sum_g (ratio_g 2^L + ratio_lo_g) partial_g / 2^L)``, with ``post`` as
-    ``[2 Np]`` words ``(b, bl)`` adding ``floor(b + bl / 2^L)`` exactly (no ``rshift``)."""
+    (:func:`pack`'s ``ratio_lo``): ``floor((sum_g (ratio_g 2^L + ratio_lo_g) partial_g + b 2^L + bl) / 2^L)`` with
+    ``post`` as ``[2 Np]`` words ``(b, bl)`` (no ``rshift``)."""
     cbuild.dll()  # (a clear error where the kernels are not available)
     if a.dim() != 2 or a.shape[1] != p.k:
         raise ValueError(f"cgemm.mm: left operand {tuple(a.shape)} does not match K={p.k}")
