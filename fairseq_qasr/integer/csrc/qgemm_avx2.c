@@ -1240,7 +1240,9 @@ static int64_t ln_row_multiplier(int64_t V, int64_t n, const int64_t *c) {
 static inline __m256i ln_exact4(const int64_t *cv, const int8_t *gain, const int64_t *bh, const int64_t *bl, __m256i mh,
                                 __m256i ml, __m256i vb, __m128i shv, __m256i fix, __m256i vlo, __m256i vhi) {
     const __m256i big = _mm256_set1_epi64x((int64_t)1 << 62), fix30 = _mm256_set1_epi64x((int64_t)1 << 32);
-    const __m256i g = _mm256_cvtepi8_epi64(_mm_cvtsi32_si128(*(const int32_t *)gain));
+    int32_t g4;
+    memcpy(&g4, gain, sizeof g4); /* (4 gain codes, any alignment) */
+    const __m256i g = _mm256_cvtepi8_epi64(_mm_cvtsi32_si128(g4));
     const __m256i u = _mm256_mul_epi32(_mm256_loadu_si256((const __m256i *)cv), g);
     const __m256i lo = _mm256_add_epi64(_mm256_mul_epi32(u, ml), _mm256_loadu_si256((const __m256i *)bl));
     const __m256i t = _mm256_add_epi64(_mm256_add_epi64(_mm256_mul_epi32(u, mh), _mm256_loadu_si256((const __m256i *)bh)),
