@@ -122,20 +122,6 @@ static inline void tile(const int16_t *a, int64_t lda, const int16_t *bp, int64_
     for (int64_t p = p0; p < p1; p++) tile_pair(a, lda, bp, p, acc);
 }
 
-/* two-word ratios: t += acc * ratio, tl += acc * ratio_lo (8 columns) */
-static inline void flush2(int64_t *t, int64_t *tl, __m256i acc, const int32_t *ratio, const int32_t *ratio_lo) {
-    const __m256i lo = _mm256_cvtepi32_epi64(_mm256_castsi256_si128(acc));
-    const __m256i hi = _mm256_cvtepi32_epi64(_mm256_extracti128_si256(acc, 1));
-    const int32_t *rs[2] = {ratio, ratio_lo};
-    int64_t *ts[2] = {t, tl};
-    for (int w = 0; w < 2; w++) {
-        const __m256i a = _mm256_mul_epi32(lo, _mm256_cvtepi32_epi64(_mm_loadu_si128((const __m128i *)rs[w])));
-        const __m256i b = _mm256_mul_epi32(hi, _mm256_cvtepi32_epi64(_mm_loadu_si128((const __m128i *)(rs[w] + 4))));
-        _mm256_storeu_si256((__m256i *)ts[w], _mm256_add_epi64(_mm256_loadu_si256((const __m256i *)ts[w]), a));
-        _mm256_storeu_si256((__m256i *)(ts[w] + 4), _mm256_add_epi64(_mm256_loadu_si256((const __m256i *)(ts[w] + 4)), b));
-    }
-}
-
 static inline void flush(int64_t *t, __m256i acc, const int32_t *ratio) {
     __m256i lo = _mm256_cvtepi32_epi64(_mm256_castsi256_si128(acc));
     __m256i hi = _mm256_cvtepi32_epi64(_mm256_extracti128_si256(acc, 1));
@@ -591,8 +577,10 @@ void qasr_qgemm(const void *a, int atype, int64_t lda, int32_t off, int reps, in
                         if (ratio_lo) {
                             const int32_t *rl = ratio_lo + g * Np + n0;
                             for (int r = 0; r < MR; r++) {
-                                flush2(t64 + r * NR, t64l + r * NR, acc[2 * r], rg, rl);
-                                flush2(t64 + r * NR + 8, t64l + r * NR + 8, acc[2 * r + 1], rg + 8, rl + 8);
+                                flush(t64 + r * NR, acc[2 * r], rg); /* (inlined: the widening is shared) */
+                                flush(t64l + r * NR, acc[2 * r], rl);
+                                flush(t64 + r * NR + 8, acc[2 * r + 1], rg + 8);
+                                flush(t64l + r * NR + 8, acc[2 * r + 1], rl + 8);
                             }
                             continue;
                         }
